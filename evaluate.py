@@ -1,0 +1,1019 @@
+"""Evaluation for Spectrum Matching: Inception FID/IS/sFID/precision-recall, SWD,
+autoencoder metrics (rFID, PSNR, SSIM, LPIPS, DSM check) and spectrum diagnostics.
+
+Usage
+-----
+  python evaluate.py SAMPLES REFERENCE [--save-stats STATS.npz] [--json OUT.json]
+  python evaluate.py SAMPLES --ref-dataset imagenet --ref-path DIR --image-size 256
+  python evaluate.py --vae CKPT --dataset imagenet --data-path DIR --num-images 10000
+  python evaluate.py --spectrum --vae CKPT --dataset imagenet --data-path DIR
+  python evaluate.py --bench                       # images/s, ours vs pytorch-fid
+  torchrun --nproc_per_node=8 evaluate.py SAMPLES REFERENCE    # DDP feature extraction
+
+SAMPLES / REFERENCE: a folder of images, an .npz with `arr_0` (N,H,W,3 uint8; the ADM
+format sample.py writes), or an .npz with `mu`/`sigma` (ADM reference batches, or
+statistics cached by --save-stats).
+
+Inception: the TF "2015-12-05" FID network in torchvision's Inception-v3 layout with the
+weights pytorch-fid publishes (pt_inception-2015-12-05-6726825d.pth). Features:
+  pool    (N, 2048)   pool_3, for FID and precision/recall
+  logits  (N, 1008)   softmax input, for the Inception Score
+  spatial (N, 2023)   ADM's sFID features, "mixed_6/conv" = first 7 channels of the
+                      1x1 branch (conv+BN+ReLU) of torchvision's Mixed_6d, 17x17, flattened
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
+                   "fid_weights/" + FID_WEIGHTS_NAME)
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+MIN_IMAGES_UNBIASED = 2048
+SPATIAL_CHANNELS = 7
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluator (message names the problem and the file)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Inception network (TF-compatible FID Inception, torchvision layout)
+# ----------------------------------------------------------------------------------------
+
+def _tf_blocks():
+    """Torchvision Inception blocks with TF pooling (imports torchvision lazily)."""
+    from torchvision.models import inception as tvi
+
+    def pool_avg(x):
+        # TF average pooling ignores the zero padding
+        return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+    def pool_max(x):
+        return F.max_pool2d(x, 3, stride=1, padding=1)
+
+    class BlockA(tvi.InceptionA):
+        def _forward(self, x):
+            b5 = self.branch5x5_2(self.branch5x5_1(x))
+            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return [self.branch1x1(x), b5, b3, self.branch_pool(pool_avg(x))]
+
+    class BlockC(tvi.InceptionC):
+        def _forward(self, x):
+            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+            d = x
+            for m in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                      self.branch7x7dbl_4, self.branch7x7dbl_5):
+                d = m(d)
+            return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
+
+    class BlockE(tvi.InceptionE):
+        def __init__(self, in_channels, pool):
+            super().__init__(in_channels)
+            self.pool = pool
+
+        def _forward(self, x):
+            a = self.branch3x3_1(x)
+            b3 = torch.cat([self.branch3x3_2a(a), self.branch3x3_2b(a)], 1)
+            d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+            bd = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+            return [self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))]
+
+    return tvi, BlockA, BlockC, BlockE, pool_avg, pool_max
+
+
+class FIDInception(nn.Module):
+    """FID Inception-v3; forward(NCHW uint8 or float [0,1]) -> dict(pool, logits, spatial)."""
+
+    def __init__(self):
+        super().__init__()
+        tvi, A, C, E, pool_avg, pool_max = _tf_blocks()
+        net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+        net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
+        net.Mixed_6b, net.Mixed_6c = C(768, 128), C(768, 160)
+        net.Mixed_6d, net.Mixed_6e = C(768, 160), C(768, 192)
+        net.Mixed_7b, net.Mixed_7c = E(1280, pool_avg), E(2048, pool_max)
+        self.net = net
+        self._spatial = None
+        net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output):
+        self._spatial = output[:, :SPATIAL_CHANNELS]        # (N, 7, 17, 17)
+
+    @torch.no_grad()
+    def forward(self, x):
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        x = x.float()
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2.0 * x - 1.0                                   # [0,1] -> [-1,1]
+        x = x.contiguous(memory_format=torch.channels_last)  # ~1.5x faster convs on CPU
+        n = self.net
+        for m in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1,
+                  n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.maxpool2,
+                  n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
+                  n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = m(x)
+        pool = x.mean(dim=(2, 3))                           # (N, 2048)
+        spatial, self._spatial = self._spatial.flatten(1), None   # (N, 2023)
+        return {"pool": pool, "logits": n.fc(pool), "spatial": spatial}
+
+
+def _find_weights(path=None):
+    """Local path of the FID Inception weights, downloading them if needed and possible."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Inception weights not found: {path}")
+        return str(path)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache / FID_WEIGHTS_NAME
+    if cached.is_file():
+        return str(cached)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), progress=True)
+        return str(cached)
+    except Exception as e:  # offline, proxy, ...
+        raise RuntimeError(
+            f"FID Inception weights {FID_WEIGHTS_NAME} are not available ({e}). Download "
+            f"{FID_WEIGHTS_URL} and pass it with --inception PATH, or put it in {cache}/"
+        ) from None
+
+
+def load_inception(path_or_state_dict=None, device="cpu"):
+    """FID Inception in eval mode from a .pth path, a state dict, or the hub cache/URL."""
+    if isinstance(path_or_state_dict, dict):
+        state = path_or_state_dict
+    else:
+        state = torch.load(_find_weights(path_or_state_dict), map_location="cpu",
+                           weights_only=True)
+    model = FIDInception()
+    model.net.load_state_dict(state)
+    model = model.eval().requires_grad_(False).to(device)
+    return model.to(memory_format=torch.channels_last)
+
+
+def random_inception_state_dict(seed=0):
+    """Deterministic pseudo-random FID-Inception weights (golden tests, benchmarks).
+
+    Recipe (reproducible on any side that has the torchvision key names): for every key
+    in sorted order, draw from one torch.Generator(seed) on CPU in float32:
+      conv / fc weight   N(0,1) * sqrt(2 / fan_in)     (fc: sqrt(1 / fan_in))
+      bn.weight          U(0.5, 1.5)        bn.bias, bn.running_mean, fc.bias  0.1 * N(0,1)
+      bn.running_var     U(0.5, 1.5)        num_batches_tracked                0
+    """
+    g = torch.Generator().manual_seed(seed)
+    template = FIDInception().net.state_dict()
+    out = {}
+    for key in sorted(template):
+        t = template[key]
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.zeros_like(t)
+        elif key.endswith("weight") and t.dim() > 1:
+            fan_in = t[0].numel()
+            gain = 1.0 if key.startswith("fc.") else 2.0
+            out[key] = torch.randn(t.shape, generator=g) * math.sqrt(gain / fan_in)
+        elif key.endswith(("bn.weight", "running_var")):
+            out[key] = torch.rand(t.shape, generator=g) + 0.5
+        else:                                               # biases, running means
+            out[key] = 0.1 * torch.randn(t.shape, generator=g)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed helpers (torchrun: WORLD_SIZE > 1; otherwise world size 1)
+# ----------------------------------------------------------------------------------------
+
+def dist_setup():
+    """Init the process group under torchrun; returns (rank, world_size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _gather(arrays, world):
+    """Concatenate per-rank dicts of numpy arrays on every rank (rank order)."""
+    if world == 1:
+        return arrays
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs: image folders, ADM .npz, statistics .npz, datasets
+# ----------------------------------------------------------------------------------------
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images of a folder (recursive) as uint8 (3,H,W) tensors; names a corrupt file."""
+
+    def __init__(self, root):
+        self.files = sorted(p for p in Path(root).rglob("*")
+                            if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not self.files:
+            raise EvalError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in folder {root}")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except Exception as e:
+            raise EvalError(f"cannot read image {self.files[i]}: {e}") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """N,H,W,3 uint8 array as uint8 (3,H,W) tensors."""
+
+    def __init__(self, arr):
+        self.arr = arr
+
+    def __len__(self):
+        return len(self.arr)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.arr[i])).permute(2, 0, 1)
+
+
+class SignedDataset(torch.utils.data.Dataset):
+    """train.build_dataset output ([-1,1] float, label) as float (3,H,W) in [0,1]."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return ((self.ds[i][0].float() + 1) / 2).clamp(0, 1)
+
+
+def collate_images(batch):
+    """Stack images; mixed sizes are resized to 299x299 (what Inception does anyway)."""
+    if all(b.shape == batch[0].shape for b in batch):
+        return torch.stack(batch)
+    return torch.cat([F.interpolate(_to_unit(b)[None], size=(299, 299), mode="bilinear",
+                                    align_corners=False) for b in batch])
+
+
+def _to_unit(x):
+    """uint8 0-255 or float [0,1] tensor -> float [0,1]."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _check_image_array(arr, path):
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise EvalError(f"{path}: arr_0 must be N x H x W x 3, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise EvalError(f"{path}: arr_0 must be uint8 images, got {arr.dtype}")
+    return arr
+
+
+def open_input(path):
+    """Classify SAMPLES/REFERENCE: {'images': Dataset} and/or {'stats': dict}."""
+    p = Path(path)
+    if p.is_dir():
+        return {"images": ImageFolderDataset(p), "path": str(p)}
+    if not p.exists():
+        raise EvalError(f"input not found: {p}")
+    if p.suffix.lower() != ".npz":
+        raise EvalError(f"input must be a folder of images or an .npz file: {p}")
+    try:
+        data = np.load(p)
+        keys = set(data.files)
+    except Exception as e:
+        raise EvalError(f"cannot read {p}: {e}") from None
+    out = {"path": str(p)}
+    if {"mu", "sigma"} <= keys:
+        out["stats"] = {k: data[k] for k in keys if k != "arr_0"}
+        if "arr_0" in keys and data["arr_0"].ndim == 4:      # ADM batches also hold images
+            out["images"] = ArrayDataset(_check_image_array(data["arr_0"], p))
+    elif "arr_0" in keys:
+        out["images"] = ArrayDataset(_check_image_array(data["arr_0"], p))
+    else:
+        raise EvalError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); "
+                        f"keys: {sorted(keys)}")
+    if "images" in out and len(out["images"]) == 0:
+        raise EvalError(f"{p}: arr_0 holds no images")
+    return out
+
+
+def build_eval_dataset(name, path, image_size, seed=0):
+    """Dataset spec (center-cropped like train.py) as float [0,1] images."""
+    import train
+    return SignedDataset(train.build_dataset(name, path, image_size, train=False, seed=seed))
+
+
+# ----------------------------------------------------------------------------------------
+# Feature extraction
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(model, dataset, batch_size=50, num_workers=0, device="cpu",
+                     max_images=None, progress=True):
+    """Inception features of a dataset of images, sharded over DDP ranks and gathered.
+
+    Returns dict of float32 numpy arrays: pool (N,2048), logits (N,1008), spatial (N,2023).
+    """
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    subset = torch.utils.data.Subset(dataset, list(range(rank, n, world)))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=collate_images)
+    feats = {"pool": [], "logits": [], "spatial": []}
+    if progress and rank == 0:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="inception", unit="batch", leave=False)
+    for x in loader:
+        out = model(x.to(device))
+        for k in feats:
+            feats[k].append(out[k].float().cpu().numpy())
+    feats = {k: (np.concatenate(v) if v else np.zeros((0, 1), np.float32))
+             for k, v in feats.items()}
+    return _gather(feats, world)
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics and Fréchet distance
+# ----------------------------------------------------------------------------------------
+
+def compute_statistics(features):
+    """(N, D) features -> (mu (D,), sigma (D,D)) in float64; warns below 2048 images."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        raise EvalError(f"features must be (N, D), got shape {x.shape}")
+    if x.shape[0] < 2:
+        raise EvalError(f"need at least 2 images for statistics, got {x.shape[0]}")
+    if x.shape[0] < MIN_IMAGES_UNBIASED:
+        warnings.warn(f"only {x.shape[0]} images (< {MIN_IMAGES_UNBIASED}): FID is biased "
+                      f"upwards and not comparable to 50k-image numbers", stacklevel=2)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def save_stats(path, stats):
+    """Write statistics (mu, sigma, optional mu_s, sigma_s, pool, num_images) to .npz."""
+    np.savez(path, **{k: np.asarray(v) for k, v in stats.items()})
+
+
+def load_stats(path):
+    """Read statistics written by save_stats or ADM's reference batches."""
+    src = open_input(path)
+    if "stats" not in src:
+        raise EvalError(f"{path} holds no 'mu'/'sigma' statistics")
+    return src["stats"]
+
+
+def _zero_var_dims(sigma):
+    """Indices of dimensions whose whole covariance row is exactly zero (dead features)."""
+    return set(np.flatnonzero(~np.any(sigma != 0, axis=1)).tolist())
+
+
+def _trace_sqrt_product(sigma1, sigma2):
+    """tr sqrt(S1 S2) = tr sqrt(sqrt(S1) S2 sqrt(S1)) via symmetric eigendecompositions."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T        # symmetric sqrt(S1)
+    m = root @ sigma2 @ root
+    ev = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(ev, 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
+
+    ||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), with the trace term from the
+    eigenvalues of sqrt(S1) S2 sqrt(S1) (no scipy.linalg.sqrtm, any scipy version).
+    pytorch-fid parity: its sqrtm(S1 S2) turns non-finite (scipy <= 1.15, Schur-based
+    sqrtm) when one set has an exactly-zero-variance dimension the other lacks and vice
+    versa; it then uses S + eps*I for the trace term only. We apply the same rule, so the
+    numbers match pytorch-fid with those scipy versions (scipy >= 1.16's sqrtm never falls
+    back; the difference is ~1e-5 relative in that corner case only).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape:
+        raise EvalError(f"mean vectors have different dimensions: {mu1.shape} vs {mu2.shape}")
+    if s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+        raise EvalError(f"covariances have different/mismatched dimensions: {s1.shape} vs "
+                        f"{s2.shape} for means of length {mu1.shape[0]}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise EvalError("statistics contain NaN or inf")
+    z1, z2 = _zero_var_dims(s1), _zero_var_dims(s2)
+    if (z1 - z2) and (z2 - z1):
+        warnings.warn(f"singular covariance product; adding {eps} to the diagonal "
+                      f"(pytorch-fid fallback)", stacklevel=2)
+        off = np.eye(s1.shape[0]) * eps
+        tr = _trace_sqrt_product(s1 + off, s2 + off)
+    else:
+        tr = _trace_sqrt_product(s1, s2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr)
+
+
+# ----------------------------------------------------------------------------------------
+# Inception Score, precision / recall
+# ----------------------------------------------------------------------------------------
+
+def inception_score(logits, splits=10):
+    """Inception Score (mean, std) over `splits` equal chunks of softmax(logits)."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    n = logits.shape[0]
+    if n < 2:
+        raise EvalError(f"need at least 2 images for the Inception Score, got {n}")
+    p = torch.softmax(logits, dim=1)
+    logp = torch.log_softmax(logits, dim=1)
+    scores = []
+    for idx in np.array_split(np.arange(n), min(splits, n)):
+        part, lpart = p[idx], logp[idx]
+        log_marg = torch.logsumexp(lpart, 0, keepdim=True) - math.log(len(idx))  # log p(y)
+        kl = (part * (lpart - log_marg)).sum(1).mean()
+        scores.append(math.exp(kl.item()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _sq_dists(a, b):
+    """Squared euclidean distances (A, B) from float32 rows."""
+    d = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
+    return d.clamp_min_(0)
+
+
+def knn_radii(features, k=3, batch_size=4096, device="cpu"):
+    """Squared distance of every row to its k-th nearest neighbour (self excluded)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+    n = x.shape[0]
+    if n <= k:
+        raise EvalError(f"need more than k={k} feature vectors, got {n}")
+    radii = torch.empty(n, dtype=torch.float32)
+    for i in range(0, n, batch_size):
+        best = None                                           # (b, k+1) smallest so far
+        for j in range(0, n, batch_size):
+            d = _sq_dists(x[i:i + batch_size], x[j:j + batch_size])
+            if i == j:                                        # self distance is exactly 0
+                d.fill_diagonal_(0.0)
+            cand = d if best is None else torch.cat([best, d], 1)
+            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
+        radii[i:i + batch_size] = best[:, k].cpu()            # index 0 is the point itself
+    return radii.numpy()
+
+
+def _coverage(queries, support, radii, batch_size, device):
+    """Fraction of query rows inside at least one ball (support row, radius)."""
+    q = torch.as_tensor(np.asarray(queries), dtype=torch.float32, device=device)
+    s = torch.as_tensor(np.asarray(support), dtype=torch.float32, device=device)
+    r = torch.as_tensor(radii, dtype=torch.float32, device=device)
+    inside = torch.zeros(q.shape[0], dtype=torch.bool, device=device)
+    for i in range(0, q.shape[0], batch_size):
+        for j in range(0, s.shape[0], batch_size):
+            d = _sq_dists(q[i:i + batch_size], s[j:j + batch_size])
+            inside[i:i + batch_size] |= (d <= r[None, j:j + batch_size]).any(1)
+    return inside.float().mean().item()
+
+
+def precision_recall(real_features, fake_features, k=3, batch_size=4096, device="cpu"):
+    """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN balls, as ADM.
+
+    precision = share of fake samples inside the real manifold; recall = share of real
+    samples inside the fake manifold. Blocks of batch_size^2 distances bound the memory.
+    """
+    r_real = knn_radii(real_features, k, batch_size, device)
+    r_fake = knn_radii(fake_features, k, batch_size, device)
+    precision = _coverage(fake_features, real_features, r_real, batch_size, device)
+    recall = _coverage(real_features, fake_features, r_fake, batch_size, device)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------------------
+# Sliced Wasserstein distance on Laplacian-pyramid patches (Karras et al. 2018)
+# ----------------------------------------------------------------------------------------
+
+def _binomial_blur(x):
+    """5x5 binomial [1,4,6,4,1]/16 blur per channel, reflect padding. x: (N,C,H,W)."""
+    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype) / 16.0
+    k = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 5, 5)
+    pad = "reflect" if min(x.shape[-2:]) > 2 else "replicate"
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode=pad), k, groups=x.shape[1])
+
+
+def laplacian_pyramid(x, min_res=16):
+    """Laplacian pyramid of float (N,C,H,W), finest level first, down to min_res."""
+    levels = []
+    while True:
+        if min(x.shape[-2:]) // 2 < min_res:
+            levels.append(x)                                   # gaussian residual
+            return levels
+        small = _binomial_blur(x)[..., ::2, ::2]
+        up = torch.zeros_like(x)
+        up[..., ::2, ::2] = small * 4.0                        # zero-insert upsampling
+        levels.append(x - _binomial_blur(up))
+        x = small
+
+
+def _patch_descriptors(level, patches_per_image, patch, gen):
+    """Random (patch x patch) neighbourhoods of one pyramid level, normalised per channel."""
+    n, c, h, w = level.shape
+    p = min(patch, h, w)
+    ys = torch.randint(0, h - p + 1, (n, patches_per_image), generator=gen)
+    xs = torch.randint(0, w - p + 1, (n, patches_per_image), generator=gen)
+    off = torch.arange(p)
+    rows = (ys[..., None] + off)[..., :, None].expand(n, patches_per_image, p, p)
+    cols = (xs[..., None] + off)[..., None, :].expand(n, patches_per_image, p, p)
+    img = torch.arange(n)[:, None, None, None].expand_as(rows)
+    desc = level.permute(0, 2, 3, 1)[img, rows, cols]          # (n, P, p, p, c)
+    desc = desc.reshape(-1, p, p, c)
+    desc = (desc - desc.mean((0, 1, 2))) / desc.std((0, 1, 2)).clamp_min(1e-8)
+    return desc.reshape(desc.shape[0], -1)                     # (n*P, p*p*c)
+
+
+def _sliced_wasserstein(a, b, repeats, dirs, gen):
+    """Mean |sorted projection difference| over random unit directions."""
+    total = 0.0
+    for _ in range(repeats):
+        d = torch.randn(a.shape[1], dirs, generator=gen, dtype=torch.float64)
+        d = d / d.norm(dim=0, keepdim=True)
+        pa, pb = torch.sort(a @ d, dim=0).values, torch.sort(b @ d, dim=0).values
+        total += (pa - pb).abs().mean().item()
+    return total / repeats
+
+
+def swd(images_a, images_b, patches_per_image=128, patch=7, min_res=16,
+        dir_repeats=4, dirs_per_repeat=128, seed=0):
+    """Sliced Wasserstein distance ×1e3 per Laplacian level and their mean (ProGAN SWD).
+
+    images_*: uint8 (N,H,W,3) numpy/tensor (values 0-255) or float (N,3,H,W) in [0,1];
+    both sets the same size (H,W) and the same N (extra images are dropped). An offline
+    proxy for FID that needs no pretrained network; only comparable at equal N and size.
+    Returns {'levels': {res: swd}, 'mean': swd}.
+    """
+    a, b = _swd_input(images_a), _swd_input(images_b)
+    if a.shape[1:] != b.shape[1:]:
+        raise EvalError(f"SWD needs equal image sizes, got {tuple(a.shape[1:])} vs "
+                        f"{tuple(b.shape[1:])}")
+    n = min(a.shape[0], b.shape[0])
+    if n < 2:
+        raise EvalError(f"need at least 2 images per set for SWD, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    pyr_a, pyr_b = laplacian_pyramid(a[:n], min_res), laplacian_pyramid(b[:n], min_res)
+    levels = {}
+    for la, lb in zip(pyr_a, pyr_b):
+        da = _patch_descriptors(la, patches_per_image, patch, gen).double()
+        db = _patch_descriptors(lb, patches_per_image, patch, gen).double()
+        levels[int(la.shape[-1])] = 1e3 * _sliced_wasserstein(da, db, dir_repeats,
+                                                               dirs_per_repeat, gen)
+    return {"levels": levels, "mean": float(np.mean(list(levels.values())))}
+
+
+def _swd_input(x):
+    """uint8 NHWC (0-255) or float NCHW [0,1] -> float32 NCHW in 0-255 (ProGAN scale)."""
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    if x.dtype == torch.uint8:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise EvalError(f"uint8 images must be N x H x W x 3, got {tuple(x.shape)}")
+        return x.permute(0, 3, 1, 2).float()
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise EvalError(f"float images must be N x 3 x H x W in [0,1], got {tuple(x.shape)}")
+    return x.float() * 255.0
+
+
+# ----------------------------------------------------------------------------------------
+# Image-quality metrics for autoencoders
+# ----------------------------------------------------------------------------------------
+
+def psnr(x, y):
+    """Per-image PSNR (dB) of float [0,1] (B,C,H,W) images."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Per-image SSIM (Wang et al. 2004, gaussian 11x11, sigma 1.5) of [0,1] images."""
+    c = x.shape[1]
+    t = torch.arange(window, dtype=torch.float32) - window // 2
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :]).expand(c, 1, window, window).to(x.device)
+    blur = lambda v: F.conv2d(v, k, groups=c)                    # noqa: E731 (valid conv)
+    x, y = x.float(), y.float()
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------------------
+# Report helpers: table, JSON, PNG plot
+# ----------------------------------------------------------------------------------------
+
+def _jsonable(v):
+    """Tensors/arrays/numpy scalars -> JSON types, recursively."""
+    if torch.is_tensor(v):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def print_table(results, title="metric"):
+    """Two-column table of scalar results."""
+    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
+    w = max([len(title)] + [len(k) for k, _ in rows])
+    print(f"{title:<{w}}  value")
+    print("-" * (w + 14))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+
+
+def plot_curves(path, curves, title="", size=(640, 400)):
+    """Line plot of {name: values} curves to PNG with PIL (no matplotlib)."""
+    from PIL import Image, ImageDraw
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    w, h = size
+    x0, y0, x1, y1 = 50, 30, w - 20, h - 40
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    vals = np.concatenate([np.asarray(v, np.float64) for v in curves.values()])
+    lo, hi = float(vals.min()), float(vals.max())
+    hi = hi if hi > lo else lo + 1.0
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    d.text((x0, 8), title, fill="black")
+    d.text((4, y0), f"{hi:.2f}", fill="black")
+    d.text((4, y1 - 10), f"{lo:.2f}", fill="black")
+    d.text(((x0 + x1) // 2 - 40, y1 + 12), "radial frequency bin", fill="black")
+    for i, (name, v) in enumerate(curves.items()):
+        v = np.asarray(v, np.float64)
+        xs = np.linspace(x0, x1, len(v))
+        ys = y1 - (v - lo) / (hi - lo) * (y1 - y0)
+        col = colors[i % len(colors)]
+        d.line(list(zip(xs.tolist(), ys.tolist())), fill=col, width=2)
+        d.text((x1 - 150, y0 + 6 + 14 * i), name, fill=col)
+    im.save(path)
+
+
+def _write_json(path, obj):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------
+# Modes: generative metrics, autoencoder metrics, spectra, benchmark
+# ----------------------------------------------------------------------------------------
+
+def _try_inception(args, device):
+    """Inception network, or None (with a message) when weights are unavailable offline."""
+    try:
+        return load_inception(args.inception, device)
+    except RuntimeError as e:
+        if args.require_inception:
+            raise
+        print(f"[evaluate] no FID: {e}", file=sys.stderr)
+        return None
+
+
+def _features_and_stats(model, images, args, device):
+    f = extract_features(model, images, args.batch_size, args.workers, device)
+    mu, sigma = compute_statistics(f["pool"])
+    mu_s, sigma_s = compute_statistics(f["spatial"])
+    return f, {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
+               "pool": f["pool"], "num_images": f["pool"].shape[0]}
+
+
+def _all_images(ds, limit=None):
+    """Whole image dataset as one uint8 (N,H,W,3) array (for SWD)."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    ims = [ds[i] for i in range(n)]
+    if any(x.shape != ims[0].shape for x in ims):
+        raise EvalError("SWD needs images of one size; the input mixes sizes")
+    x = torch.stack(ims)
+    if x.dtype != torch.uint8:
+        x = (x * 255).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def run_generative(args, rank, device):
+    """SAMPLES vs REFERENCE: FID, sFID, IS, precision/recall (Inception) and optional SWD."""
+    samples = open_input(args.samples)
+    if "images" not in samples:
+        raise EvalError(f"{args.samples}: SAMPLES must be images (folder or arr_0 .npz)")
+    if args.ref_dataset:
+        ref = {"images": build_eval_dataset(args.ref_dataset, args.ref_path, args.image_size),
+               "path": f"{args.ref_dataset}:{args.ref_path}"}
+    elif args.reference:
+        ref = open_input(args.reference)
+    else:
+        raise EvalError("give REFERENCE or --ref-dataset/--ref-path")
+    for src in (samples, ref):
+        if "images" in src and len(src["images"]) < 2:
+            raise EvalError(f"{src['path']}: need at least 2 images, got {len(src['images'])}")
+
+    results = {"samples": samples["path"], "reference": ref["path"],
+               "num_samples": len(samples["images"])}
+    model = _try_inception(args, device)
+    if model is not None:
+        fs, s_stats = _features_and_stats(model, samples["images"], args, device)
+        if "stats" in ref:
+            r_stats = ref["stats"]
+            r_pool = r_stats.get("pool")
+            if r_pool is None and "images" in ref and not args.no_pr:
+                r_pool = extract_features(model, ref["images"], args.batch_size,
+                                          args.workers, device)["pool"]
+        else:
+            _, r_stats = _features_and_stats(model, ref["images"], args, device)
+            r_pool = r_stats["pool"]
+        if args.save_stats and rank == 0:
+            save_stats(args.save_stats, r_stats)
+            print(f"[evaluate] reference statistics -> {args.save_stats}")
+        if rank == 0:
+            results["fid"] = frechet_distance(s_stats["mu"], s_stats["sigma"],
+                                              r_stats["mu"], r_stats["sigma"])
+            if "mu_s" in r_stats:
+                results["sfid"] = frechet_distance(s_stats["mu_s"], s_stats["sigma_s"],
+                                                   r_stats["mu_s"], r_stats["sigma_s"])
+            results["inception_score"], results["inception_score_std"] = \
+                inception_score(fs["logits"])
+            if r_pool is not None and not args.no_pr:
+                results["precision"], results["recall"] = precision_recall(
+                    r_pool, fs["pool"], k=3, device=device)
+    if (args.swd or model is None) and "images" in ref and rank == 0:
+        s = swd(_all_images(samples["images"], args.swd_images),
+                _all_images(ref["images"], args.swd_images))
+        results["swd_mean"] = s["mean"]
+        results.update({f"swd_{r}px": v for r, v in s["levels"].items()})
+    if rank == 0:
+        print_table(results)
+        _write_json(args.json, results)
+        print(f"[evaluate] wrote {args.json}")
+    return results
+
+
+def _vae_and_loader(args, device):
+    import sm
+    ckpt = sm.load_checkpoint(args.vae, kind="vae", map_location="cpu")
+    vae = sm.build_vae_from_checkpoint(ckpt).to(device).eval()
+    ds = build_eval_dataset(args.dataset, args.data_path, args.image_size)
+    n = min(args.num_images, len(ds)) if args.num_images else len(ds)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    sub = torch.utils.data.Subset(ds, list(range(rank, n, world)))
+    loader = torch.utils.data.DataLoader(sub, batch_size=args.batch_size,
+                                         num_workers=args.workers)
+    if rank == 0:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="vae", unit="batch", leave=False)
+    return sm, vae, loader
+
+
+@torch.no_grad()
+def run_vae(args, rank, world, device):
+    """Reconstruction metrics (rFID, PSNR, SSIM, LPIPS) and the DSM check of a VAE."""
+    sm, vae, loader = _vae_and_loader(args, device)
+    model = _try_inception(args, device)
+    lpips = None
+    try:
+        lpips = sm.load_lpips(args.lpips).to(device).eval()
+    except Exception as e:                                   # offline: no LPIPS weights
+        print(f"[evaluate] no LPIPS: {e}", file=sys.stderr)
+    ks = [0, 4, 8, 10, 12]
+    acc = {"psnr": [], "ssim": [], "lpips": []}
+    acc.update({f"dsm{k}_psnr": [] for k in ks})
+    feats = {n: [] for n in ["x", "rec"] + [f"x{k}" for k in ks] + [f"d{k}" for k in ks]}
+    for x in loader:
+        x = x.to(device)                                     # (B,3,H,W) in [0,1]
+        xs = x * 2 - 1                                       # model space [-1,1]
+        z, _ = vae.encode(xs)
+        rec = ((vae.decode(z) + 1) / 2).clamp(0, 1)
+        acc["psnr"].append(psnr(x, rec).cpu())
+        acc["ssim"].append(ssim(x, rec).cpu())
+        if lpips is not None:
+            acc["lpips"].append(lpips(xs, rec * 2 - 1).flatten().cpu())
+        pairs = {"x": x, "rec": rec}
+        for k in ks:
+            xm, zm = sm.dsm_mask(xs, z, k)
+            xm, dm = ((xm + 1) / 2).clamp(0, 1), ((vae.decode(zm) + 1) / 2).clamp(0, 1)
+            acc[f"dsm{k}_psnr"].append(psnr(xm, dm).cpu())
+            pairs[f"x{k}"], pairs[f"d{k}"] = xm, dm
+        if model is not None:
+            for n, v in pairs.items():
+                feats[n].append(model(v)["pool"].cpu().numpy())
+    acc = _gather({k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in acc.items()},
+                  world)
+    feats = _gather({n: np.concatenate(v) if v else np.zeros((0, 2048), np.float32)
+                     for n, v in feats.items()}, world)
+    if rank != 0:
+        return None
+    res = {"vae": args.vae, "num_images": int(len(acc["psnr"]))}
+    res.update({k: float(np.mean(v)) for k, v in acc.items() if len(v)})
+    if model is not None:
+        fid = lambda a, b: frechet_distance(*compute_statistics(feats[a]),   # noqa: E731
+                                            *compute_statistics(feats[b]))
+        res["rfid"] = fid("x", "rec")
+        for k in ks:
+            res[f"dsm{k}_rfid"] = fid(f"x{k}", f"d{k}")
+    print_table(res)
+    _write_json(args.json, res)
+    print(f"[evaluate] wrote {args.json}")
+    return res
+
+
+@torch.no_grad()
+def run_spectrum(args, rank, world, device):
+    """Radial spectra (16 bins) of images, latents and the δ target; KL; directional energy."""
+    sm, vae, loader = _vae_and_loader(args, device)
+    delta = float(getattr(vae, "esm_delta", 1.0))
+    blur = float(getattr(vae, "esm_blur", 1.2))
+    dse_fn = getattr(sm, "directional_spectral_energy", None)
+    prof = {"target": [], "latent": [], "image": []}
+    dse = []
+    for x in loader:
+        x = x.to(device) * 2 - 1                             # (B,3,H,W) in [-1,1]
+        z, _ = vae.encode(x)                                 # posterior mean (B,C,h,w)
+        st, sl, si = sm.spectrum_profiles(x, z, delta=delta, n_bins=args.n_bins,
+                                          blur_sigma=blur)
+        for k, v in zip(("target", "latent", "image"), (st, sl, si)):
+            prof[k].append(v.float().cpu())
+        if dse_fn is not None:                               # tokens (B, h*w, C)
+            dse.append(dse_fn(z.flatten(2).transpose(1, 2), grid=tuple(z.shape[-2:])))
+    prof = _gather({k: torch.cat(v).numpy() for k, v in prof.items()}, world)
+    if rank != 0:
+        return None
+    mean = {k: v.mean(0) for k, v in prof.items()}
+    t, lat = (torch.as_tensor(prof[k], dtype=torch.float64) for k in ("target", "latent"))
+    # KL(target || latent) of the per-image normalised spectra, as sm.esm_loss
+    kl = (t * (torch.log(t + 1e-8) - torch.log(lat + 1e-8))).sum(-1).mean().item()
+    res = {"vae": args.vae, "delta": delta, "n_bins": args.n_bins,
+           "num_images": int(prof["image"].shape[0]),
+           "kl_target_latent": kl, "spectra": mean,
+           "directional_spectral_energy": _mean_nested(dse)}
+    print_table({k: v for k, v in res.items() if not isinstance(v, dict)}, "spectrum")
+    _write_json(args.json, res)
+    png = str(Path(args.json).with_suffix(".png"))
+    plot_curves(png, {"image": mean["image"], "latent": mean["latent"],
+                      f"target (delta={delta:g})": mean["target"]},
+                title="normalised log-power radial spectrum")
+    print(f"[evaluate] wrote {args.json} and {png}")
+    return res
+
+
+def _mean_nested(items):
+    """Average a list of tensors / dicts of tensors returned per batch."""
+    if not items:
+        return None
+    if isinstance(items[0], dict):
+        return {k: _mean_nested([it[k] for it in items]) for k in items[0]}
+    try:
+        return _jsonable(torch.stack([torch.as_tensor(v, dtype=torch.float64)
+                                      for v in items]).mean(0))
+    except Exception:
+        return _jsonable(items)
+
+
+def run_bench(args, device):
+    """Feature-extraction images/s: this module vs pytorch-fid (same random weights)."""
+    torch.manual_seed(0)
+    n, res = args.bench_images, args.bench_size
+    x8 = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8)
+    state = random_inception_state_dict(0)
+    ours = load_inception(state, device)
+    rows = {}
+
+    fns = {"sm evaluate.py": ours}
+    try:
+        from unittest import mock
+        from pytorch_fid import inception as pfi
+        with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
+            ref = pfi.InceptionV3([3]).eval().to(device)
+        fns["pytorch-fid"] = lambda b: ref(b.float() / 255.0)
+    except ImportError:
+        print("[bench] pytorch-fid not installed; only our numbers", file=sys.stderr)
+
+    def timed(fn):
+        t = time.perf_counter()
+        for i in range(0, n, args.batch_size):
+            fn(x8[i:i + args.batch_size].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - t)
+
+    with torch.no_grad():
+        for fn in fns.values():
+            fn(x8[: min(2, n)].to(device))                  # warm-up
+        for _ in range(args.bench_repeats):                 # interleaved, best of repeats
+            for name, fn in fns.items():
+                rows[name] = max(rows.get(name, 0.0), timed(fn))
+    cpu = _cpu_name()
+    print(f"device: {device} ({cpu}), threads={torch.get_num_threads()}, "
+          f"images={n} at {res}px, batch={args.batch_size}")
+    for k, v in rows.items():
+        print(f"{k:<16} {v:8.2f} images/s")
+    if len(rows) == 2:
+        print(f"speed ratio (ours / pytorch-fid): {rows['sm evaluate.py'] / rows['pytorch-fid']:.2f}x")
+    return rows
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", nargs="?", help="folder / arr_0 .npz of generated images")
+    p.add_argument("reference", nargs="?", help="folder / arr_0 .npz / mu,sigma .npz")
+    p.add_argument("--ref-dataset", help="reference dataset name (imagenet, folder, ...)")
+    p.add_argument("--ref-path", help="reference dataset root")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--save-stats", help="write reference statistics to this .npz")
+    p.add_argument("--json", default="eval_results.json", help="output JSON path")
+    p.add_argument("--inception", help=f"path to {FID_WEIGHTS_NAME}")
+    p.add_argument("--require-inception", action="store_true",
+                   help="fail instead of skipping FID when weights are missing")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
+    p.add_argument("--swd", action="store_true", help="also compute SWD (always when no FID)")
+    p.add_argument("--swd-images", type=int, default=None, help="max images for SWD")
+    p.add_argument("--vae", help="VAE checkpoint: reconstruction metrics / --spectrum")
+    p.add_argument("--dataset", help="dataset name for --vae / --spectrum")
+    p.add_argument("--data-path", help="dataset root for --vae / --spectrum")
+    p.add_argument("--num-images", type=int, default=10000)
+    p.add_argument("--lpips", help="LPIPS weights path (sm.load_lpips)")
+    p.add_argument("--spectrum", action="store_true", help="spectrum diagnostics of --vae")
+    p.add_argument("--n-bins", type=int, default=16)
+    p.add_argument("--bench", action="store_true", help="feature-extraction benchmark")
+    p.add_argument("--bench-images", type=int, default=32)
+    p.add_argument("--bench-size", type=int, default=256)
+    p.add_argument("--bench-repeats", type=int, default=3)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    rank, world, device = dist_setup()
+    try:
+        if args.bench:
+            return run_bench(args, device)
+        if args.spectrum:
+            if not (args.vae and args.dataset):
+                raise EvalError("--spectrum needs --vae CKPT and --dataset NAME")
+            return run_spectrum(args, rank, world, device)
+        if args.vae:
+            if not args.dataset:
+                raise EvalError("--vae needs --dataset NAME (and --data-path)")
+            return run_vae(args, rank, world, device)
+        if not args.samples:
+            build_parser().error("SAMPLES is required")
+        return run_generative(args, rank, device)
+    except EvalError as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
