@@ -562,7 +562,751 @@ def eq_vae_scale(x, z, factor, vae_factor):
     return x_s, z_s
 
 
-from _stage2 import *  # TEMP-STAGE2
+#################################################################################
+#                      5. DiT / SiT (REPA's SiT, adaLN-Zero)                    #
+#################################################################################
+# Layout and parameter names follow REPA's SiT (Yu et al., 2025; models/sit.py), itself DiT
+# (Peebles & Xie, 2023) with a velocity output and projectors, so REPA checkpoints load as they are.
+# LightningDiT options (Yao et al., 2025: QK-norm, RMSNorm, SwiGLU, 2-D RoPE) are off by default.
+
+def modulate(x, shift, scale):
+    """adaLN modulation of tokens x (N, T, D) by per-sample shift / scale (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _sincos_1d(dim, pos):
+    """(M,) positions -> (M, dim) [sin | cos] embedding."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(dim, grid_hw):
+    """Fixed 2-D sin-cos position embedding (h*w, dim); the first half encodes the column (as MAE / DiT)."""
+    h, w = grid_hw
+    gw, gh = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return np.concatenate([_sincos_1d(dim // 2, gw), _sincos_1d(dim // 2, gh)], axis=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (N, T, D) with a strided conv."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):                                                  # (N, C, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)                     # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> 256 sinusoidal frequencies [cos | sin] -> Linear-SiLU-Linear (N, D)."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(t.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, D); one extra row (index num_classes) is the null class for CFG."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if force_drop_ids is not None:                                     # drop mask given by the caller
+            labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
+        elif train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+# --- transformer blocks (attention, MLP, LightningDiT options)
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich, 2019), optionally without affine weight."""
+
+    def __init__(self, dim, eps=1e-6, affine=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+        return y * self.weight if self.weight is not None else y
+
+
+def _block_norm(dim, rmsnorm):
+    """The pre-modulation norm: LayerNorm without affine (DiT) or RMSNorm (LightningDiT)."""
+    return RMSNorm(dim, affine=False) if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class RoPE2D(nn.Module):
+    """2-D rotary position embedding: half of each head's channels rotate with the row, half with the column."""
+
+    def __init__(self, head_dim, grid_hw, theta=10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+        h, w = grid_hw
+        freqs = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))   # (hd/4,)
+        rows = torch.arange(h).float().repeat_interleave(w)
+        cols = torch.arange(w).float().repeat(h)
+        ang = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)                 # (T, hd/2)
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def forward(self, x):                                                  # (N, H, T, hd)
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)               # interleaved pairs
+        c, s = self.cos, self.sin
+        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with qkv bias through F.scaled_dot_product_attention (flash on GPU)."""
+
+    def __init__(self, dim, num_heads, qk_norm=False, rmsnorm=False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        norm = (lambda: RMSNorm(self.head_dim)) if rmsnorm else (lambda: nn.LayerNorm(self.head_dim))
+        self.q_norm = norm() if qk_norm else nn.Identity()                 # timm's LayerNorm(head_dim) as in REPA
+        self.k_norm = norm() if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (N, H, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        x = F.scaled_dot_product_attention(q, k, v)                        # (N, H, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    """Linear - tanh-GELU - Linear."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer, 2020) with 2/3 of the hidden width, so parameters match the GELU MLP."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = int(2 * hidden / 3)
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero shift / scale / gate modulation from the condition."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=False, rmsnorm=False, swiglu=False):
+        super().__init__()
+        self.norm1, self.norm2 = _block_norm(dim, rmsnorm), _block_norm(dim, rmsnorm)
+        self.attn = Attention(dim, num_heads, qk_norm, rmsnorm)
+        self.mlp = (SwiGLU if swiglu else Mlp)(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope=None):                                   # x (N, T, D), c (N, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear map to p*p*C values per token."""
+
+    def __init__(self, dim, patch_size, out_channels, rmsnorm=False):
+        super().__init__()
+        self.norm_final = _block_norm(dim, rmsnorm)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))    # (N, T, p*p*C)
+
+
+# --- REPA projectors
+
+def build_mlp_projector(hidden_size, projector_dim, z_dim):
+    """REPA's projector: D -> projector_dim -> projector_dim -> z_dim with SiLU."""
+    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, z_dim))
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one k x k conv on the token grid (keeps spatial structure)."""
+
+    def __init__(self, hidden_size, z_dim, kernel_size=3):
+        super().__init__()
+        self.conv = nn.Conv2d(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x, grid_hw):                                         # (N, T, D)
+        N, T, D = x.shape
+        x = x.transpose(1, 2).reshape(N, D, *grid_hw)
+        return self.conv(x).flatten(2).transpose(1, 2)                     # (N, T, z)
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+# --- the model
+
+class DiT(nn.Module):
+    """SiT/DiT with adaLN-Zero and REPA projectors; forward returns (velocity, [projections])."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dims=(768,),
+                 projector_dim=2048, projector_type="mlp", projector_kernel_size=3,
+                 qk_norm=False, rmsnorm=False, swiglu=False, rope=False):
+        super().__init__()
+        self.input_size = _pair(input_size)
+        H, W = self.input_size
+        if H % patch_size or W % patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {patch_size}")
+        self.grid_size = (H // patch_size, W // patch_size)
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.out_channels = in_channels                                    # velocity only, as REPA's SiT
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.num_classes = int(num_classes)
+        self.class_dropout_prob = class_dropout_prob
+        self.z_dims = [int(z) for z in (z_dims or [])]
+        self.encoder_depth = int(encoder_depth)
+        self.projector_type = projector_type
+        if self.z_dims and not 1 <= self.encoder_depth <= depth:
+            raise ValueError(f"encoder_depth must be in [1, depth={depth}] when z_dims is set, got {encoder_depth}")
+        if projector_type not in ("mlp", "conv"):
+            raise ValueError(f"projector_type must be 'mlp' or 'conv', got {projector_type!r}")
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        # num_classes == 0: unconditional, no label table and no CFG
+        self.y_embedder = LabelEmbedder(self.num_classes, hidden_size, class_dropout_prob) if self.num_classes else None
+        T = self.grid_size[0] * self.grid_size[1]
+        # fixed sin-cos embedding; a frozen Parameter (not a buffer) so REPA state dicts and counts match
+        self.pos_embed = nn.Parameter(torch.zeros(1, T, hidden_size), requires_grad=False)
+        self.rope = RoPE2D(hidden_size // num_heads, self.grid_size) if rope else None
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, rmsnorm, swiglu)
+                                     for _ in range(depth)])
+        if projector_type == "mlp":
+            self.projectors = nn.ModuleList([build_mlp_projector(hidden_size, projector_dim, z) for z in self.z_dims])
+        else:
+            self.projectors = nn.ModuleList([ConvProjector(hidden_size, z, projector_kernel_size) for z in self.z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """REPA/DiT init: xavier linears, N(0, 0.02) label table and time MLP, zero adaLN and output."""
+        def _basic_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(_basic_init)
+        pe = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data                               # patch embedding initialised like a Linear
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:                                          # adaLN-Zero: every block starts as identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)                     # the output starts at zero
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        p, c = self.patch_size, self.out_channels
+        h, w = self.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(self, x, y):
+        """Raise ValueError for a wrong latent shape or out-of-range labels."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected latents (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"latent size {H}x{W} is not divisible by patch_size {self.patch_size}")
+        if (H, W) != self.input_size:
+            raise ValueError(f"latent size {H}x{W} does not match the model's input_size {self.input_size}")
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("unconditional model (num_classes=0): pass y=None")
+            return
+        if y is None:
+            raise ValueError(f"class-conditional model (num_classes={self.num_classes}): labels y are required")
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (x.shape[0],):
+            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        if torch.compiler.is_compiling() or y.numel() == 0:
+            return
+        lo, hi = int(y.min()), int(y.max())
+        top = self.num_classes if not self.training else self.num_classes - 1    # null class only when sampling
+        if lo < 0 or hi > top:
+            raise ValueError(f"class label out of range: got [{lo}, {hi}], expected [0, {self.num_classes}) "
+                             f"(null class {self.num_classes} only in eval mode; use force_drop_ids when training)")
+
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """x (N, C, H, W), t (N,) in [0, 1] (0 data, 1 noise), y (N,) int -> ((N, C, H, W), [(N, T, z)])."""
+        self._check_inputs(x, y)
+        N = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(N)
+        x = self.x_embedder(x) + self.pos_embed                            # (N, T, D)
+        _, T, D = x.shape
+        c = self.t_embedder(t)                                             # (N, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training, force_drop_ids)      # (N, D)
+        zs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, self.rope)                                     # (N, T, D)
+            if i + 1 == self.encoder_depth and len(self.projectors):
+                if self.projector_type == "conv":
+                    zs = [p(x, self.grid_size) for p in self.projectors]   # (N, T, z)
+                else:
+                    zs = [p(x.reshape(-1, D)).reshape(N, T, -1) for p in self.projectors]
+        x = self.final_layer(x, c)                                         # (N, T, p*p*C)
+        return self.unpatchify(x), zs                                      # (N, C, H, W)
+
+
+# size: (depth, hidden, heads, REPA encoder_depth); S/1 .. XL/4 as DiT's registry
+_DIT_SIZES = {"S": (12, 384, 6, 4), "B": (12, 768, 12, 4), "L": (24, 1024, 16, 8), "XL": (28, 1152, 16, 8)}
+
+
+def _make_preset(size, patch):
+    depth, hidden, heads, enc_depth = _DIT_SIZES[size]
+
+    def ctor(**kwargs):
+        cfg = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, encoder_depth=enc_depth)
+        cfg.update(kwargs)
+        return DiT(**cfg)
+    ctor.__name__ = f"DiT_{size}_{patch}"
+    ctor.__doc__ = f"DiT-{size}/{patch}: depth {depth}, width {hidden}, {heads} heads (keyword overrides allowed)."
+    return ctor
+
+
+DiT_MODELS = {f"DiT-{s}/{p}": _make_preset(s, p) for s in _DIT_SIZES for p in (1, 2, 4)}
+
+
+# --- loading REPA checkpoints
+
+_REPA_SIT_DEFAULTS = dict(
+    input_size=32, patch_size=2, in_channels=4, hidden_size=1152, decoder_hidden_size=None, encoder_depth=8,
+    depth=28, num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=[768],
+    projector_dim=2048, qk_norm=False, projection_layer_type="mlp", proj_kwargs_kernel_size=3,
+)
+_REPA_SIT_IGNORED = {"path_type", "use_cfg", "fused_attn", "eval_mode"}
+
+
+def load_repa_sit(state_dict, which="ema", **repa_kwargs):
+    """Build a DiT from REPA's SiT(...) kwargs and load a REPA train.py state dict (raw, or its 'ema'/'model')."""
+    unknown = set(repa_kwargs) - set(_REPA_SIT_DEFAULTS) - _REPA_SIT_IGNORED
+    if unknown:
+        raise TypeError(f"load_repa_sit: unknown REPA SiT arguments {sorted(unknown)}")
+    kw = {**_REPA_SIT_DEFAULTS, **repa_kwargs}
+    if kw["decoder_hidden_size"] not in (None, kw["hidden_size"]):
+        raise ValueError("REPA SiT with decoder_hidden_size != hidden_size cannot run its forward; not supported")
+    if "ema" in state_dict or "model" in state_dict:
+        state_dict = state_dict[which] if which in state_dict else state_dict["ema" if "ema" in state_dict else "model"]
+    sd = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        k = k.replace(".projection_layer.", ".conv." if kw["projection_layer_type"] == "conv" else ".")
+        sd[k] = v
+    model = DiT(input_size=kw["input_size"], patch_size=kw["patch_size"], in_channels=kw["in_channels"],
+                hidden_size=kw["hidden_size"], depth=kw["depth"], num_heads=kw["num_heads"],
+                mlp_ratio=kw["mlp_ratio"], class_dropout_prob=kw["class_dropout_prob"],
+                num_classes=kw["num_classes"], encoder_depth=kw["encoder_depth"], z_dims=kw["z_dims"],
+                projector_dim=kw["projector_dim"], projector_type=kw["projection_layer_type"],
+                projector_kernel_size=kw["proj_kwargs_kernel_size"], qk_norm=kw["qk_norm"])
+    key = "y_embedder.embedding_table.weight"
+    if key in sd and model.y_embedder is not None and sd[key].shape[0] == model.num_classes:
+        # REPA with class_dropout_prob=0 has no null row; append an (unused) zero row
+        sd[key] = torch.cat([sd[key], sd[key].new_zeros(1, sd[key].shape[1])])
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+#################################################################################
+#                        6. Flow matching and samplers                          #
+#################################################################################
+# Time convention (REPA): t = 0 is data, t = 1 is noise; x_t = (1 - t) x + t eps and the model
+# predicts the velocity v = dx_t/dt = eps - x. Samplers integrate from t = 1 down to t = 0.
+
+def sample_time(n, weighting="uniform", generator=None, device=None):
+    """t (n,): U(0,1) ('uniform') or logit-normal(0,1) ('lognormal', REPA: sigma=e^n, t=sigma/(1+sigma))."""
+    if weighting == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if weighting == "lognormal":
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"weighting must be 'uniform' or 'lognormal', got {weighting!r}")
+
+
+def repa_loss(projected, targets):
+    """REPA loss per sample (N,): minus the token-wise cosine, averaged over tokens and encoders."""
+    if torch.is_tensor(projected):
+        projected = [projected]
+    if torch.is_tensor(targets):
+        targets = [targets]
+    if len(projected) != len(targets) or not projected:
+        raise ValueError(f"repa_loss: {len(projected)} projections vs {len(targets)} targets")
+    total = 0.0
+    for z_hat, z in zip(projected, targets):
+        if z_hat.shape != z.shape:
+            raise ValueError(f"repa_loss: projection {tuple(z_hat.shape)} vs target {tuple(z.shape)} "
+                             "(resize the target grid with resize_token_grid)")
+        cos = (F.normalize(z_hat.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1)   # (N, T)
+        total = total - cos.mean(-1)
+    return total / len(projected)                                          # (N,)
+
+
+def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_ids=None, repa_targets=None,
+              repa_lambda=0.5, cos_weight=0.0, generator=None):
+    """Flow-matching loss dict: per-sample 'mse' (and 'cos', 'repa') (N,), scalar 'loss', and 't'.
+
+    t, noise and drop_ids may be passed explicitly so that the randomness comes from one global
+    per-step generator, independent of the number of processes. drop_ids (N,) bool marks labels
+    replaced by the null class (CFG dropout); if None the model drops at random in train mode.
+    loss = mean(mse) + cos_weight * mean(1 - cos_channels(v, target))   [LightningDiT velocity direction]
+           + repa_lambda * mean(repa)                                    [REPA, lambda = 0.5]
+    """
+    N = x.shape[0]
+    dev = x.device if generator is None else generator.device
+    if t is None:
+        t = sample_time(N, weighting, generator=generator, device=dev)
+    t = torch.as_tensor(t, dtype=x.dtype).to(x.device).reshape(-1)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=dev)
+    noise = noise.to(device=x.device, dtype=x.dtype)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x + tt * noise                                        # (N, C, H, W)
+    target = (noise - x).float()                                           # velocity
+    v, zs = model(x_t, t, y, force_drop_ids=drop_ids)
+    v = v.float()
+    mse = (v - target).pow(2).mean(dim=(1, 2, 3))                          # (N,)
+    out = {"mse": mse, "t": t}
+    loss = mse.mean()
+    if cos_weight:
+        cos = (1 - F.cosine_similarity(v, target, dim=1)).mean(dim=(1, 2))  # (N,)
+        out["cos"] = cos
+        loss = loss + cos_weight * cos.mean()
+    if repa_targets is not None and repa_lambda:
+        rl = repa_loss(zs, repa_targets)                                   # (N,)
+        out["repa"] = rl
+        loss = loss + repa_lambda * rl.mean()
+    out["loss"] = loss
+    return out
+
+
+# --- samplers (REPA's euler_sampler / euler_maruyama_sampler)
+
+def _unwrap(model):
+    """Strip DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+class _EvalMode:
+    """Context: the model in eval mode (no label dropout), its mode restored afterwards."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def _sampler_setup(model, y, cfg_scale):
+    """The null class index for CFG (None for unconditional models); checks y."""
+    nc = _unwrap(model).num_classes
+    if nc == 0:
+        if y is not None:
+            raise ValueError("unconditional model: pass y=None")
+        if cfg_scale > 1.0:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        return None
+    if y is None:
+        raise ValueError("class-conditional model: labels y are required")
+    return nc
+
+
+def _guided(model, x, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=None):
+    """Model velocity (or drift(v, x, t)) at x, t_cur in float64, with CFG on all channels when use_cfg."""
+    if use_cfg:
+        x_in, y_in = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)])
+    else:
+        x_in, y_in = x, y
+    t_in = torch.full((x_in.shape[0],), float(t_cur), dtype=torch.float64, device=x.device)
+    out = model(x_in.to(dtype), t_in.to(dtype), y_in)[0].to(torch.float64)
+    if drift is not None:
+        out = drift(out, x_in, t_in)
+    if use_cfg:
+        cond, uncond = out.chunk(2)
+        out = uncond + cfg_scale * (cond - uncond)
+    return out
+
+
+@torch.no_grad()
+def sample_ode(model, noise, y, steps=50, cfg_scale=1.0, guidance_interval=(0.0, 1.0), heun=False):
+    """Probability-flow ODE from t=1 (noise) to t=0 on linspace(1, 0, steps+1); returns float64 latents.
+
+    As REPA's euler_sampler: state in float64, model called in noise.dtype, CFG when cfg_scale > 1 and
+    low <= t_cur <= high (null class = num_classes); with heun=True the last step stays Euler and the
+    corrector reuses the guidance decision made at t_cur.
+    """
+    null_class = _sampler_setup(model, y, cfg_scale)
+    low, high = guidance_interval
+    dtype = noise.dtype
+    t_steps = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    x_next = noise.to(torch.float64)
+    with _EvalMode(model):
+        for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+            x_cur = x_next
+            use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
+            d_cur = _guided(model, x_cur, t_cur, y, cfg_scale, use_cfg, dtype, null_class)
+            x_next = x_cur + (t_next - t_cur) * d_cur
+            if heun and i < steps - 1:
+                d_prime = _guided(model, x_next, t_next, y, cfg_scale, use_cfg, dtype, null_class)
+                x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def _sde_drift(v, x, t):
+    """Reverse-SDE drift v - 0.5 g^2 score with g^2 = 2t; score from the velocity (linear path, as REPA)."""
+    t = t.view(-1, *([1] * (x.ndim - 1)))
+    alpha_ratio = -(1 - t)                                                 # alpha_t / d(alpha_t)/dt
+    var = t ** 2 - alpha_ratio * t
+    score = (alpha_ratio * v - x) / var
+    return v - 0.5 * (2 * t) * score
+
+
+@torch.no_grad()
+def sample_sde(model, noise, y, steps=250, cfg_scale=1.0, guidance_interval=(0.0, 1.0), generator=None):
+    """Euler-Maruyama (REPA's euler_maruyama_sampler): diffusion 2t on linspace(1, 0.04, steps), then a
+    final noise-free mean step from 0.04 to 0. `generator` drives the float64 noise (global RNG if None)."""
+    null_class = _sampler_setup(model, y, cfg_scale)
+    low, high = guidance_interval
+    dtype = noise.dtype
+    t_steps = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    x_next = noise.to(torch.float64)
+    with _EvalMode(model):
+        for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
+            dt = t_next - t_cur
+            x_cur = x_next
+            use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
+            if generator is None:
+                eps = torch.randn_like(x_cur)
+            else:
+                eps = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64,
+                                  device=generator.device).to(x_cur.device)
+            d_cur = _guided(model, x_cur, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=_sde_drift)
+            x_next = x_cur + d_cur * dt + torch.sqrt(2 * t_cur) * eps * torch.sqrt(torch.abs(dt))
+        t_cur, t_next = t_steps[-2], t_steps[-1]
+        use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
+        d_cur = _guided(model, x_next, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=_sde_drift)
+        return x_next + (t_next - t_cur) * d_cur
+
+
+#################################################################################
+#              7. REPA: target encoders, raw / zscore / DoG targets             #
+#################################################################################
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_dinov2(name="dinov2_vitb14", path=None, device="cpu"):
+    """Frozen DINOv2 target encoder via torch.hub (path: a local clone of facebookresearch/dinov2)."""
+    try:
+        if path is not None:
+            enc = torch.hub.load(path, name, source="local")
+        else:
+            enc = torch.hub.load("facebookresearch/dinov2", name, trust_repo=True, skip_validation=True)
+    except Exception as e:                                                 # offline, missing cache, bad name
+        raise RuntimeError(
+            f"could not load the REPA target encoder {name!r} ({type(e).__name__}: {e}). torch.hub needs network "
+            f"access or a filled cache: on a machine with network run `python -c \"import torch; "
+            f"torch.hub.load('facebookresearch/dinov2', '{name}')\"` and copy $TORCH_HOME/hub (default "
+            "~/.cache/torch/hub) here, or pass path=<local clone of facebookresearch/dinov2>, or train without "
+            "alignment (--repa-encoder none).") from None
+    return enc.to(device).eval().requires_grad_(False)
+
+
+def preprocess_repa_images(images, resolution):
+    """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        x = images.float() / 255.0
+    else:
+        x = images.float()
+        if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+            raise ValueError("float images must be in [0, 1] (or pass uint8 pixels in [0, 255])")
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
+    return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic")
+
+
+@torch.no_grad()
+def encode_repa_target(encoder, images, resolution):
+    """Patch tokens x_norm_patchtokens (N, T, C) of the frozen encoder for uint8 or [0, 1] images."""
+    feats = encoder.forward_features(preprocess_repa_images(images, resolution))
+    if isinstance(feats, dict):
+        feats = feats["x_norm_patchtokens"]
+    return feats.float()                                                   # (N, T, C)
+
+
+def _grid_of(T, grid_hw=None):
+    """Token grid (h, w): the given one, or a square."""
+    if grid_hw is not None:
+        h, w = grid_hw
+        if h * w != T:
+            raise ValueError(f"grid {tuple(grid_hw)} does not hold {T} tokens")
+        return int(h), int(w)
+    s = int(round(math.sqrt(T)))
+    if s * s != T:
+        raise ValueError(f"{T} tokens are not a square grid; pass grid_hw")
+    return s, s
+
+
+def resize_token_grid(Z, grid_hw, src_grid_hw=None):
+    """Resize target tokens (N, T, C) to another grid (bilinear) when the encoder's differs from the DiT's."""
+    N, T, C = Z.shape
+    h, w = _grid_of(T, src_grid_hw)
+    if (h, w) == tuple(grid_hw):
+        return Z
+    z = Z.transpose(1, 2).reshape(N, C, h, w)
+    z = F.interpolate(z.float(), size=tuple(grid_hw), mode="bilinear", align_corners=False)
+    return z.flatten(2).transpose(1, 2)                                    # (N, T', C)
+
+
+def _gaussian_blur_grid(z, sigma):
+    """Depthwise separable Gaussian blur of z (N, C, h, w) with reflect padding (radius <= grid - 1)."""
+    h, w = z.shape[-2:]
+    r = max(1, min(int(math.ceil(3 * sigma)), h - 1, w - 1))
+    i = torch.arange(-r, r + 1, dtype=torch.float32, device=z.device)
+    g = torch.exp(-i ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).to(z.dtype)
+    C = z.shape[1]
+    z = F.conv2d(F.pad(z, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(F.pad(z, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, eps=1e-6):
+    """REPA target from tokens Z (N, T, C): 'raw' (REPA), 'zscore' (iREPA) or 'dog' (REPA-DoG, §4).
+
+    zscore: iREPA's spatial normalisation (Z - alpha * mean_T) / (std_T + 1e-6), unbiased std; alpha
+      0.6 is iREPA's training default for latent diffusion (its helper's own default is 1.0).
+    dog: per channel on the token grid, G_sigma1 * Z - G_sigma2 * Z (Gaussian blurs, reflect padding),
+      re-centred over tokens (removes the small DC leak of the padding) and divided by the spatial std.
+      The paper does not give its sigmas; sigma1 = 0.5 and sigma2 = 2.0 tokens are our choice.
+    """
+    if mode == "raw":
+        return Z
+    Zf = Z.float()
+    if mode == "zscore":
+        return (Zf - alpha * Zf.mean(dim=1, keepdim=True)) / (Zf.std(dim=1, keepdim=True) + eps)
+    if mode == "dog":
+        N, T, C = Zf.shape
+        h, w = _grid_of(T, grid_hw)
+        if min(h, w) < 2:
+            raise ValueError(f"the DoG target needs a token grid of at least 2x2, got {h}x{w}")
+        z = Zf.transpose(1, 2).reshape(N, C, h, w)
+        d = (_gaussian_blur_grid(z, sigma1) - _gaussian_blur_grid(z, sigma2)).flatten(2).transpose(1, 2)  # (N, T, C)
+        d = d - d.mean(dim=1, keepdim=True)
+        return d / (d.std(dim=1, keepdim=True) + eps)
+    raise ValueError(f"repa target mode must be 'raw', 'zscore' or 'dog', got {mode!r}")
+
+
+def directional_spectral_energy(Z, grid=None, reduction="mean"):
+    """RMS spatial contrast of per-token L2-normalised features = sqrt of their non-DC spectral energy.
+
+    With u_t = Z_t / |Z_t| and an orthonormal 2-D DFT over the grid, sum_{k != 0} |U_k|^2 / T equals
+    mean_t |u_t - mean(u)|^2 (Parseval); returns its square root, (N,) or its mean.
+    """
+    N, T, C = Z.shape
+    _grid_of(T, grid)                                                      # validates the grid
+    u = F.normalize(Z.float(), dim=-1)
+    e = (u - u.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1).sqrt()   # (N,)
+    return e.mean() if reduction == "mean" else e
+
+
+class TinyEncoder(nn.Module):
+    """Small random ViT-like target encoder for tests and offline demos (DINOv2's output format)."""
+
+    def __init__(self, patch_size=14, embed_dim=32, depth=1, num_heads=2):
+        super().__init__()
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(embed_dim, num_heads, 2 * embed_dim, dropout=0.0,
+                                                                batch_first=True, norm_first=True)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)                                            # (N, C, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)                                   # (N, T, C)
+        x = x + torch.from_numpy(get_2d_sincos_pos_embed(self.embed_dim, (h, w))).float().to(x.device)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return {"x_norm_clstoken": x[:, 0], "x_norm_patchtokens": x[:, 1:]}
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
 
 
 #################################################################################
