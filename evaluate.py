@@ -250,16 +250,29 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """N,H,W,3 uint8 array as uint8 (3,H,W) tensors."""
+    """N,H,W,3 uint8 array (or .npz path, read on first access) as uint8 (3,H,W) tensors."""
 
-    def __init__(self, arr):
-        self.arr = arr
+    def __init__(self, arr, shape=None):
+        self.arr, self.shape = arr, (arr.shape if shape is None else shape)
 
     def __len__(self):
-        return len(self.arr)
+        return self.shape[0]
 
     def __getitem__(self, i):
+        if isinstance(self.arr, (str, Path)):               # lazy: ADM batches are ~2 GB
+            self.arr = np.load(self.arr)["arr_0"]
         return torch.from_numpy(np.ascontiguousarray(self.arr[i])).permute(2, 0, 1)
+
+
+def _npz_array_header(path, key):
+    """(shape, dtype) of one array in an .npz without reading its data."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+    return shape, np.dtype(dtype)
 
 
 class SignedDataset(torch.utils.data.Dataset):
@@ -288,12 +301,16 @@ def _to_unit(x):
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def _check_image_array(arr, path):
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise EvalError(f"{path}: arr_0 must be N x H x W x 3, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise EvalError(f"{path}: arr_0 must be uint8 images, got {arr.dtype}")
-    return arr
+def _image_array(path):
+    """Lazy dataset over arr_0 of an .npz after checking its header (N,H,W,3 uint8)."""
+    shape, dtype = _npz_array_header(path, "arr_0")
+    if len(shape) != 4 or shape[-1] != 3:
+        raise EvalError(f"{path}: arr_0 must be N x H x W x 3 images, got shape {shape}")
+    if dtype != np.uint8:
+        raise EvalError(f"{path}: arr_0 must be uint8 images, got {dtype}")
+    if shape[0] == 0:
+        raise EvalError(f"{path}: arr_0 holds no images")
+    return ArrayDataset(str(path), shape)
 
 
 def open_input(path):
@@ -313,15 +330,13 @@ def open_input(path):
     out = {"path": str(p)}
     if {"mu", "sigma"} <= keys:
         out["stats"] = {k: data[k] for k in keys if k != "arr_0"}
-        if "arr_0" in keys and data["arr_0"].ndim == 4:      # ADM batches also hold images
-            out["images"] = ArrayDataset(_check_image_array(data["arr_0"], p))
+        if "arr_0" in keys and len(_npz_array_header(p, "arr_0")[0]) == 4:
+            out["images"] = _image_array(p)                   # ADM batches also hold images
     elif "arr_0" in keys:
-        out["images"] = ArrayDataset(_check_image_array(data["arr_0"], p))
+        out["images"] = _image_array(p)
     else:
         raise EvalError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); "
                         f"keys: {sorted(keys)}")
-    if "images" in out and len(out["images"]) == 0:
-        raise EvalError(f"{p}: arr_0 holds no images")
     return out
 
 

@@ -426,11 +426,15 @@ def load_sd_vae(path_or_state_dict, preset="f8d4"):
         sd = _read_state_dict(p)
     sd = convert_diffusers_vae_keys(sd)
     vae = build_vae(preset) if isinstance(preset, str) else VAE(**preset)
-    missing, unexpected = vae.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in ("latent_mean", "latent_std")]
-    if missing or unexpected:
-        raise ValueError(f"weights do not fit VAE preset {preset!r}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (of {len(missing)} / {len(unexpected)})")
+    own = vae.state_dict()
+    missing = [k for k in own if k not in sd and k not in ("latent_mean", "latent_std")]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"weights do not fit VAE preset {preset!r}: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
+                         f"(e.g. {wrong[:3]})")
+    vae.load_state_dict(sd, strict=False)
     if preset == "f8d4" and "latent_std" not in sd:
         vae.latent_std.fill_(1 / 0.18215)
     return vae.eval()

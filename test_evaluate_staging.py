@@ -141,6 +141,11 @@ def test_statistics_roundtrip_npz(tmp_path):
     np.testing.assert_array_equal(back["mu"], mu)
     np.testing.assert_array_equal(back["sigma"], sigma)
     assert evaluate.frechet_distance(back["mu"], back["sigma"], mu, sigma) == pytest.approx(0, abs=1e-9)
+    adm = tmp_path / "adm_ref.npz"                                   # ADM batch: stats + images
+    np.savez(adm, mu=mu, sigma=sigma, arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    src = evaluate.open_input(adm)
+    assert len(src["images"]) == 3 and src["images"][2].shape == (3, 8, 8)
+    np.testing.assert_array_equal(src["stats"]["mu"], mu)
 
 
 def test_too_few_images_error():

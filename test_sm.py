@@ -139,8 +139,10 @@ def test_dsm_keeps_low_frequency_tiles():
     X = torch.zeros(1, 1, 8, 8)
     X[..., 0, 0], X[..., 1, 2], X[..., 3, 0] = 2.0, -1.0, 0.5
     x = sm.idct2(X)
-    xm, _ = sm.dsm_mask(x, x, 12)
+    xm, _ = sm.dsm_mask(x, x, 8)                                          # k = 8 keeps u + v <= 6
     assert torch.allclose(xm, x, atol=1e-5)
+    xm, _ = sm.dsm_mask(x, x, 12)                                         # k = 12 keeps u + v <= 2 only
+    assert not torch.allclose(xm, x, atol=1e-3)
 
 
 @pytest.mark.parametrize("k", [-1, 15, 2.5])
@@ -207,7 +209,7 @@ def test_load_sd_vae_from_file_and_errors(tmp_path):
     with pytest.raises(ValueError, match="do not fit VAE preset"):
         sm.load_sd_vae(g["state_dict"], preset="tiny")
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model"):
-        sm.load_sd_vae(tmp_path / "nothing_here" if (tmp_path / "e").mkdir() else tmp_path / "e")
+        sm.load_sd_vae(tmp_path / "empty_folder" if (tmp_path / "empty_folder").mkdir() is None else None)
     (tmp_path / "w.safetensors").write_bytes(b"")
     try:
         import safetensors  # noqa: F401
@@ -348,3 +350,285 @@ def test_checkpoint_atomic_and_typed(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         sm.load_checkpoint(tmp_path / "junk.pt")
+
+
+#################################################################################
+#                                 DiT / SiT                                     #
+#################################################################################
+
+GOLDEN_REPA = os.path.join(DATA, "repa_sit_golden.pt")
+
+
+def tiny_dit(**kw):
+    """Tiny conditional DiT on 8x8x4 latents (16 tokens)."""
+    cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10,
+               encoder_depth=1, z_dims=[16], projector_dim=32)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return sm.DiT(**cfg)
+
+
+def perturb(model, std=0.2):
+    """Make the zero-initialised adaLN / output weights nonzero, so outputs depend on everything."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def test_adaln_zero_init_outputs_zeros():
+    m = tiny_dit()
+    v, zs = m(torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 9]))
+    assert v.shape == (3, 4, 8, 8) and torch.count_nonzero(v) == 0
+    assert len(zs) == 1 and zs[0].shape == (3, 16, 16)
+
+
+def test_preset_parameter_counts():
+    """REPA's SiT-B/2 and SiT-XL/2 (ImageNet 256, SD-VAE latents): ~130M / ~675M, plus one 768-d projector."""
+    counts = {}
+    with torch.device("meta"):
+        for name in ("DiT-B/2", "DiT-XL/2"):
+            for z in ([768], []):
+                counts[name, len(z)] = sum(p.numel() for p in sm.DiT_MODELS[name](z_dims=z).parameters())
+    assert counts["DiT-B/2", 0] == 130_500_112 and counts["DiT-B/2", 1] == 137_845_008
+    assert counts["DiT-XL/2", 0] == 675_111_184 and counts["DiT-XL/2", 1] == 683_242_512
+    assert len(sm.DiT_MODELS) == 12 and {"DiT-S/1", "DiT-L/4"} <= set(sm.DiT_MODELS)
+
+
+def test_cfg_one_equals_conditional_prediction():
+    """With cfg 1 the sampler uses the conditional velocity alone; with cfg > 1 it differs."""
+    m = perturb(tiny_dit()).eval()
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    z1 = sm.sample_ode(m, noise, y, steps=1, cfg_scale=1.0)
+    with torch.no_grad():
+        v = m(noise, torch.ones(2), y)[0].double()
+    assert torch.allclose(z1, noise.double() - v, atol=1e-6)               # one Euler step from t = 1 to 0
+    z2 = sm.sample_ode(m, noise, y, steps=1, cfg_scale=2.0)
+    with torch.no_grad():
+        vu = m(noise, torch.ones(2), torch.full((2,), 10))[0].double()
+    assert torch.allclose(z2, noise.double() - (vu + 2.0 * (v - vu)), atol=1e-6)
+    z3 = sm.sample_ode(m, noise, y, steps=1, cfg_scale=2.0, guidance_interval=(0.0, 0.5))
+    assert torch.allclose(z3, z1)                                          # t = 1 is outside the interval
+
+
+class ExactVelocity(torch.nn.Module):
+    """The exact flow-matching velocity for data N(mu, s^2 I) under x_t = (1-t) x + t eps."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s, self.num_classes = mu, s, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y=None):
+        t = t.double().view(-1, 1, 1, 1)
+        var = (1 - t) ** 2 * self.s ** 2 + t ** 2
+        e_eps = t * (x.double() - (1 - t) * self.mu) / var                 # E[eps | x_t]
+        e_x0 = self.mu + (1 - t) * self.s ** 2 * (x.double() - (1 - t) * self.mu) / var
+        return (e_eps - e_x0).to(x.dtype), []
+
+
+def test_ode_with_exact_velocity_recovers_data():
+    """Point mass (s -> 0): every noise is transported onto the data point; Gaussian: the right law."""
+    mu = torch.full((1, 1, 4, 4), 0.7, dtype=torch.float64)
+    noise = torch.randn(64, 1, 4, 4, dtype=torch.float64)
+    out = sm.sample_ode(ExactVelocity(mu, 1e-4), noise, None, steps=50)
+    assert (out - mu).abs().max() < 1e-3
+    out = sm.sample_ode(ExactVelocity(mu, 0.5), torch.randn(4000, 1, 4, 4, dtype=torch.float64), None, steps=40,
+                        heun=True)
+    assert abs(out.mean().item() - 0.7) < 0.02 and abs(out.std().item() - 0.5) < 0.02
+    out = sm.sample_sde(ExactVelocity(mu, 0.5), torch.randn(4000, 1, 4, 4, dtype=torch.float64), None, steps=100,
+                        generator=torch.Generator().manual_seed(0))
+    assert abs(out.mean().item() - 0.7) < 0.03 and abs(out.std().item() - 0.5) < 0.05
+
+
+def test_repa_loss_identical_features_is_minus_one():
+    z = torch.randn(2, 16, 8)
+    assert torch.allclose(sm.repa_loss([z], [z * 3.0]), torch.full((2,), -1.0), atol=1e-6)
+    assert torch.allclose(sm.repa_loss([z], [-z]), torch.full((2,), 1.0), atol=1e-6)
+    with pytest.raises(ValueError, match="resize_token_grid"):
+        sm.repa_loss([z], [torch.randn(2, 4, 8)])
+
+
+def test_zscore_and_dog_targets_have_zero_spatial_mean():
+    Z = torch.randn(2, 64, 12) + 3.0
+    for t in (sm.repa_target(Z, "zscore", alpha=1.0), sm.repa_target(Z, "dog")):
+        assert t.shape == Z.shape
+        assert t.mean(dim=1).abs().max() < 1e-5
+        assert torch.allclose(t.std(dim=1), torch.ones(2, 12), atol=1e-3)
+    zs = sm.repa_target(Z, "zscore")                                       # alpha 0.6 keeps 40% of the mean
+    assert torch.allclose(zs, (Z - 0.6 * Z.mean(1, keepdim=True)) / (Z.std(1, keepdim=True) + 1e-6))
+    assert torch.equal(sm.repa_target(Z, "raw"), Z)
+    with pytest.raises(ValueError, match="'raw', 'zscore' or 'dog'"):
+        sm.repa_target(Z, "fft")
+
+
+def test_dog_is_a_band_pass():
+    """DoG removes a constant, damps a slow ramp and the checkerboard, and passes a period-4 pattern."""
+    h = 8
+    ii, jj = torch.meshgrid(torch.arange(h).float(), torch.arange(h).float(), indexing="ij")
+    grid = lambda a: a.reshape(1, 1, h, h)
+    bp = lambda a: sm._gaussian_blur_grid(grid(a), 0.5) - sm._gaussian_blur_grid(grid(a), 2.0)
+    gain = lambda a: (bp(a).std() / a.std()).item()
+    assert bp(torch.ones(h, h)).abs().max() < 1e-6
+    g_ramp, g_mid, g_check = gain(ii / h), gain(torch.cos(math.pi / 2 * ii)), gain((ii + jj) % 2 * 2 - 1)
+    assert g_mid > 0.5 and g_mid > 1.5 * g_ramp and g_mid > 1.5 * g_check
+
+
+def test_directional_spectral_energy_matches_fft():
+    torch.manual_seed(0)
+    Z = torch.randn(3, 36, 5)
+    u = F.normalize(Z, dim=-1).transpose(1, 2).reshape(3, 5, 6, 6)
+    U = torch.fft.fft2(u, norm="ortho")
+    energy = U.abs().pow(2).sum(dim=(1, 2, 3)) - U[:, :, 0, 0].abs().pow(2).sum(1)
+    assert torch.allclose(sm.directional_spectral_energy(Z, reduction="none"), (energy / 36).sqrt(), atol=1e-5)
+    assert sm.directional_spectral_energy(torch.ones(2, 16, 4)).item() < 1e-6
+
+
+@pytest.mark.parametrize("opts", [dict(qk_norm=True), dict(rmsnorm=True), dict(swiglu=True), dict(rope=True),
+                                  dict(qk_norm=True, rmsnorm=True, swiglu=True, rope=True),
+                                  dict(projector_type="conv")])
+def test_lightningdit_options_forward_backward(opts):
+    m = perturb(tiny_dit(**opts)).train()
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    out = sm.flow_loss(m, x, y, repa_targets=[torch.randn(2, 16, 16)], cos_weight=0.1)
+    out["loss"].backward()
+    assert set(out) == {"mse", "cos", "repa", "t", "loss"} and torch.isfinite(out["loss"])
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_rope_is_relative():
+    """RoPE attention scores depend only on the offset between positions."""
+    rope = sm.RoPE2D(8, (4, 4))
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)
+    s = rope(q) @ rope(k).transpose(-1, -2)                                # (1, 1, 16, 16)
+    assert torch.allclose(s[0, 0, 0, 5], s[0, 0, 5, 10], atol=1e-5)        # (0,0)->(1,1) and (1,1)->(2,2)
+    assert not torch.allclose(s[0, 0, 0, 5], s[0, 0, 0, 6], atol=1e-3)
+
+
+def test_unconditional_model():
+    m = perturb(tiny_dit(num_classes=0))
+    assert m.y_embedder is None
+    out = sm.flow_loss(m, torch.randn(2, 4, 8, 8), None)
+    assert torch.isfinite(out["loss"])
+    assert sm.sample_ode(m, torch.randn(2, 4, 8, 8), None, steps=2).shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="unconditional"):
+        m(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="class-conditional"):
+        sm.sample_ode(m, torch.randn(2, 4, 8, 8), None, steps=2, cfg_scale=2.0)
+
+
+def test_bad_labels_and_sizes():
+    m = tiny_dit().train()
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"class label out of range: got \[0, 10\]"):
+        m(x, torch.rand(2), torch.tensor([0, 10]))                         # null class while training
+    with pytest.raises(ValueError, match="out of range"):
+        m(x, torch.rand(2), torch.tensor([-1, 3]))
+    m.eval()
+    m(x, torch.rand(2), torch.tensor([0, 10]))                             # the null class is fine when sampling
+    with pytest.raises(ValueError, match="does not match the model's input_size"):
+        m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="not divisible by patch_size 2"):
+        m(torch.randn(2, 4, 7, 7), torch.rand(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        sm.DiT(input_size=9, patch_size=2)
+
+
+def _repa_golden():
+    return torch.load(GOLDEN_REPA, weights_only=False)
+
+
+def test_repa_golden_forward():
+    """Golden values from REPA's own SiT (testdata/README_stage2.md)."""
+    g = _repa_golden()
+    for prefix, sd_key, kw_key in (("", "state_dict", "kwargs"), ("qk_", "qk_state_dict", "qk_kwargs")):
+        m = sm.load_repa_sit(g[sd_key], **g[kw_key])
+        with torch.no_grad():
+            v, zs = m(g["x"], g["t"], g["y"])
+        assert torch.allclose(v, g[prefix + "v"], atol=1e-4)
+        for a, b in zip(zs, g[prefix + "zs"]):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_load_repa_sit_checkpoint_entries():
+    g = _repa_golden()
+    ckpt = {"model": {f"module.{k}": torch.zeros_like(v) for k, v in g["state_dict"].items()},
+            "ema": g["state_dict"], "opt": {}, "args": None}
+    m = sm.load_repa_sit(ckpt, **g["kwargs"])
+    assert torch.equal(m.final_layer.linear.weight, g["state_dict"]["final_layer.linear.weight"])
+    m2 = sm.load_repa_sit(ckpt, which="model", **g["kwargs"])
+    assert torch.count_nonzero(m2.final_layer.linear.weight) == 0
+    with pytest.raises(TypeError, match="unknown REPA SiT arguments"):
+        sm.load_repa_sit(ckpt, hidden=3)
+
+
+@pytest.mark.parametrize("name", ["euler_cfg1", "euler_cfg1.5_interval", "heun_cfg1.5_interval",
+                                  "sde_cfg1.5_interval_seed1234"])
+def test_repa_golden_samplers(name):
+    """Same model and noise as REPA's euler_sampler / euler_maruyama_sampler give the same latents."""
+    g = _repa_golden()
+    m = sm.load_repa_sit(g["state_dict"], **g["kwargs"])
+    c = g["samplers"][name]
+    if name.startswith("sde"):
+        torch.manual_seed(c["seed"])                                       # REPA draws from the global RNG
+        out = sm.sample_sde(m, g["noise"], g["ys"], steps=c["steps"], cfg_scale=c["cfg_scale"],
+                            guidance_interval=c["guidance_interval"])
+    else:
+        out = sm.sample_ode(m, g["noise"], g["ys"], steps=c["steps"], cfg_scale=c["cfg_scale"],
+                            guidance_interval=c["guidance_interval"], heun=c["heun"])
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, g["samples"][name].detach(), atol=1e-4)
+
+
+def test_flow_loss_explicit_randomness():
+    m = perturb(tiny_dit())
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    t, noise, drop = torch.tensor([0.0, 0.5, 1.0]), torch.randn(3, 4, 8, 8), torch.tensor([False, True, False])
+    out = sm.flow_loss(m, x, y, t=t, noise=noise, drop_ids=drop)
+    with torch.no_grad():
+        xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+        v = m.eval()(xt, t, torch.tensor([1, 10, 3]))[0]                   # dropped label -> null class
+    assert torch.allclose(out["mse"], (v - (noise - x)).pow(2).mean((1, 2, 3)), atol=1e-6)
+    tl = sm.sample_time(10000, "lognormal", generator=torch.Generator().manual_seed(0))
+    assert 0 < tl.min() and tl.max() < 1 and abs(torch.logit(tl).std().item() - 1) < 0.03
+
+
+def test_tiny_dit_training_lowers_flow_loss():
+    """A few dozen steps on fixed dead-leaves-like latents lower the flow-matching loss."""
+    torch.manual_seed(0)
+    m = tiny_dit(z_dims=[], hidden_size=64)
+    x = F.avg_pool2d(torch.stack([sm.DeadLeaves(8, 32)[i][0] for i in range(8)]), 4)
+    x = torch.cat([x, x.mean(1, keepdim=True)], 1) * 2                     # (8, 4, 8, 8) "latents"
+    y = torch.arange(8) % 10
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    evaluate = lambda: sm.flow_loss(m, x, y, t=torch.linspace(0.05, 0.95, 8), noise=torch.randn(
+        x.shape, generator=torch.Generator().manual_seed(5)))["loss"].item()
+    before = evaluate()
+    for _ in range(60):
+        loss = sm.flow_loss(m, x, y, generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert evaluate() < 0.7 * before
+
+
+def test_encode_repa_target_with_tiny_encoder():
+    enc = sm.TinyEncoder(patch_size=8, embed_dim=16).eval()
+    imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    Z = sm.encode_repa_target(enc, imgs, 32)                               # resized to 28 px -> 3x3 tokens
+    assert Z.shape == (2, 9, 16)
+    assert sm.resize_token_grid(Z, (4, 4)).shape == (2, 16, 16)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sm.encode_repa_target(enc, imgs.float(), 32)
+
+
+def test_load_dinov2_offline_error(monkeypatch):
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load", offline)
+    with pytest.raises(RuntimeError, match="--repa-encoder none"):
+        sm.load_dinov2()
