@@ -352,13 +352,13 @@ def build_eval_dataset(name, path, image_size, seed=0):
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=50, num_workers=0, device="cpu",
-                     max_images=None, progress=True):
+                     max_images=None, progress=True, shard=True):
     """Inception features of a dataset of images, sharded over DDP ranks and gathered.
 
     Returns dict of float32 numpy arrays: pool (N,2048), logits (N,1008), spatial (N,2023).
     """
     rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     subset = torch.utils.data.Subset(dataset, list(range(rank, n, world)))
@@ -672,32 +672,6 @@ def print_table(results, title="metric"):
         print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
 
 
-def plot_curves(path, curves, title="", size=(640, 400)):
-    """Line plot of {name: values} curves to PNG with PIL (no matplotlib)."""
-    from PIL import Image, ImageDraw
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    w, h = size
-    x0, y0, x1, y1 = 50, 30, w - 20, h - 40
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    vals = np.concatenate([np.asarray(v, np.float64) for v in curves.values()])
-    lo, hi = float(vals.min()), float(vals.max())
-    hi = hi if hi > lo else lo + 1.0
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 8), title, fill="black")
-    d.text((4, y0), f"{hi:.2f}", fill="black")
-    d.text((4, y1 - 10), f"{lo:.2f}", fill="black")
-    d.text(((x0 + x1) // 2 - 40, y1 + 12), "radial frequency bin", fill="black")
-    for i, (name, v) in enumerate(curves.items()):
-        v = np.asarray(v, np.float64)
-        xs = np.linspace(x0, x1, len(v))
-        ys = y1 - (v - lo) / (hi - lo) * (y1 - y0)
-        col = colors[i % len(colors)]
-        d.line(list(zip(xs.tolist(), ys.tolist())), fill=col, width=2)
-        d.text((x1 - 150, y0 + 6 + 14 * i), name, fill=col)
-    im.save(path)
-
-
 def _write_json(path, obj):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -896,9 +870,8 @@ def run_spectrum(args, rank, world, device):
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)}, "spectrum")
     _write_json(args.json, res)
     png = str(Path(args.json).with_suffix(".png"))
-    plot_curves(png, {"image": mean["image"], "latent": mean["latent"],
-                      f"target (delta={delta:g})": mean["target"]},
-                title="normalised log-power radial spectrum")
+    import train
+    train.plot_spectra(dict(image=mean["image"], latent=mean["latent"], target=mean["target"], kl=kl), png, delta)
     print(f"[evaluate] wrote {args.json} and {png}")
     return res
 
@@ -971,6 +944,75 @@ def _cpu_name():
 
 
 # ----------------------------------------------------------------------------------------
+# The quickstart's metrics.json (train.py --stage all)
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def pipeline_metrics(args, samples_npz, device, n_val=None):
+    """Metrics of one quickstart run: reconstructions, latent spectrum, DSM, diffusion loss, samples.
+
+    All on held-out images (the dataset drawn with another seed): PSNR / SSIM of reconstructions,
+    KL(delta target || latent spectrum), PSNR of decoded DSM low-passed latents against the low-passed
+    images (k = 8, 10, 12), the EMA DiT's flow-matching loss on a fixed t grid and noise, and SWD
+    (FID too when the Inception weights are available) of the samples against real images.
+    """
+    import sm
+    import train
+    n = n_val or min(args.num_fid_samples, 1024)
+    vae = sm.build_vae_from_checkpoint(sm.load_checkpoint(os.path.join(args.out, "vae.pt"), "vae")).to(device)
+    val = train.build_dataset(args.dataset, args.data_path, args.image_size, train=False, seed=args.seed,
+                              length=args.dataset_size)
+    n = min(n, len(val))
+    x = torch.stack([val[i][0] for i in range(n)]).to(device)               # (n, 3, H, W) in [-1, 1]
+    y = torch.tensor([val[i][1] for i in range(n)], device=device)
+    unit = lambda v: ((v.float() + 1) / 2).clamp(0, 1)                      # noqa: E731
+    res, means, recs, dsm = {}, [], [], {8: [], 10: [], 12: []}
+    for i in range(0, n, 64):
+        xb = x[i:i + 64]
+        mean, _ = vae.encode(xb)
+        means.append(mean)
+        recs.append(vae.decode(mean))
+        for k in dsm:
+            xm, zm = sm.dsm_mask(xb, mean, k)
+            dsm[k].append(psnr(unit(xm), unit(vae.decode(zm))))
+    mean, rec = torch.cat(means), torch.cat(recs)
+    res["psnr"] = float(psnr(unit(x), unit(rec)).mean())
+    res["ssim"] = float(ssim(unit(x), unit(rec)).mean())
+    delta = float(getattr(vae, "esm_delta", 1.0))
+    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=delta, blur_sigma=vae.esm_blur))
+    res.update({f"dsm{k}_psnr": float(torch.cat(v).mean()) for k, v in dsm.items()})
+    res["dsm_psnr"] = float(np.mean([res[f"dsm{k}_psnr"] for k in dsm]))
+    # diffusion: validation flow-matching loss of the EMA model on normalised latents
+    ckpt = sm.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit")
+    model = train.build_dit(ckpt["model_name"], ckpt["dit_config"]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    model.eval()
+    z = vae.normalize(mean)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn(z.shape, generator=g).to(device)
+    t = ((torch.arange(n) + 0.5) / n)[torch.randperm(n, generator=g)].to(device)   # stratified t grid
+    labels = None if model.num_classes == 0 else y
+    losses = [sm.flow_loss(model, z[i:i + 64], None if labels is None else labels[i:i + 64], t=t[i:i + 64],
+                           noise=noise[i:i + 64])["mse"] for i in range(0, n, 64)]
+    res["dit_val_loss"] = float(torch.cat(losses).mean())
+    # samples against real images
+    samples = np.load(samples_npz)["arr_0"]
+    real = train.to_uint8(x)
+    m = min(len(samples), len(real))
+    res["swd"] = swd(samples[:m], real[:m])["mean"]
+    res["num_eval_images"] = m
+    inception = _try_inception(argparse.Namespace(inception=None, require_inception=False), device)
+    if inception is not None:
+        fs = extract_features(inception, ArrayDataset(samples[:m]), device=device, progress=False, shard=False)["pool"]
+        fr = extract_features(inception, ArrayDataset(real[:m]), device=device, progress=False, shard=False)["pool"]
+        res["fid"] = frechet_distance(*compute_statistics(fs), *compute_statistics(fr))
+        res["rfid"] = frechet_distance(*compute_statistics(extract_features(
+            inception, ArrayDataset(train.to_uint8(rec)), device=device, progress=False, shard=False)["pool"]),
+            *compute_statistics(fr))
+    return res
+
+
+# ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
 
@@ -1023,7 +1065,7 @@ def main(argv=None):
         if not args.samples:
             build_parser().error("SAMPLES is required")
         return run_generative(args, rank, device)
-    except EvalError as e:
+    except (ValueError, FileNotFoundError) as e:                 # EvalError and bad checkpoints
         sys.exit(f"evaluate.py: error: {e}")
     finally:
         if world > 1 and torch.distributed.is_initialized():

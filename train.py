@@ -69,7 +69,8 @@ DSM_KS = (0, 8, 10, 12)
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["all", "vae", "latents", "dit"])
+    a("--stage", choices=["all", "vae", "latents", "dit", "compare"],
+      help="all: the whole pipeline; compare: the pipeline once per --reg preset, one table")
     a("--out", help="run folder: checkpoints, latents, pictures, metrics")
     a("--seed", type=int)
     a("--resume", action="store_true", help="continue from the run folder's checkpoint")
@@ -124,7 +125,7 @@ def get_args(argv=None):
     a("--vis-every", type=int)
     a("--max-steps", type=int, help="stop after this many steps in this invocation (tests)")
     args = p.parse_args(argv)
-    quick = (args.stage in (None, "all")) and args.dataset in (None, "deadleaves")
+    quick = (args.stage in (None, "all", "compare")) and args.dataset in (None, "deadleaves")
     for k, v in {**DEFAULTS, **(QUICKSTART if quick else {})}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -945,8 +946,10 @@ def run_all(args, d):
     train_dit(args, d, quickstart=True)
     import evaluate
     import sample
-    npz = sample.generate(os.path.join(args.out, "dit.pt"), args.num_fid_samples, args.out, d,
-                          steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed)
+    npz = os.path.join(args.out, "samples", "samples.npz")
+    if not os.path.exists(npz):
+        sample.generate(os.path.join(args.out, "dit.pt"), args.num_fid_samples, os.path.dirname(npz), d,
+                        steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed)
     if d.main:
         metrics = evaluate.pipeline_metrics(args, npz, d.device)
         metrics["minutes"] = (time.time() - t0) / 60
@@ -955,6 +958,33 @@ def run_all(args, d):
         log(d, json.dumps(metrics, indent=1))
     d.barrier()
     return args.out
+
+
+COMPARE_METRICS = (("psnr", "PSNR"), ("ssim", "SSIM"), ("spectrum_kl", "spectrum KL"), ("dsm_psnr", "DSM PSNR"),
+                   ("dit_val_loss", "DiT val loss"), ("swd", "SWD"), ("fid", "FID"))
+
+
+def run_compare(args, d):
+    """The quickstart budget once per --reg preset, same seed; one table of diffusability metrics."""
+    root, rows = args.out, {}
+    for reg in REG_PRESETS:
+        a = argparse.Namespace(**vars(args))
+        for k, v in REG_PRESETS[reg].items():
+            setattr(a, k, v)
+        a.reg, a.out = reg, os.path.join(root, reg.replace("+", "_"))
+        run_all(a, d)
+        with open(os.path.join(a.out, "metrics.json")) as f:
+            rows[reg] = json.load(f)
+    if d.main:
+        cols = [(k, name) for k, name in COMPARE_METRICS if any(k in r for r in rows.values())]
+        lines = ["| reg | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for reg, r in rows.items():
+            lines.append(f"| {reg} | " + " | ".join(f"{r[k]:.4g}" if k in r else "-" for k, _ in cols) + " |")
+        table = "\n".join(lines)
+        with open(os.path.join(root, "compare.md"), "w") as f:
+            f.write(table + "\n")
+        print(table)
+    return rows
 
 
 def main(argv=None):
@@ -967,6 +997,8 @@ def main(argv=None):
             encode_latents(args, d)
         elif args.stage == "dit":
             train_dit(args, d)
+        elif args.stage == "compare":
+            run_compare(args, d)
         else:
             run_all(args, d)
     finally:
