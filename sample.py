@@ -75,7 +75,8 @@ def generate(ckpt_path, num_samples, out, d, steps=50, cfg_scale=1.0, seed=0, sa
         tmp = npz + ".tmp.npz"
         np.savez(tmp, arr_0=arr)
         os.replace(tmp, npz)
-        train.save_grid(arr[:64], os.path.join(out, "samples_grid.png"), 8)
+        ncol = nc if 1 < nc <= 16 else 8                      # sample i has class i % nc: one class per column
+        train.save_grid(arr[:8 * ncol], os.path.join(out, "samples_grid.png"), ncol)
         print(f"wrote {num_samples} samples to {img_dir} and {npz} (arr_0 {arr.shape} uint8)")
     d.barrier()
     return npz

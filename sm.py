@@ -171,11 +171,12 @@ def dsm_mask(x, z, k, block=8):
 # Parameter names follow diffusers' AutoencoderKL, so SD-VAE weights load as they are.
 
 VAE_CONFIGS = {
-    # name:     channels per level,          resnets/level, latent channels, ESM blur sigma
+    # name: channels per level, ResNet blocks per level, latent channels, ESM blur sigma (0 for f8, §3.2)
     "f8d4":   dict(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, esm_blur=0.0),
     "f16d16": dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=16, esm_blur=1.2),
     "f16d32": dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=32, esm_blur=1.2),
-    "tiny":   dict(channels=(32, 64, 64), layers_per_block=1, latent_channels=4, esm_blur=1.2),  # f4, CPU demos
+    # f4, small enough for tests and the CPU quickstart
+    "tiny":   dict(channels=(32, 64, 64), layers_per_block=1, latent_channels=4, esm_blur=1.2, norm_groups=8),
 }
 
 
@@ -464,6 +465,16 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         self.requires_grad_(False)
 
+    @classmethod
+    def from_state_dicts(cls, lin, vgg):
+        """LPIPS from the v0.1 linear heads (lin{i}.model.1.weight) and torchvision VGG16 weights."""
+        model = cls()
+        for s in model.slices:                                 # slices keep VGG's layer indices as keys
+            s.load_state_dict({k: vgg["features." + k] for k in s.state_dict()})
+        for i, l in enumerate(model.lins):
+            l.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
+        return model.eval()
+
     def forward(self, x, y):
         hx, hy = (x - self.shift) / self.scale, (y - self.shift) / self.scale
         total = 0.0
@@ -497,21 +508,12 @@ def load_lpips(path=None, vgg_path=None):
     torch hub cache, else their public URLs. Offline without them: a RuntimeError saying how to
     provide them or to train with --lpips-weight 0."""
     try:
-        lin = torch.load(_fetch(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth"), map_location="cpu", weights_only=True)
-        vgg = torch.load(_fetch(VGG16_URL, vgg_path, "VGG16"), map_location="cpu", weights_only=True)
+        lin = _fetch(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth")
+        vgg = _fetch(VGG16_URL, vgg_path, "VGG16")
     except (RuntimeError, FileNotFoundError) as e:
         raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
-    model = LPIPS()
-    feats = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
-    offset = 0
-    for s in model.slices:                                     # slices hold features[a:b] with local indices
-        n = len(s)
-        s.load_state_dict({f"{int(k.split('.')[0]) - offset}.{k.split('.')[1]}": v for k, v in feats.items()
-                           if offset <= int(k.split(".")[0]) < offset + n})
-        offset += n
-    for i, l in enumerate(model.lins):
-        l.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
-    return model.eval()
+    return LPIPS.from_state_dicts(torch.load(lin, map_location="cpu", weights_only=True),
+                                  torch.load(vgg, map_location="cpu", weights_only=True))
 
 
 class PatchGAN(nn.Module):
@@ -1330,8 +1332,12 @@ DEADLEAVES_PALETTES = (
 DEADLEAVES_SHAPES = ("disk", "square")
 
 
-def deadleaves_image(index, size=64, seed=0, num_classes=10, r_min=0.02, r_max=0.5, n_shapes=300):
-    """Deterministic dead-leaves image for (index, seed): (uint8 (size, size, 3), label)."""
+def deadleaves_image(index, size=64, seed=0, num_classes=10, r_min=None, r_max=0.5, n_shapes=300):
+    """Deterministic dead-leaves image for (index, seed): (uint8 (size, size, 3), label).
+
+    Radii are fractions of the image side; r_min defaults to max(0.02, 1.5 / size), no sub-pixel leaves.
+    """
+    r_min = max(0.02, 3.0 / size) if r_min is None else r_min
     label = index % num_classes
     palette = np.asarray(DEADLEAVES_PALETTES[(label // 2) % len(DEADLEAVES_PALETTES)])
     shape = DEADLEAVES_SHAPES[label % 2]
@@ -1387,6 +1393,9 @@ def save_checkpoint(obj, path, before_replace=None):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):                                        # leftovers of a killed writer
+        if name.startswith(os.path.basename(path) + ".") and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -245,6 +245,16 @@ def test_lpips_random_weights_shape_and_identity():
     assert lp(x, x).abs().max() < 1e-6
 
 
+def test_lpips_matches_reference_package():
+    """Golden values from the lpips package: real v0.1 heads, seeded random VGG16 (testdata/README.md)."""
+    from torchvision.models import vgg16
+    g = torch.load(os.path.join(DATA, "lpips_golden.pt"), weights_only=True)
+    torch.manual_seed(g["vgg_seed"])
+    lp = sm.LPIPS.from_state_dicts(g["lin"], vgg16(weights=None).state_dict())
+    with torch.no_grad():
+        assert torch.allclose(lp(g["x"], g["y"]), g["d"], rtol=1e-5, atol=1e-6)
+
+
 def test_lpips_offline_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
 
@@ -920,3 +930,173 @@ def test_psnr_ssim_identity():
     assert (evaluate.psnr(x, x) > 100).all()
     y = torch.full((1, 3, 8, 8), 0.5)
     assert evaluate.psnr(y, y + 0.1).item() == pytest.approx(20.0, rel=1e-5)   # 10 log10(1 / 0.01)
+
+
+#################################################################################
+#             Whole pipeline: DDP invariance, crashes, resume, bad input        #
+#################################################################################
+
+TINY = ["--image-size", "32", "--dataset-size", "64", "--vae", "tiny", "--vae-batch", "8", "--vae-steps", "6",
+        "--vae-lr", "1e-3", "--warmup", "2", "--lpips-weight", "0", "--stats-samples", "64", "--log-every", "1",
+        "--ckpt-every", "3", "--vis-every", "100", "--num-workers", "0",
+        "--model", "DiT-S/2", "--depth", "2", "--dit-batch", "8", "--dit-steps", "6", "--dit-lr", "1e-3",
+        "--ema", "0.9", "--repa-encoder", "tiny", "--repa-target", "dog", "--sample-steps", "2"]
+
+
+def run_script(args, nproc=1, env=None, check=True, script="train.py"):
+    """Run a script as a subprocess (torchrun for nproc > 1) with one thread per process."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                              if nproc > 1 else []) + [os.path.join(HERE, script)] + list(args)
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE, **(env or {}))
+    p = subprocess.run(cmd, cwd=HERE, env=e, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def params_of(path, key="model"):
+    return torch.load(path, map_location="cpu", weights_only=False)[key]
+
+
+def assert_same_params(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One single-process run of stages vae, latents and dit on tiny settings (the reference)."""
+    out = tmp_path_factory.mktemp("ref")
+    for stage in ("vae", "latents", "dit"):
+        run_script(["--stage", stage, "--out", str(out)] + TINY)
+    return out
+
+
+def test_tiny_pipeline_outputs(tiny_run):
+    vae = sm.load_checkpoint(tiny_run / "vae.pt", "vae")
+    assert vae["finished"] and vae["step"] == 6 and len(vae["history"]) == 6
+    assert torch.all(vae["model"]["latent_std"] > 0) and not torch.all(vae["model"]["latent_std"] == 1)
+    for f in ("reconstructions.png", "spectrum.png", "samples.png", "latents/meta.json", "latents/moments.npy"):
+        assert (tiny_run / f).is_file(), f
+    meta = json.loads((tiny_run / "latents" / "meta.json").read_text())
+    assert meta["latent_shape"] == [4, 8, 8] and meta["num_images"] == 64 and meta["has_images"]
+    mom = np.load(tiny_run / "latents" / "moments.npy")
+    assert mom.shape == (64, 2, 2, 4, 8, 8) and (mom[:, :, 1] > 0).all()
+    dit = sm.load_checkpoint(tiny_run / "dit.pt", "dit")
+    assert dit["finished"] and {"mse", "repa", "loss"} <= set(dit["history"][-1])
+
+
+@pytest.mark.parametrize("stage,key", [("vae", "model"), ("dit", "model")])
+def test_ddp_matches_single_process(tiny_run, tmp_path, stage, key):
+    """2 gloo processes over the same global batches end with the parameters of 1 process."""
+    if stage == "dit":                                                     # reuse the reference latents
+        import shutil
+        shutil.copytree(tiny_run / "latents", tmp_path / "latents")
+    run_script(["--stage", stage, "--out", str(tmp_path)] + TINY, nproc=2)
+    assert_same_params(params_of(tiny_run / f"{stage}.pt", key), params_of(tmp_path / f"{stage}.pt", key), 1e-5)
+
+
+def test_ddp_latents_match_single_process(tiny_run, tmp_path):
+    import shutil
+    shutil.copy(tiny_run / "vae.pt", tmp_path / "vae.pt")
+    run_script(["--stage", "latents", "--out", str(tmp_path)] + TINY, nproc=2)
+    for name in ("moments", "labels", "images"):
+        a, b = np.load(tiny_run / "latents" / f"{name}.npy"), np.load(tmp_path / "latents" / f"{name}.npy")
+        assert np.allclose(a, b, atol=1e-5), name
+
+
+def test_resume_on_other_world_size(tiny_run, tmp_path):
+    """3 steps on 2 processes, then --resume on 1 process: the parameters of an uninterrupted run."""
+    run_script(["--stage", "vae", "--out", str(tmp_path), "--max-steps", "3"] + TINY, nproc=2)
+    assert sm.load_checkpoint(tmp_path / "vae.pt")["step"] == 3
+    run_script(["--stage", "vae", "--out", str(tmp_path), "--resume"] + TINY)
+    assert_same_params(params_of(tiny_run / "vae.pt"), params_of(tmp_path / "vae.pt"), 1e-5)
+
+
+@pytest.mark.parametrize("crash", ["step:4", "checkpoint:6"])
+def test_sigkill_and_resume(tiny_run, tmp_path, crash):
+    """SIGKILL between steps or while the checkpoint is written; --resume ends as the uninterrupted run."""
+    p = run_script(["--stage", "vae", "--out", str(tmp_path)] + TINY, env={"SM_CRASH_AT": crash}, check=False)
+    assert p.returncode == -9
+    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")                  # never torn
+    assert ckpt["step"] == 3 and not ckpt["finished"]
+    run_script(["--stage", "vae", "--out", str(tmp_path), "--resume"] + TINY)
+    assert_same_params(params_of(tiny_run / "vae.pt"), params_of(tmp_path / "vae.pt"), 1e-6)
+    assert sorted(os.listdir(tmp_path)) == ["reconstructions.png", "spectrum.png", "vae.pt"]   # no temporaries
+
+
+def test_sigkill_dit_and_resume(tiny_run, tmp_path):
+    import shutil
+    shutil.copytree(tiny_run / "latents", tmp_path / "latents")
+    p = run_script(["--stage", "dit", "--out", str(tmp_path)] + TINY, env={"SM_CRASH_AT": "step:5"}, check=False)
+    assert p.returncode == -9 and sm.load_checkpoint(tmp_path / "dit.pt")["step"] == 3
+    run_script(["--stage", "dit", "--out", str(tmp_path), "--resume"] + TINY)
+    for key in ("model", "ema"):
+        assert_same_params(params_of(tiny_run / "dit.pt", key), params_of(tmp_path / "dit.pt", key), 1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = sm.esm_loss
+
+    def esm_then_nan(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 5 else out
+    monkeypatch.setattr(sm, "esm_loss", esm_then_nan)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 4: .*esm=nan"):
+        train.main(["--stage", "vae", "--out", str(tmp_path)] + TINY)
+    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_stage_bad_inputs(tiny_run, tmp_path, monkeypatch):
+    def main(*extra):
+        train.main(["--out", str(tmp_path)] + TINY + list(extra))
+    with pytest.raises(ValueError, match="image size 30x30 is not divisible by the VAE downsampling factor 4"):
+        main("--stage", "vae", "--image-size", "30")
+    with pytest.raises(ValueError, match="DSM: the image size 36 is not divisible by --dsm-block 8"):
+        main("--stage", "vae", "--image-size", "36")
+    with pytest.raises(ValueError, match="unknown VAE preset 'f4d99'"):
+        main("--stage", "vae", "--vae", "f4d99")
+    with pytest.raises(FileNotFoundError, match="no finished latents"):
+        main("--stage", "dit")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main("--stage", "latents")
+    with pytest.raises(ValueError, match="is a 'dit' checkpoint, but a 'vae' checkpoint is needed"):
+        main("--stage", "latents", "--vae-ckpt", str(tiny_run / "dit.pt"))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train.main(["--stage", "vae", "--out", str(tiny_run)] + TINY)
+    with pytest.raises(ValueError, match="holds a 'tiny' VAE, but --vae f8d4"):
+        train.main(["--stage", "vae", "--out", str(tiny_run), "--resume"] + TINY + ["--vae", "f8d4"])
+    with pytest.raises(ValueError, match="global batch 7 is not divisible"):
+        d = train.Dist()
+        d.world = 2
+        train.GlobalBatchSampler(10, 7, d, 0)
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load", offline)
+    with pytest.raises(RuntimeError, match="--repa-encoder none"):
+        main("--stage", "dit", "--repa-encoder", "dinov2_vitb14")
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "unknown"])
+
+
+def test_sample_script_grid_npz_and_world_size(tiny_run, tmp_path):
+    """sample.py writes a grid and an ADM npz; 1 and 2 ranks give the same images."""
+    ckpt = str(tiny_run / "dit.pt")
+    run_script(["--ckpt", ckpt, "--steps", "2", "--out", str(tmp_path / "g")], script="sample.py")
+    assert (tmp_path / "g" / "sample_grid.png").is_file()
+    args = ["--ckpt", ckpt, "--steps", "3", "--num-samples", "10", "--batch-size", "4"]
+    run_script(args + ["--out", str(tmp_path / "one")], script="sample.py")
+    run_script(args + ["--out", str(tmp_path / "two")], nproc=2, script="sample.py")
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("one", "two"))
+    assert a.shape == (10, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert len(os.listdir(tmp_path / "one" / "images")) == 10
+    p = run_script(["--ckpt", str(tiny_run / "vae.pt")], script="sample.py", check=False)
+    assert p.returncode != 0 and "is a 'vae' checkpoint, but a 'dit' checkpoint is needed" in p.stderr
+    p = run_script(["--ckpt", ckpt, "--classes", "10"], script="sample.py", check=False)
+    assert p.returncode != 0 and "class 10 is outside [0, 10)" in p.stderr

@@ -41,7 +41,7 @@ DEFAULTS = dict(
     vae="f16d16", reg="esm+dsm", vae_batch=128, vae_steps=1_000_000, vae_lr=5e-5, warmup=2000,
     lpips_weight=0.5, disc_weight=0.5, disc_start=50001, stats_samples=50000,
     # stage 2: diffusion transformer (SiT + REPA)
-    model="DiT-B/2", depth=None, dit_batch=256, dit_steps=400_000, dit_lr=1e-4, ema=0.9999,
+    model="DiT-B/2", depth=None, width=None, dit_batch=256, dit_steps=400_000, dit_lr=1e-4, ema=0.9999,
     repa_encoder="dinov2_vitb14", repa_target="dog", repa_lambda=0.5, weighting="uniform",
     sample_steps=50, cfg_scale=1.0, num_fid_samples=50000,
     log_every=100, ckpt_every=10_000, vis_every=10_000,
@@ -50,7 +50,7 @@ DEFAULTS = dict(
 QUICKSTART = dict(
     image_size=32, dataset_size=4096,
     vae="tiny", vae_batch=32, vae_steps=600, vae_lr=1e-3, warmup=50, stats_samples=4096,
-    model="DiT-S/2", depth=6, dit_batch=64, dit_steps=1500, dit_lr=5e-4, ema=0.995,
+    model="DiT-S/2", depth=6, width=256, dit_batch=64, dit_steps=1500, dit_lr=5e-4, ema=0.995,
     repa_encoder="none", weighting="lognormal", num_fid_samples=512,
     log_every=25, ckpt_every=250, vis_every=500,
 )
@@ -103,6 +103,7 @@ def get_args(argv=None):
     a("--sd-vae", help="diffusers AutoencoderKL weights (sd-vae-ft-ema) instead of a stage-1 checkpoint")
     a("--model", help=f"DiT preset, e.g. DiT-B/2")
     a("--depth", type=int, help="override the preset's depth (small demos)")
+    a("--width", type=int, help="override the preset's hidden size (small demos; 64 channels per head)")
     a("--dit-batch", type=int, help="global batch size")
     a("--dit-steps", type=int)
     a("--dit-lr", type=float)
@@ -742,6 +743,8 @@ def dit_config(args, meta, enc_dim):
                class_dropout_prob=args.class_dropout, z_dims=[enc_dim] if enc_dim else [])
     if args.depth:
         cfg["depth"] = args.depth
+    if args.width:
+        cfg["hidden_size"], cfg["num_heads"] = args.width, max(1, args.width // 64)
     if args.encoder_depth:
         cfg["encoder_depth"] = args.encoder_depth
     elif args.depth:
