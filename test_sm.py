@@ -937,9 +937,9 @@ def test_psnr_ssim_identity():
 #################################################################################
 
 TINY = ["--image-size", "32", "--dataset-size", "64", "--vae", "tiny", "--vae-batch", "8", "--vae-steps", "6",
-        "--vae-lr", "1e-3", "--warmup", "2", "--lpips-weight", "0", "--stats-samples", "64", "--log-every", "1",
+        "--vae-lr", "2e-4", "--warmup", "2", "--lpips-weight", "0", "--stats-samples", "64", "--log-every", "1",
         "--ckpt-every", "3", "--vis-every", "100", "--num-workers", "0",
-        "--model", "DiT-S/2", "--depth", "2", "--dit-batch", "8", "--dit-steps", "6", "--dit-lr", "1e-3",
+        "--model", "DiT-S/2", "--depth", "2", "--dit-batch", "8", "--dit-steps", "6", "--dit-lr", "2e-4",
         "--ema", "0.9", "--repa-encoder", "tiny", "--repa-target", "dog", "--sample-steps", "2"]
 
 

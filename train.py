@@ -388,7 +388,7 @@ def check_finite(step, terms, gnorm):
                                  "the last good checkpoint was kept")
 
 
-def prepare_output(path, resume, what):
+def prepare_output(path, resume):
     """Refuse to overwrite a finished or unfinished run unless --resume is given."""
     if os.path.exists(path) and not resume:
         raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out "
@@ -430,7 +430,14 @@ def lr_at(step, base, warmup):
 
 def train_vae(args, d, quickstart=False):
     out = os.path.join(args.out, "vae.pt")
-    prepare_output(out, args.resume or quickstart, "vae")
+    prepare_output(out, args.resume or quickstart)
+    ckpt = sm.load_checkpoint(out, "vae") if os.path.exists(out) else None
+    if ckpt is not None:
+        if ckpt["preset"] != args.vae:
+            raise ValueError(f"{out} holds a {ckpt['preset']!r} VAE, but --vae {args.vae} was asked for")
+        if ckpt.get("finished"):
+            log(d, f"stage vae: {out} is finished, skipping")
+            return out
     ds = build_dataset(args.dataset, args.data_path, args.image_size, True, args.seed, args.dataset_size)
     torch.manual_seed(args.seed)
     vae = sm.build_vae(args.vae).to(d.device)
@@ -454,13 +461,7 @@ def train_vae(args, d, quickstart=False):
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=args.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)
     step, history = 0, []
-    if os.path.exists(out):
-        ckpt = sm.load_checkpoint(out, "vae")
-        if ckpt["preset"] != args.vae:
-            raise ValueError(f"{out} holds a {ckpt['preset']!r} VAE, but --vae {args.vae} was asked for")
-        if ckpt.get("finished"):
-            log(d, f"stage vae: {out} is finished, skipping")
-            return out
+    if ckpt is not None:
         vae.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["opt"]), opt_d.load_state_dict(ckpt["opt_d"])
         step, history = ckpt["step"], ckpt["history"]
@@ -561,27 +562,26 @@ def vae_pictures(vae, x, args, d, step):
 
 @torch.no_grad()
 def latent_statistics(vae, ds, args, d):
-    """Per-channel mean and std of sampled latents over up to --stats-samples images (all ranks)."""
+    """Per-channel mean and std of posterior samples z ~ N(mean, exp(logvar)) over up to --stats-samples
+    images, in closed form (E z = mean, E z^2 = mean^2 + exp(logvar)), so no sampling noise (all ranks)."""
     vae.eval()
     n = min(args.stats_samples, len(ds))
     idx = list(range(d.rank, n, d.world))
-    C = vae.latent_channels
-    acc = torch.zeros(3, C, dtype=torch.float64, device=d.device)     # count, sum, sum of squares
-    g = torch.Generator().manual_seed(args.seed + 17)
+    acc = torch.zeros(3, vae.latent_channels, dtype=torch.float64, device=d.device)   # count, sum, sum of squares
     for i in range(0, len(idx), 64):
         x = torch.stack([ds[j][0] for j in idx[i:i + 64]]).to(d.device)
         with d.autocast():
             mean, logvar = vae.encode(x)
-        eps = torch.randn(mean.shape, generator=g).to(d.device)
-        z = vae.sample(mean.float(), logvar.float(), eps).double()
-        acc[0] += z.shape[0] * z.shape[2] * z.shape[3]
-        acc[1] += z.sum(dim=(0, 2, 3))
-        acc[2] += z.pow(2).sum(dim=(0, 2, 3))
+        mean, var = mean.double(), logvar.double().exp()
+        acc[0] += mean.shape[0] * mean.shape[2] * mean.shape[3]
+        acc[1] += mean.sum(dim=(0, 2, 3))
+        acc[2] += (mean.pow(2) + var).sum(dim=(0, 2, 3))
     d.all_reduce(acc)
     mu = acc[1] / acc[0]
     vae.latent_mean.copy_(mu.float())
     vae.latent_std.copy_((acc[2] / acc[0] - mu ** 2).clamp_min(1e-12).sqrt().float())
-    log(d, f"latent statistics over {n} images: mean {vae.latent_mean.tolist()}, std {vae.latent_std.tolist()}")
+    log(d, f"latent statistics over {n} images: mean {[round(v, 4) for v in vae.latent_mean.tolist()]}, "
+           f"std {[round(v, 4) for v in vae.latent_std.tolist()]}")
 
 
 def bench_vae(args, d):
@@ -786,7 +786,7 @@ def update_ema(ema, model, decay):
 
 def train_dit(args, d, quickstart=False):
     out = os.path.join(args.out, "dit.pt")
-    prepare_output(out, args.resume or quickstart, "dit")
+    prepare_output(out, args.resume or quickstart)
     encoder = load_repa_encoder(args.repa_encoder, d.device, args.seed)
     data = LatentData(os.path.join(args.out, "latents"), encoder is not None)
     meta = data.meta
