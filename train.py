@@ -585,36 +585,53 @@ def latent_statistics(vae, ds, args, d):
 
 
 def bench_vae(args, d):
-    """steps/s of a stage-1 step with and without ESM+DSM (overhead target: <= 3%)."""
+    """steps/s of a stage-1 step with and without ESM+DSM (overhead target: <= 3%), interleaved, median."""
     vae = sm.build_vae(args.vae).to(d.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-5)
     B, S = args.vae_batch // d.world, args.image_size
     x = torch.rand(B, 3, S, S, device=d.device) * 2 - 1
     eps = torch.randn(B, vae.latent_channels, S // vae.factor, S // vae.factor, device=d.device)
-    runner, results = VAEStep(vae), {}
-    n_steps = 10 if d.device.type == "cuda" else 3
-    for name, (esm, k) in {"plain": (False, 0), "esm+dsm": (True, 12)}.items():
-        times = []
-        for i in range(n_steps + 2):
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.time()
-            with d.autocast():
-                rec, target, mean, logvar, z = runner(x, eps, k, args.dsm_block, None)
-                loss = (rec.float() - target.float()).abs().mean()
-                if esm:
-                    loss = loss + 0.01 * sm.esm_loss(x, z, blur_sigma=vae.esm_blur)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.time() - t)
-        results[name] = 1.0 / float(np.median(times[2:]))
-    overhead = results["plain"] / results["esm+dsm"] - 1
-    log(d, f"bench vae {args.vae} {S}px batch {B} on {d.device}: plain {results['plain']:.3f} steps/s, "
-           f"esm+dsm {results['esm+dsm']:.3f} steps/s, overhead {100 * overhead:+.2f}%")
-    return results
+    runner = VAEStep(vae)
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+
+    def step(esm, k):
+        sync()
+        t = time.time()
+        with d.autocast():
+            rec, target, mean, logvar, z = runner(x, eps, k, args.dsm_block, None)
+            loss = (rec.float() - target.float()).abs().mean()
+            if esm:
+                loss = loss + 0.01 * sm.esm_loss(x, z, blur_sigma=vae.esm_blur)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+        return time.time() - t
+
+    variants = {"plain": (False, 0), "esm+dsm": (True, 12)}
+    times = {name: [] for name in variants}
+    reps = 20 if d.device.type == "cuda" else 5
+    for r in range(reps + 1):                                  # interleaved; the first round is warm-up
+        for name, (esm, k) in variants.items():
+            dt = step(esm, k)
+            if r:
+                times[name].append(dt)
+    sec = {name: float(np.median(v)) for name, v in times.items()}
+    overhead = sec["esm+dsm"] / sec["plain"] - 1
+    z = eps.clone().requires_grad_(True)                       # the spectral terms alone, forward + backward
+    alone = []
+    for _ in range(10):
+        sync()
+        t = time.time()
+        sm.esm_loss(x, z, blur_sigma=vae.esm_blur).backward()
+        sm.dsm_mask(x, z.detach(), 12, args.dsm_block)
+        sync()
+        alone.append(time.time() - t)
+    log(d, f"bench vae {args.vae} {S}px batch {B} on {d.device}: plain {1 / sec['plain']:.3f} steps/s, "
+           f"esm+dsm {1 / sec['esm+dsm']:.3f} steps/s, step overhead {100 * overhead:+.2f}% (median of {reps} "
+           f"interleaved steps); ESM+DSM alone {1e3 * np.median(alone):.2f} ms = "
+           f"{100 * np.median(alone) / sec['plain']:.2f}% of a step")
+    return sec
 
 
 # ----------------------------------------------------------------------------- latents
@@ -785,14 +802,16 @@ def update_ema(ema, model, decay):
 
 
 def train_dit(args, d, quickstart=False):
+    if args.bench:                                             # random latents of the --vae preset's shape
+        cfg = sm.VAE_CONFIGS[args.vae]
+        f = 2 ** (len(cfg["channels"]) - 1)
+        return bench_dit(args, d, (cfg["latent_channels"], args.image_size // f, args.image_size // f))
     out = os.path.join(args.out, "dit.pt")
     prepare_output(out, args.resume or quickstart)
     encoder = load_repa_encoder(args.repa_encoder, d.device, args.seed)
     data = LatentData(os.path.join(args.out, "latents"), encoder is not None)
     meta = data.meta
     latent_shape = meta["latent_shape"]
-    if args.bench:
-        return bench_dit(args, d, latent_shape)
     cfg = dit_config(args, meta, encoder.embed_dim if encoder is not None else 0)
     torch.manual_seed(args.seed)
     model = build_dit(args.model, cfg).to(d.device)
@@ -898,9 +917,7 @@ def bench_dit(args, d, latent_shape):
     """Images/s of forward+backward+step; on CUDA also MFU against the measured bf16 matmul rate."""
     C, h, _ = latent_shape
     B = args.dit_batch // d.world
-    cfg = dict(input_size=h, in_channels=C, num_classes=1000, z_dims=[768] if args.repa_encoder != "none" else [])
-    if args.depth:
-        cfg["depth"] = args.depth
+    cfg = dit_config(args, dict(latent_shape=latent_shape, num_classes=1000), 768 if args.repa_encoder != "none" else 0)
     model = build_dit(args.model, cfg).to(d.device)
     runner = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -928,7 +945,9 @@ def bench_dit(args, d, latent_shape):
     msg = f"bench {args.model} latents {tuple(latent_shape)} batch {B} on {d.device}: {B / sec:.1f} images/s"
     if d.device.type == "cuda":
         a = torch.randn(8192, 8192, device=d.device, dtype=torch.bfloat16)
-        sync(); t = time.time()
+        a @ a                                                   # warm-up (cuBLAS initialisation)
+        sync()
+        t = time.time()
         for _ in range(20):
             a @ a
         sync()
