@@ -36,10 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sm
+import train
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
                    "fid_weights/" + FID_WEIGHTS_NAME)
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+IMAGE_EXTS = train.IMAGE_EXTS
 MIN_IMAGES_UNBIASED = 2048
 SPATIAL_CHANNELS = 7
 
@@ -196,22 +199,9 @@ def random_inception_state_dict(seed=0):
 # ----------------------------------------------------------------------------------------
 
 def dist_setup():
-    """Init the process group under torchrun; returns (rank, world_size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        rank, world = 0, 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+    """(rank, world size, device) under torchrun or a plain process (train.Dist)."""
+    d = train.Dist()
+    return d.rank, d.world, d.device
 
 
 def _gather(arrays, world):
@@ -342,7 +332,6 @@ def open_input(path):
 
 def build_eval_dataset(name, path, image_size, seed=0):
     """Dataset spec (center-cropped like train.py) as float [0,1] images."""
-    import train
     return SignedDataset(train.build_dataset(name, path, image_size, train=False, seed=seed))
 
 
@@ -770,7 +759,6 @@ def run_generative(args, rank, device):
 
 
 def _vae_and_loader(args, device):
-    import sm
     ckpt = sm.load_checkpoint(args.vae, kind="vae", map_location="cpu")
     vae = sm.build_vae_from_checkpoint(ckpt).to(device).eval()
     ds = build_eval_dataset(args.dataset, args.data_path, args.image_size)
@@ -783,13 +771,13 @@ def _vae_and_loader(args, device):
     if rank == 0:
         from tqdm import tqdm
         loader = tqdm(loader, desc="vae", unit="batch", leave=False)
-    return sm, vae, loader
+    return vae, loader
 
 
 @torch.no_grad()
 def run_vae(args, rank, world, device):
     """Reconstruction metrics (rFID, PSNR, SSIM, LPIPS) and the DSM check of a VAE."""
-    sm, vae, loader = _vae_and_loader(args, device)
+    vae, loader = _vae_and_loader(args, device)
     model = _try_inception(args, device)
     lpips = None
     try:
@@ -841,7 +829,7 @@ def run_vae(args, rank, world, device):
 @torch.no_grad()
 def run_spectrum(args, rank, world, device):
     """Radial spectra (16 bins) of images, latents and the δ target; KL; directional energy."""
-    sm, vae, loader = _vae_and_loader(args, device)
+    vae, loader = _vae_and_loader(args, device)
     delta = float(getattr(vae, "esm_delta", 1.0))
     blur = float(getattr(vae, "esm_blur", 1.2))
     dse_fn = getattr(sm, "directional_spectral_energy", None)
@@ -870,7 +858,6 @@ def run_spectrum(args, rank, world, device):
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)}, "spectrum")
     _write_json(args.json, res)
     png = str(Path(args.json).with_suffix(".png"))
-    import train
     train.plot_spectra(dict(image=mean["image"], latent=mean["latent"], target=mean["target"], kl=kl), png, delta)
     print(f"[evaluate] wrote {args.json} and {png}")
     return res
@@ -956,8 +943,6 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     images (k = 8, 10, 12), the EMA DiT's flow-matching loss on a fixed t grid and noise, and SWD
     (FID too when the Inception weights are available) of the samples against real images.
     """
-    import sm
-    import train
     n = n_val or min(args.num_fid_samples, 1024)
     vae = sm.build_vae_from_checkpoint(sm.load_checkpoint(os.path.join(args.out, "vae.pt"), "vae")).to(device)
     val = train.build_dataset(args.dataset, args.data_path, args.image_size, train=False, seed=args.seed,

@@ -499,9 +499,10 @@ def train_vae(args, d, quickstart=False):
                 terms["esm"] = sm.esm_loss(x, z, delta=args.esm_delta, blur_sigma=vae.esm_blur)
                 loss = loss + args.esm_weight * terms["esm"]
             gan_on = step >= args.disc_start
-            if gan_on:
-                disc.eval()
-                terms["gan"] = -disc_ddp(rec).mean()
+            if gan_on:                                         # generator side: D frozen, outside DDP
+                disc.requires_grad_(False)
+                terms["gan"] = -disc(rec).mean()
+                disc.requires_grad_(True)
                 w = sm.adaptive_gan_weight(rec_loss, terms["gan"], vae.decoder.conv_out.weight, args.disc_weight)
                 loss = loss + w * terms["gan"]
         opt.zero_grad(set_to_none=True)
@@ -511,14 +512,13 @@ def train_vae(args, d, quickstart=False):
         check_finite(step, terms, gnorm)
         opt.step()
         if gan_on:                                             # discriminator: the masked image is "real"
-            disc.train()
             with d.autocast():
                 d_loss = sm.hinge_d_loss(disc_ddp(target.detach()), disc_ddp(rec.detach()))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
             opt_d.step()
-            terms["disc"] = float(d_loss)
+            terms["disc"] = float(d_loss.detach())
         step += 1
         bar.update(1)
         if step % args.log_every == 0:
@@ -839,7 +839,8 @@ def train_dit(args, d, quickstart=False):
                f"{float(sm.directional_spectral_energy(sm.repa_target(Z, args.repa_target, grid_hw=model.grid_size))):.4f}")
     lat_mean = torch.tensor(meta["latent_mean"], device=d.device).view(1, -1, 1, 1)
     lat_std = torch.tensor(meta["latent_std"], device=d.device).view(1, -1, 1, 1)
-    runner = d.wrap(torch.compile(model) if args.compile else model)
+    runner = d.wrap(model)
+    runner = torch.compile(runner) if args.compile else runner
     loader = make_loader(data, args.dit_batch, d, args.seed, step, args.num_workers)
     vae = vae_from_source(meta["vae"], d.device).eval() if d.main else None
     last = min(args.dit_steps, step + args.max_steps) if args.max_steps else args.dit_steps
@@ -852,11 +853,11 @@ def train_dit(args, d, quickstart=False):
         mom = mom[torch.arange(len(mom)), flip].to(d.device, non_blocking=True)        # (b, 2, C, h, w)
         z = (mom[:, 0] + mom[:, 1] * eps.to(d.device) - lat_mean) / lat_std
         y = None if cfg["num_classes"] == 0 else y.to(d.device)
-        targets = None
-        if encoder is not None:
-            targets = [repa_targets_for(encoder, img.to(d.device), flip.to(d.device), args, model.grid_size)]
         model.train()
         with d.autocast():
+            targets = None
+            if encoder is not None:
+                targets = [repa_targets_for(encoder, img.to(d.device), flip.to(d.device), args, model.grid_size)]
             terms = sm.flow_loss(runner, z, y, t=t.to(d.device), noise=noise.to(d.device), drop_ids=drop.to(d.device),
                                  repa_targets=targets, repa_lambda=args.repa_lambda, cos_weight=args.cos_weight)
         opt.zero_grad(set_to_none=True)
