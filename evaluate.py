@@ -19,7 +19,8 @@ weights pytorch-fid publishes (pt_inception-2015-12-05-6726825d.pth). Features:
   pool    (N, 2048)   pool_3, for FID and precision/recall
   logits  (N, 1008)   softmax input, for the Inception Score
   spatial (N, 2023)   ADM's sFID features, "mixed_6/conv" = first 7 channels of the
-                      1x1 branch (conv+BN+ReLU) of torchvision's Mixed_6d, 17x17, flattened
+                      1x1 branch (conv+BN+ReLU) of torchvision's Mixed_6d, 17x17, flattened in
+                      (H, W, C) order like ADM's NHWC tensor
 """
 
 import argparse
@@ -129,7 +130,8 @@ class FIDInception(nn.Module):
                   n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
             x = m(x)
         pool = x.mean(dim=(2, 3))                           # (N, 2048)
-        spatial, self._spatial = self._spatial.flatten(1), None   # (N, 2023)
+        # ADM flattens the NHWC TF tensor: (H, W, C) order, so its reference statistics line up
+        spatial, self._spatial = self._spatial.permute(0, 2, 3, 1).flatten(1), None   # (N, 17*17*7)
         return {"pool": pool, "logits": n.fc(pool), "spatial": spatial}
 
 

@@ -20,6 +20,7 @@ file into your project as it is.
 """
 
 import math
+import operator
 import os
 import tempfile
 import warnings
@@ -63,13 +64,20 @@ def idct2(X):
         return ch.T @ X.float() @ cw
 
 
+_BIN_CACHE = {}
+
+
 def _radial_bins(h, w, n_bins, device):
-    """Bin index (h, w) of each DCT coefficient by its radius sqrt(u^2 + v^2), DC at (0, 0)."""
-    u = torch.arange(h, device=device, dtype=torch.float32)[:, None]
-    v = torch.arange(w, device=device, dtype=torch.float32)[None, :]
-    r = torch.sqrt(u ** 2 + v ** 2)
-    r_max = max(r.max().item(), 1.0)
-    return torch.clamp(torch.floor(r / r_max * n_bins), 0, n_bins - 1).long()
+    """(bin index (h*w,), coefficients per bin (n_bins,)) by radius sqrt(u^2 + v^2), DC at (0, 0); cached."""
+    key = (h, w, n_bins, str(device))
+    if key not in _BIN_CACHE:
+        u = torch.arange(h, dtype=torch.float32)[:, None]
+        v = torch.arange(w, dtype=torch.float32)[None, :]
+        r_max = max(math.sqrt((h - 1) ** 2 + (w - 1) ** 2), 1.0)        # the largest radius
+        bins = torch.clamp(torch.floor(torch.sqrt(u ** 2 + v ** 2) / r_max * n_bins), 0, n_bins - 1).long()
+        counts = torch.bincount(bins.flatten(), minlength=n_bins).clamp_min(1).float()
+        _BIN_CACHE[key] = (bins.flatten().to(device), counts.to(device))
+    return _BIN_CACHE[key]
 
 
 def radial_spectrum(x, n_bins=16):
@@ -81,9 +89,8 @@ def radial_spectrum(x, n_bins=16):
     dc = torch.ones(H, W, device=p.device)
     dc[0, 0] = 0.0
     p = p * dc                                                # drop the DC entry
-    bins = _radial_bins(H, W, n_bins, p.device).flatten()     # (H*W,)
+    bins, counts = _radial_bins(H, W, n_bins, p.device)       # (H*W,), (n_bins,)
     sums = p.new_zeros(B, n_bins).index_add_(1, bins, p.flatten(1))
-    counts = torch.bincount(bins, minlength=n_bins).clamp_min(1).float()
     return sums / (counts + 1e-8)
 
 
@@ -106,7 +113,11 @@ def spectrum_profiles(x, z, delta=1.0, n_bins=16, blur_sigma=1.2, blur_kernel=7)
     target = image spectrum at the latent's resolution, flattened by f**delta;
     image = the same without flattening (delta = 0), for plots.
     """
-    x, z = x.float(), z.float()
+    with torch.autocast(x.device.type, enabled=False):        # float32 math, also under bf16 autocast
+        return _spectrum_profiles(x.float(), z.float(), delta, n_bins, blur_sigma, blur_kernel)
+
+
+def _spectrum_profiles(x, z, delta, n_bins, blur_sigma, blur_kernel):
     h, w = z.shape[-2:]
     if blur_sigma > 0:
         x = gaussian_blur(x, blur_sigma, blur_kernel)         # anti-alias before downsampling
@@ -158,8 +169,12 @@ def dsm_mask(x, z, k, block=8):
     k = 0 returns both unchanged; otherwise coefficients with u + v >= 2(block-1) - (k-1)
     are zeroed in every tile (block 8: k = 8/10/12 zero 36/49/58 of 64). Valid 0 <= k <= 2*block-2.
     """
-    if not isinstance(k, int) or not 0 <= k <= 2 * block - 2:
-        raise ValueError(f"dsm_mask: k must be an integer in [0, {2 * block - 2}] for block {block}, got {k!r}")
+    try:
+        k = operator.index(k)                                  # int, numpy or 0-d torch integers
+    except TypeError:
+        k = None
+    if k is None or not 0 <= k <= 2 * block - 2:
+        raise ValueError(f"dsm_mask: k must be an integer in [0, {2 * block - 2}] for block {block}")
     if k == 0:
         return x, z
     return block_lowpass(x, k, block), block_lowpass(z, k, block)
@@ -545,10 +560,16 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4):
-    """VQGAN's adaptive weight ||grad L_rec|| / ||grad L_gen|| at the decoder's last layer, times scale."""
+def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None):
+    """VQGAN's adaptive weight ||grad L_rec|| / ||grad L_gen|| at the decoder's last layer, times scale.
+
+    reduce(g) may average the gradients over data-parallel ranks first, so that every rank (and a
+    single process on the same global batch) uses the same weight.
+    """
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
+    if reduce is not None:
+        g_rec, g_gen = reduce(g_rec), reduce(g_gen)
     w = g_rec.norm() / (g_gen.norm() + 1e-4)
     return w.clamp(0.0, max_weight).detach() * scale
 
@@ -558,11 +579,13 @@ def kl_loss(mean, logvar):
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
 
 
-def eq_vae_scale(x, z, factor, vae_factor):
+def eq_vae_scale(x, z, factor, vae_factor, min_image_size=1):
     """EQ-VAE scale equivariance (Kouzelis et al., 2025): bilinearly downscale z by `factor`
-    and the image to the matching size; the decoder must map one to the other."""
+    and the image to the matching size; the decoder must map one to the other. The scaled image
+    keeps at least min_image_size pixels per side (LPIPS and PatchGAN need about 32)."""
     h, w = z.shape[-2:]
-    hs, ws = max(1, round(h * factor)), max(1, round(w * factor))
+    lo = -(-min_image_size // vae_factor)                      # ceil: smallest latent side allowed
+    hs, ws = min(h, max(1, lo, round(h * factor))), min(w, max(1, lo, round(w * factor)))
     z_s = F.interpolate(z, size=(hs, ws), mode="bilinear", align_corners=False)
     x_s = F.interpolate(x, size=(hs * vae_factor, ws * vae_factor), mode="bilinear", align_corners=False)
     return x_s, z_s
@@ -1081,6 +1104,9 @@ def _sampler_setup(model, y, cfg_scale):
         return None
     if y is None:
         raise ValueError("class-conditional model: labels y are required")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= nc):
+        raise ValueError(f"class label out of range: got [{int(y.min())}, {int(y.max())}], expected [0, {nc}) "
+                         "(the null class is added by classifier-free guidance)")
     return nc
 
 
@@ -1137,7 +1163,8 @@ def _sde_drift(v, x, t):
 @torch.no_grad()
 def sample_sde(model, noise, y, steps=250, cfg_scale=1.0, guidance_interval=(0.0, 1.0), generator=None):
     """Euler-Maruyama (REPA's euler_maruyama_sampler): diffusion 2t on linspace(1, 0.04, steps), then a
-    final noise-free mean step from 0.04 to 0. `generator` drives the float64 noise (global RNG if None)."""
+    final noise-free mean step from 0.04 to 0. `generator` drives the float64 noise: one generator, or a
+    list with one per sample (noise independent of the batch); the global RNG if None."""
     null_class = _sampler_setup(model, y, cfg_scale)
     low, high = guidance_interval
     dtype = noise.dtype
@@ -1150,6 +1177,9 @@ def sample_sde(model, noise, y, steps=250, cfg_scale=1.0, guidance_interval=(0.0
             use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
             if generator is None:
                 eps = torch.randn_like(x_cur)
+            elif isinstance(generator, (list, tuple)):
+                eps = torch.stack([torch.randn(x_cur.shape[1:], generator=g, dtype=torch.float64, device=g.device)
+                                   for g in generator]).to(x_cur.device)
             else:
                 eps = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64,
                                   device=generator.device).to(x_cur.device)
@@ -1253,15 +1283,18 @@ def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, 
     zscore: iREPA's spatial normalisation (Z - alpha * mean_T) / (std_T + 1e-6), unbiased std; alpha
       0.6 is iREPA's training default for latent diffusion (its helper's own default is 1.0).
     dog: per channel on the token grid, G_sigma1 * Z - G_sigma2 * Z (Gaussian blurs, reflect padding),
-      re-centred over tokens (removes the small DC leak of the padding) and divided by the spatial std.
-      The paper does not give its sigmas; sigma1 = 0.5 and sigma2 = 2.0 tokens are our choice.
+      divided by the spatial std. The DoG has no DC response, but on a finite reflect-padded grid its
+      output keeps a small spatial mean; we remove it before dividing, so the target has zero spatial
+      mean exactly. The paper does not give its sigmas; sigma1 = 0.5 and sigma2 = 2.0 tokens are ours.
     """
     if mode == "raw":
         return Z
-    Zf = Z.float()
-    if mode == "zscore":
-        return (Zf - alpha * Zf.mean(dim=1, keepdim=True)) / (Zf.std(dim=1, keepdim=True) + eps)
-    if mode == "dog":
+    if mode not in ("zscore", "dog"):
+        raise ValueError(f"repa target mode must be 'raw', 'zscore' or 'dog', got {mode!r}")
+    with torch.autocast(Z.device.type, enabled=False):          # float32 math, also under bf16 autocast
+        Zf = Z.float()
+        if mode == "zscore":
+            return (Zf - alpha * Zf.mean(dim=1, keepdim=True)) / (Zf.std(dim=1, keepdim=True) + eps)
         N, T, C = Zf.shape
         h, w = _grid_of(T, grid_hw)
         if min(h, w) < 2:
@@ -1270,7 +1303,6 @@ def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, 
         d = (_gaussian_blur_grid(z, sigma1) - _gaussian_blur_grid(z, sigma2)).flatten(2).transpose(1, 2)  # (N, T, C)
         d = d - d.mean(dim=1, keepdim=True)
         return d / (d.std(dim=1, keepdim=True) + eps)
-    raise ValueError(f"repa target mode must be 'raw', 'zscore' or 'dog', got {mode!r}")
 
 
 def directional_spectral_energy(Z, grid=None, reduction="mean"):

@@ -95,6 +95,45 @@ def test_esm_gradient_steps_lower_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def esm_reference(x_small, z, delta, n_bins=16):
+    """ESM from the issue's steps in numpy / scipy: DCT, radial bins, flattening, log, KL."""
+    from scipy.fft import dctn
+
+    def spectrum(a):                                                      # (B, C, H, W) -> (B, n_bins)
+        a = a - a.mean(axis=(2, 3), keepdims=True)
+        p = np.maximum(dctn(a, type=2, norm="ortho", axes=(2, 3)) ** 2, 0).mean(axis=1)
+        p = np.maximum(p, 1e-8)
+        p[:, 0, 0] = 0
+        H, W = p.shape[1:]
+        r = np.hypot(*np.meshgrid(np.arange(H), np.arange(W), indexing="ij"))
+        b = np.clip(np.floor(r / max(r.max(), 1) * n_bins), 0, n_bins - 1).astype(int)
+        out = np.zeros((p.shape[0], n_bins))
+        for k in range(n_bins):
+            out[:, k] = p[:, b == k].sum(1) / (max((b == k).sum(), 1) + 1e-8)
+        return out
+
+    def normalise(s):
+        s = np.maximum(np.log(s + 1e-8 + 1), 0)
+        return s / (s.sum(1, keepdims=True) + 1e-8)
+    sx = normalise(spectrum(x_small) * np.arange(1, n_bins + 1) ** delta)
+    sz = normalise(spectrum(z))
+    return (sx * (np.log(sx + 1e-8) - np.log(sz + 1e-8))).sum(1).mean()
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, 2.0])
+def test_esm_matches_numpy_reference(delta):
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    z = torch.randn(3, 8, 16, 12)
+    x_small = F.interpolate(sm.gaussian_blur(x, 1.2, 7), size=(16, 12), mode="bicubic", align_corners=False)
+    ref = esm_reference(x_small.double().numpy(), z.double().numpy(), delta)
+    assert sm.esm_loss(x, z, delta=delta).item() == pytest.approx(ref, rel=1e-4)
+    from scipy.ndimage import convolve                                    # the blur: zero-padded Gaussian
+    g = np.exp(-(np.arange(-3, 4)[:, None] ** 2 + np.arange(-3, 4)[None] ** 2) / (2 * 1.2 ** 2))
+    blurred = convolve(x[0, 0].double().numpy(), g / g.sum(), mode="constant")
+    assert np.allclose(sm.gaussian_blur(x, 1.2, 7)[0, 0].numpy(), blurred, atol=1e-5)
+
+
 def test_esm_is_a_kl():
     """Non-negative, and equal to the KL computed by hand from spectrum_profiles."""
     torch.manual_seed(1)
@@ -114,6 +153,9 @@ def test_dsm_identity_at_k0():
     x, z = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 8, 8)
     xm, zm = sm.dsm_mask(x, z, 0)
     assert xm is x and zm is z
+    a, _ = sm.dsm_mask(x, z, np.int64(10))                                # numpy / torch integers are fine
+    b, _ = sm.dsm_mask(x, z, torch.tensor(10))
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("k,zeros", [(8, 36), (10, 49), (12, 58), (1, 1), (14, 63)])
@@ -292,6 +334,10 @@ def test_eq_vae_scale_shapes():
     x, z = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 8, 8)
     xs, zs = sm.eq_vae_scale(x, z, 0.5, 4)
     assert zs.shape == (2, 4, 4, 4) and xs.shape == (2, 3, 16, 16)
+    xs, zs = sm.eq_vae_scale(x, z, 0.25, 4, min_image_size=24)             # LPIPS / PatchGAN need room
+    assert zs.shape == (2, 4, 6, 6) and xs.shape == (2, 3, 24, 24)
+    xs, zs = sm.eq_vae_scale(x, z, 0.3, 4, min_image_size=64)
+    assert zs.shape == z.shape and xs.shape == x.shape
 
 
 #################################################################################
@@ -542,7 +588,9 @@ def test_bad_labels_and_sizes():
     with pytest.raises(ValueError, match="out of range"):
         m(x, torch.rand(2), torch.tensor([-1, 3]))
     m.eval()
-    m(x, torch.rand(2), torch.tensor([0, 10]))                             # the null class is fine when sampling
+    m(x, torch.rand(2), torch.tensor([0, 10]))                             # the null class is fine inside CFG
+    with pytest.raises(ValueError, match=r"got \[0, 10\], expected \[0, 10\)"):
+        sm.sample_ode(m, x, torch.tensor([0, 10]), steps=2)                # but not as a user label
     with pytest.raises(ValueError, match="does not match the model's input_size"):
         m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="not divisible by patch_size 2"):
@@ -1036,6 +1084,20 @@ def test_sigkill_dit_and_resume(tiny_run, tmp_path):
         assert_same_params(params_of(tiny_run / "dit.pt", key), params_of(tmp_path / "dit.pt", key), 1e-6)
 
 
+def test_latents_resume_after_sigkill(tiny_run, tmp_path):
+    import shutil
+    shutil.copy(tiny_run / "vae.pt", tmp_path / "vae.pt")
+    p = run_script(["--stage", "latents", "--out", str(tmp_path)] + TINY, env={"SM_CRASH_AT": "latents:3"},
+                   check=False)
+    assert p.returncode == -9 and not (tmp_path / "latents" / "meta.json").exists()
+    assert np.load(tmp_path / "latents" / "done.npy").sum() == 24           # 3 batches of 8 written
+    run_script(["--stage", "latents", "--out", str(tmp_path), "--resume"] + TINY)
+    for name in ("moments", "labels", "images"):
+        a, b = np.load(tiny_run / "latents" / f"{name}.npy"), np.load(tmp_path / "latents" / f"{name}.npy")
+        assert np.allclose(a, b, atol=1e-6), name
+    assert not (tmp_path / "latents" / "partial.json").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = sm.esm_loss
@@ -1095,6 +1157,11 @@ def test_sample_script_grid_npz_and_world_size(tiny_run, tmp_path):
     a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("one", "two"))
     assert a.shape == (10, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
+    sde = ["--ckpt", ckpt, "--sampler", "sde", "--steps", "3", "--num-samples", "6"]
+    run_script(sde + ["--batch-size", "6", "--out", str(tmp_path / "sde6")], script="sample.py")
+    run_script(sde + ["--batch-size", "2", "--out", str(tmp_path / "sde2")], nproc=2, script="sample.py")
+    c, e = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("sde6", "sde2"))
+    assert np.array_equal(c, e) and not np.array_equal(c, a[:6])           # batch / rank independent SDE
     assert len(os.listdir(tmp_path / "one" / "images")) == 10
     p = run_script(["--ckpt", str(tiny_run / "vae.pt")], script="sample.py", check=False)
     assert p.returncode != 0 and "is a 'vae' checkpoint, but a 'dit' checkpoint is needed" in p.stderr
@@ -1105,8 +1172,9 @@ def test_sample_script_grid_npz_and_world_size(tiny_run, tmp_path):
 @pytest.mark.parametrize("reg", list(train.REG_PRESETS))
 def test_every_regulariser_and_the_gan_train(tmp_path, reg):
     """Each --reg preset runs, logs its own loss terms, and the GAN (from step 1) updates the discriminator."""
+    extra = ["--eq-prob", "1"] if reg == "eq" else []                     # scale every step
     train.main(["--stage", "vae", "--out", str(tmp_path)] + TINY + ["--reg", reg, "--vae-steps", "3",
-                                                                    "--disc-start", "1", "--stats-samples", "8"])
+                                                                    "--disc-start", "1", "--stats-samples", "8"] + extra)
     ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")
     first, last = ckpt["history"][0], ckpt["history"][-1]
     preset = train.REG_PRESETS[reg]

@@ -90,7 +90,8 @@ def get_args(argv=None):
     a("--dsm-block", type=int, default=8)
     a("--eq-prob", type=float)
     a("--lpips-weight", type=float)
-    a("--lpips-path", help="LPIPS v0.1 vgg.pth (linear heads); VGG16 comes from the torch hub cache")
+    a("--lpips-path", help="LPIPS v0.1 vgg.pth (linear heads); default: torch hub cache or download")
+    a("--vgg-path", help="torchvision VGG16 weights vgg16-397923af.pth; default: torch hub cache or download")
     a("--disc-weight", type=float)
     a("--disc-start", type=int)
     a("--vae-batch", type=int, help="global batch size")
@@ -114,6 +115,11 @@ def get_args(argv=None):
     a("--unconditional", action="store_true")
     a("--repa-encoder", help="dinov2_vitb14 (torch.hub), tiny (random, tests) or none")
     a("--repa-target", choices=["raw", "zscore", "dog"])
+    a("--zscore-alpha", type=float, default=0.6, help="iREPA's alpha for --repa-target zscore")
+    a("--dog-sigmas", type=float, nargs=2, default=(0.5, 2.0), help="REPA-DoG sigma1 sigma2 (tokens)")
+    a("--projector", choices=["mlp", "conv"], default="mlp", help="REPA MLP or iREPA 3x3 conv projector")
+    for opt in ("qk-norm", "rmsnorm", "swiglu", "rope"):
+        a(f"--{opt}", action="store_true", help="LightningDiT option (off: REPA's SiT)")
     a("--repa-lambda", type=float)
     a("--encoder-depth", type=int)
     a("--compile", action="store_true")
@@ -170,6 +176,10 @@ class Dist:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+    def all_reduce_mean(self, t):
+        """Average of t over ranks (a new tensor)."""
+        return self.all_reduce(t.clone()) / self.world if self.world > 1 else t
 
     def shard(self, t):
         """This rank's slice of a global-batch tensor."""
@@ -404,12 +414,12 @@ class VAEStep(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x, eps, k, block, eq_factor):
+    def forward(self, x, eps, k, block, eq_factor, eq_min_size=1):
         mean, logvar = self.vae.encode(x)
         z = self.vae.sample(mean, logvar, eps)
         target, z_in = sm.dsm_mask(x, z, k, block)             # k = 0: unchanged
         if eq_factor is not None:
-            target, z_in = sm.eq_vae_scale(target, z_in, eq_factor, self.vae.factor)
+            target, z_in = sm.eq_vae_scale(target, z_in, eq_factor, self.vae.factor, eq_min_size)
         return self.vae.decode(z_in), target, mean, logvar, z
 
 
@@ -452,7 +462,7 @@ def train_vae(args, d, quickstart=False):
     lpips = None
     if args.lpips_weight > 0:
         try:
-            lpips = sm.load_lpips(args.lpips_path).to(d.device)
+            lpips = sm.load_lpips(args.lpips_path, args.vgg_path).to(d.device)
         except RuntimeError as e:
             if not quickstart:
                 raise
@@ -485,7 +495,8 @@ def train_vae(args, d, quickstart=False):
             gr["lr"] = lr_at(step, args.vae_lr, args.warmup)
         vae.train()
         with d.autocast():
-            rec, target, mean, logvar, z = runner(x, eps, k, args.dsm_block, eq)
+            eq_min = 32 if lpips is not None or step >= args.disc_start else 1   # LPIPS / PatchGAN input size
+            rec, target, mean, logvar, z = runner(x, eps, k, args.dsm_block, eq, eq_min)
             rec, target = rec.float(), target.float()
             terms = {"l1": (rec - target).abs().mean()}
             if lpips is not None:
@@ -503,7 +514,8 @@ def train_vae(args, d, quickstart=False):
                 disc.requires_grad_(False)
                 terms["gan"] = -disc(rec).mean()
                 disc.requires_grad_(True)
-                w = sm.adaptive_gan_weight(rec_loss, terms["gan"], vae.decoder.conv_out.weight, args.disc_weight)
+                w = sm.adaptive_gan_weight(rec_loss, terms["gan"], vae.decoder.conv_out.weight, args.disc_weight,
+                                           reduce=d.all_reduce_mean)
                 loss = loss + w * terms["gan"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -516,9 +528,9 @@ def train_vae(args, d, quickstart=False):
                 d_loss = sm.hinge_d_loss(disc_ddp(target.detach()), disc_ddp(rec.detach()))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
-            opt_d.step()
             terms["disc"] = float(d_loss.detach())
+            check_finite(step, terms, float(torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)))
+            opt_d.step()
         step += 1
         bar.update(1)
         if step % args.log_every == 0:
@@ -658,7 +670,8 @@ def vae_from_source(src, device):
 
 def encode_latents(args, d, quickstart=False):
     """Encode the dataset once: posterior (mean, std) of each image and its flip, labels, and (for REPA)
-    the center-cropped uint8 images, as memory-mapped .npy files. Interrupted runs start over."""
+    the center-cropped uint8 images, as memory-mapped .npy files. An interrupted run resumes: done.npy
+    marks the rows written, partial.json the settings they were written with."""
     folder = os.path.join(args.out, "latents")
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
@@ -672,21 +685,33 @@ def encode_latents(args, d, quickstart=False):
     vae.check_size(torch.zeros(1, 3, args.image_size, args.image_size))
     N, C, h = len(ds), vae.latent_channels, args.image_size // vae.factor
     keep_images = args.repa_encoder != "none"
-    os.makedirs(folder, exist_ok=True)
-    files = dict(moments=((N, 2, 2, C, h, h), np.float32), labels=((N,), np.int64))
+    files = dict(moments=((N, 2, 2, C, h, h), np.float32), labels=((N,), np.int64), done=((N,), np.bool_))
     if keep_images:
         files["images"] = ((N, args.image_size, args.image_size, 3), np.uint8)
+    spec = dict(num_images=N, latent_shape=[C, h, h], image_size=args.image_size, vae=source,
+                dataset=args.dataset, keep_images=keep_images)
+    partial = os.path.join(folder, "partial.json")
     if d.main:
-        for name, (shape, dtype) in files.items():
-            np.lib.format.open_memmap(os.path.join(folder, name + ".npy"), "w+", dtype, shape).flush()
+        os.makedirs(folder, exist_ok=True)
+        old = None
+        if os.path.exists(partial):
+            with open(partial) as f:
+                old = json.load(f)
+        if old != spec:                                       # nothing to resume: start the files afresh
+            for name, (shape, dtype) in files.items():
+                np.lib.format.open_memmap(os.path.join(folder, name + ".npy"), "w+", dtype, shape).flush()
+            write_json(spec, partial)
+        else:
+            log(d, f"stage latents: resuming {folder}")
     d.barrier()
     arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r+") for n in files}
-    idx = list(range(d.rank, N, d.world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=64, num_workers=args.num_workers)
-    bar = tqdm_bar(d, 0, N, "stage latents")
+    idx = [i for i in range(d.rank, N, d.world) if not arrays["done"][i]]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=args.vae_batch // d.world,
+                                         num_workers=args.num_workers)
+    bar = tqdm_bar(d, N - len(idx) * d.world, N, "stage latents")
     pos = 0
     with torch.no_grad():
-        for x, y in loader:
+        for b, (x, y) in enumerate(loader):
             rows = idx[pos:pos + len(x)]
             pos += len(x)
             x = x.to(d.device)
@@ -698,21 +723,30 @@ def encode_latents(args, d, quickstart=False):
             arrays["labels"][rows] = y.numpy()
             if keep_images:
                 arrays["images"][rows] = to_uint8(x)
+            for name in files:                                 # rows first, then their done marks
+                if name != "done":
+                    arrays[name].flush()
+            arrays["done"][rows] = True
+            arrays["done"].flush()
             bar.update(len(x) * d.world)
+            crash_point("latents", b + 1)
     bar.close()
-    for a in arrays.values():
-        a.flush()
     d.barrier()
     if d.main:
-        meta = dict(num_images=N, latent_shape=[C, h, h], image_size=args.image_size, vae=source,
-                    num_classes=getattr(ds, "num_classes", 0), has_images=keep_images, dataset=args.dataset,
+        meta = dict(spec, has_images=keep_images, num_classes=getattr(ds, "num_classes", 0),
                     latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
-        tmp = meta_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, meta_path)                         # meta.json marks the stage finished
+        write_json(meta, meta_path)                            # meta.json marks the stage finished
+        os.remove(partial)
     d.barrier()
     return folder
+
+
+def write_json(obj, path):
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 class LatentData(torch.utils.data.Dataset):
@@ -766,6 +800,9 @@ def dit_config(args, meta, enc_dim):
         cfg["encoder_depth"] = args.encoder_depth
     elif args.depth:
         cfg["encoder_depth"] = max(1, args.depth // 3)
+    if args.projector != "mlp":
+        cfg["projector_type"] = args.projector
+    cfg.update({k: True for k in ("qk_norm", "rmsnorm", "swiglu", "rope") if getattr(args, k)})
     return cfg
 
 
@@ -790,9 +827,13 @@ def repa_targets_for(encoder, images, flip, args, grid):
     """Target tokens (b, T, C) for uint8 images (b, H, W, 3), flipped like their latents."""
     x = images.permute(0, 3, 1, 2)
     x = torch.where(flip.view(-1, 1, 1, 1).bool(), x.flip(-1), x)
-    Z = sm.encode_repa_target(encoder, x, args.image_size)
-    Z = sm.resize_token_grid(Z, grid)
-    return sm.repa_target(Z, args.repa_target, grid_hw=grid)
+    return repa_targets_for_tokens(sm.encode_repa_target(encoder, x, args.image_size), args, grid)
+
+
+def repa_targets_for_tokens(Z, args, grid):
+    """Encoder tokens -> the DiT's token grid -> the --repa-target transform."""
+    return sm.repa_target(sm.resize_token_grid(Z, grid), args.repa_target, alpha=args.zscore_alpha,
+                          sigma1=args.dog_sigmas[0], sigma2=args.dog_sigmas[1], grid_hw=grid)
 
 
 @torch.no_grad()
@@ -808,7 +849,7 @@ def train_dit(args, d, quickstart=False):
         return bench_dit(args, d, (cfg["latent_channels"], args.image_size // f, args.image_size // f))
     out = os.path.join(args.out, "dit.pt")
     prepare_output(out, args.resume or quickstart)
-    encoder = load_repa_encoder(args.repa_encoder, d.device, args.seed)
+    encoder = load_repa_encoder(args.repa_encoder if args.repa_lambda > 0 else "none", d.device, args.seed)
     data = LatentData(os.path.join(args.out, "latents"), encoder is not None)
     meta = data.meta
     latent_shape = meta["latent_shape"]
@@ -832,11 +873,12 @@ def train_dit(args, d, quickstart=False):
     if encoder is not None:
         with torch.no_grad():
             probe = torch.from_numpy(np.array(np.load(os.path.join(data.folder, "images.npy"), mmap_mode="r")[:16]))
-            Z = sm.resize_token_grid(sm.encode_repa_target(encoder, probe.permute(0, 3, 1, 2), args.image_size),
+            Z = sm.resize_token_grid(sm.encode_repa_target(encoder, probe.permute(0, 3, 1, 2).to(d.device),
+                                                           args.image_size),
                                      model.grid_size)
         log(d, f"REPA target {args.repa_target}: directional spectral energy raw "
                f"{float(sm.directional_spectral_energy(Z)):.4f}, target "
-               f"{float(sm.directional_spectral_energy(sm.repa_target(Z, args.repa_target, grid_hw=model.grid_size))):.4f}")
+               f"{float(sm.directional_spectral_energy(repa_targets_for_tokens(Z, args, model.grid_size))):.4f}")
     lat_mean = torch.tensor(meta["latent_mean"], device=d.device).view(1, -1, 1, 1)
     lat_std = torch.tensor(meta["latent_std"], device=d.device).view(1, -1, 1, 1)
     runner = d.wrap(model)
@@ -898,8 +940,8 @@ def sample_latents(model, indices, labels, latent_shape, seed, device, steps=50,
                          for i in indices]).to(device)
     y = None if labels is None else torch.as_tensor(labels, device=device)
     with torch.no_grad():
-        if sampler == "sde":
-            g = torch.Generator(device).manual_seed(seed + int(indices[0]) + 1_000_003)
+        if sampler == "sde":                                   # per-sample noise streams, seeded by seed + i
+            g = [torch.Generator().manual_seed(seed + int(i) + 1_000_003) for i in indices]
             return sm.sample_sde(model, noise, y, steps=steps, cfg_scale=cfg_scale,
                                  guidance_interval=guidance_interval, generator=g).float()
         return sm.sample_ode(model, noise, y, steps=steps, cfg_scale=cfg_scale,
@@ -940,9 +982,11 @@ def bench_dit(args, d, latent_shape):
         times.append(time.time() - t)
     sec = float(np.median(times[3:]))
     T = model.grid_size[0] * model.grid_size[1]
-    n_params = sum(p.numel() for p in model.blocks.parameters())
+    per_token = sum(p.numel() for n, p in model.blocks.named_parameters() if "adaLN" not in n)
+    per_sample = sum(p.numel() for n, p in model.blocks.named_parameters() if "adaLN" in n)   # runs on c only
     D, L = model.hidden_size, len(model.blocks)
-    flops = 3 * B * (2 * n_params * T + 4 * L * T * T * D)     # fwd + bwd = 3x forward; matmuls + attention
+    # fwd + bwd = 3x forward: block matmuls per token, adaLN per sample, attention scores and values
+    flops = 3 * B * (2 * per_token * T + 2 * per_sample + 4 * L * T * T * D)
     msg = f"bench {args.model} latents {tuple(latent_shape)} batch {B} on {d.device}: {B / sec:.1f} images/s"
     if d.device.type == "cuda":
         a = torch.randn(8192, 8192, device=d.device, dtype=torch.bfloat16)
@@ -976,8 +1020,7 @@ def run_all(args, d):
     if d.main:
         metrics = evaluate.pipeline_metrics(args, npz, d.device)
         metrics["minutes"] = (time.time() - t0) / 60
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        write_json(metrics, os.path.join(args.out, "metrics.json"))
         log(d, json.dumps(metrics, indent=1))
     d.barrier()
     return args.out

@@ -13,7 +13,8 @@ Contents (all small):
   pool (4,2048) / logits (4,1008) / spatial (4,2023) float32
       pytorch-fid's FID Inception with evaluate.random_inception_state_dict(0) loaded
       (its weight download is patched to return that state dict); logits = its fc
-      output, spatial = first 7 channels of Mixed_6d.branch1x1, flattened
+      output, spatial = first 7 channels of Mixed_6d.branch1x1, flattened in (H, W, C)
+      order like ADM's NHWC tensor
   fd_<case>_{mu1,sigma1,mu2,sigma2} float64 and fd_<case>_value: pytorch-fid's
       calculate_frechet_distance(mu1, sigma1, mu2, sigma2); fd_<case>_fallback says
       whether it printed its "adding eps to diagonal" fallback message
@@ -57,7 +58,7 @@ def inception_features(images):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     grabbed = {}
     full.Mixed_6d.branch1x1.register_forward_hook(
-        lambda m, i, o: grabbed.__setitem__("s", o[:, :7].flatten(1)))
+        lambda m, i, o: grabbed.__setitem__("s", o[:, :7].permute(0, 2, 3, 1).flatten(1)))
     with torch.no_grad():
         pool = wrapper(x)[0].flatten(1)
         xin = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
