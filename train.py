@@ -803,6 +803,9 @@ def dit_config(args, meta, enc_dim):
     if args.projector != "mlp":
         cfg["projector_type"] = args.projector
     cfg.update({k: True for k in ("qk_norm", "rmsnorm", "swiglu", "rope") if getattr(args, k)})
+    with torch.device("meta"):                                 # spell out the preset's sizes
+        m = build_dit(args.model, cfg)
+    cfg.update(depth=len(m.blocks), hidden_size=m.hidden_size, num_heads=m.num_heads, encoder_depth=m.encoder_depth)
     return cfg
 
 
