@@ -235,6 +235,8 @@ class SpatialAttention(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """ResNet block, self-attention, ResNet block at the lowest resolution."""
+
     def __init__(self, c, groups=32):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
@@ -281,6 +283,8 @@ class _Level(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Images -> 2C posterior moments; a stride-2 downsample after every level but the last."""
+
     def __init__(self, channels, layers_per_block, latent_channels, groups=32):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
@@ -304,6 +308,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents -> images; levels in reverse with one more ResNet block each, nearest x2 upsampling."""
+
     def __init__(self, channels, layers_per_block, latent_channels, groups=32):
         super().__init__()
         rev = list(reversed(channels))
