@@ -917,7 +917,7 @@ class DiT(nn.Module):
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
         if torch.compiler.is_compiling() or y.numel() == 0:
             return
-        lo, hi = int(y.min()), int(y.max())
+        lo, hi = torch.stack(torch.aminmax(y)).tolist()                   # one device sync
         top = self.num_classes if not self.training else self.num_classes - 1    # null class only when sampling
         if lo < 0 or hi > top:
             raise ValueError(f"class label out of range: got [{lo}, {hi}], expected [0, {self.num_classes}) "

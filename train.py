@@ -390,6 +390,12 @@ def unwrap(m):
     return getattr(m, "_orig_mod", m)
 
 
+def host_values(terms, gnorm):
+    """Loss terms and the gradient norm as Python floats, with a single device sync."""
+    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()] + [gnorm.float()]).tolist()
+    return dict(zip(terms, vals[:-1])), vals[-1]
+
+
 def check_finite(step, terms, gnorm):
     """Stop with a message naming the step and the loss terms when training diverged."""
     if not math.isfinite(gnorm) or not all(math.isfinite(v) for v in terms.values()):
@@ -519,8 +525,8 @@ def train_vae(args, d, quickstart=False):
                 loss = loss + w * terms["gan"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0))
-        terms = {k_: float(v.detach()) for k_, v in terms.items()}
+        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        terms, gnorm = host_values(terms, gnorm)
         check_finite(step, terms, gnorm)
         opt.step()
         if gan_on:                                             # discriminator: the masked image is "real"
@@ -907,8 +913,8 @@ def train_dit(args, d, quickstart=False):
                                  repa_targets=targets, repa_lambda=args.repa_lambda, cos_weight=args.cos_weight)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        logged = {k_: float(v.detach().float().mean()) for k_, v in terms.items() if k_ != "t"}
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        logged, gnorm = host_values({k_: v.mean() for k_, v in terms.items() if k_ != "t"}, gnorm)
         check_finite(step, logged, gnorm)
         opt.step()
         update_ema(ema, model, args.ema)
