@@ -23,7 +23,6 @@ import math
 import operator
 import os
 import tempfile
-import warnings
 
 import numpy as np
 import torch

@@ -20,15 +20,12 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sm
 
@@ -102,7 +99,7 @@ def get_args(argv=None):
     # latents / stage 2
     a("--vae-ckpt", help="stage-1 checkpoint (default: OUT/vae.pt)")
     a("--sd-vae", help="diffusers AutoencoderKL weights (sd-vae-ft-ema) instead of a stage-1 checkpoint")
-    a("--model", help=f"DiT preset, e.g. DiT-B/2")
+    a("--model", help="DiT preset, e.g. DiT-B/2")
     a("--depth", type=int, help="override the preset's depth (small demos)")
     a("--width", type=int, help="override the preset's hidden size (small demos; 64 channels per head)")
     a("--dit-batch", type=int, help="global batch size")
@@ -383,11 +380,6 @@ def checkpoint_state(d, step, **parts):
     return dict(step=step, rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
                                     cuda=torch.cuda.get_rng_state_all() if d.device.type == "cuda" else None),
                 **parts)
-
-
-def unwrap(m):
-    m = getattr(m, "module", m)
-    return getattr(m, "_orig_mod", m)
 
 
 def host_values(terms, gnorm):
