@@ -277,7 +277,7 @@ class SignedDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return ((self.ds[i][0].float() + 1) / 2).clamp(0, 1)
+        return _from_signed(self.ds[i][0])
 
 
 def collate_images(batch):
@@ -291,6 +291,11 @@ def collate_images(batch):
 def _to_unit(x):
     """uint8 0-255 or float [0,1] tensor -> float [0,1]."""
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _from_signed(x):
+    """[-1, 1] images -> float [0, 1]."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
 
 
 def _image_array(path):
@@ -760,6 +765,21 @@ def run_generative(args, rank, device):
     return results
 
 
+@torch.no_grad()
+def reconstruction_pairs(vae, x, ks):
+    """x in [-1, 1] -> (posterior mean, images in [0, 1]): x, rec = decode(mean), and for each DSM k
+    x{k} = the low-passed image and d{k} = the decode of the low-passed latent (no mask: k = 0)."""
+    mean, _ = vae.encode(x)
+    pairs = {"x": _from_signed(x), "rec": _from_signed(vae.decode(mean))}
+    for k in ks:
+        if k == 0:                                                         # dsm_mask(., ., 0) is the identity
+            pairs["x0"], pairs["d0"] = pairs["x"], pairs["rec"]
+            continue
+        xm, zm = sm.dsm_mask(x, mean, k)
+        pairs[f"x{k}"], pairs[f"d{k}"] = _from_signed(xm), _from_signed(vae.decode(zm))
+    return mean, pairs
+
+
 def _vae_and_loader(args, device):
     ckpt = sm.load_checkpoint(args.vae, kind="vae", map_location="cpu")
     vae = sm.build_vae_from_checkpoint(ckpt).to(device).eval()
@@ -791,20 +811,13 @@ def run_vae(args, rank, world, device):
     acc.update({f"dsm{k}_psnr": [] for k in ks})
     feats = {n: [] for n in ["x", "rec"] + [f"x{k}" for k in ks] + [f"d{k}" for k in ks]}
     for x in loader:
-        x = x.to(device)                                     # (B,3,H,W) in [0,1]
-        xs = x * 2 - 1                                       # model space [-1,1]
-        z, _ = vae.encode(xs)
-        rec = ((vae.decode(z) + 1) / 2).clamp(0, 1)
-        acc["psnr"].append(psnr(x, rec).cpu())
-        acc["ssim"].append(ssim(x, rec).cpu())
+        _, pairs = reconstruction_pairs(vae, x.to(device) * 2 - 1, ks)   # loader gives [0, 1]
+        acc["psnr"].append(psnr(pairs["x"], pairs["rec"]).cpu())
+        acc["ssim"].append(ssim(pairs["x"], pairs["rec"]).cpu())
         if lpips is not None:
-            acc["lpips"].append(lpips(xs, rec * 2 - 1).flatten().cpu())
-        pairs = {"x": x, "rec": rec}
+            acc["lpips"].append(lpips(pairs["x"] * 2 - 1, pairs["rec"] * 2 - 1).flatten().cpu())
         for k in ks:
-            xm, zm = sm.dsm_mask(xs, z, k)
-            xm, dm = ((xm + 1) / 2).clamp(0, 1), ((vae.decode(zm) + 1) / 2).clamp(0, 1)
-            acc[f"dsm{k}_psnr"].append(psnr(xm, dm).cpu())
-            pairs[f"x{k}"], pairs[f"d{k}"] = xm, dm
+            acc[f"dsm{k}_psnr"].append(psnr(pairs[f"x{k}"], pairs[f"d{k}"]).cpu())
         if model is not None:
             for n, v in pairs.items():
                 feats[n].append(model(v)["pool"].cpu().numpy())
@@ -952,19 +965,16 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     n = min(n, len(val))
     x = torch.stack([val[i][0] for i in range(n)]).to(device)               # (n, 3, H, W) in [-1, 1]
     y = torch.tensor([val[i][1] for i in range(n)], device=device)
-    unit = lambda v: ((v.float() + 1) / 2).clamp(0, 1)                      # noqa: E731
     res, means, recs, dsm = {}, [], [], {8: [], 10: [], 12: []}
     for i in range(0, n, 64):
-        xb = x[i:i + 64]
-        mean, _ = vae.encode(xb)
+        mean, pairs = reconstruction_pairs(vae, x[i:i + 64], dsm)
         means.append(mean)
-        recs.append(vae.decode(mean))
+        recs.append(pairs["rec"])
         for k in dsm:
-            xm, zm = sm.dsm_mask(xb, mean, k)
-            dsm[k].append(psnr(unit(xm), unit(vae.decode(zm))))
-    mean, rec = torch.cat(means), torch.cat(recs)
-    res["psnr"] = float(psnr(unit(x), unit(rec)).mean())
-    res["ssim"] = float(ssim(unit(x), unit(rec)).mean())
+            dsm[k].append(psnr(pairs[f"x{k}"], pairs[f"d{k}"]))
+    mean, rec = torch.cat(means), torch.cat(recs)                          # rec in [0, 1]
+    res["psnr"] = float(psnr(_from_signed(x), rec).mean())
+    res["ssim"] = float(ssim(_from_signed(x), rec).mean())
     delta = float(getattr(vae, "esm_delta", 1.0))
     res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=delta, blur_sigma=vae.esm_blur))
     res.update({f"dsm{k}_psnr": float(torch.cat(v).mean()) for k, v in dsm.items()})
@@ -994,7 +1004,7 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
         fr = extract_features(inception, ArrayDataset(real[:m]), device=device, progress=False, shard=False)["pool"]
         res["fid"] = frechet_distance(*compute_statistics(fs), *compute_statistics(fr))
         res["rfid"] = frechet_distance(*compute_statistics(extract_features(
-            inception, ArrayDataset(train.to_uint8(rec)), device=device, progress=False, shard=False)["pool"]),
+            inception, ArrayDataset(train.to_uint8(rec * 2 - 1)), device=device, progress=False, shard=False)["pool"]),
             *compute_statistics(fr))
     return res
 
