@@ -2,17 +2,21 @@
 Train Spectrum Matching latent diffusion.
 
     python train.py                                   # quickstart: the whole pipeline on dead leaves, CPU
-    torchrun --nproc_per_node=8 train.py --stage vae --dataset imagenet --data-path DIR --vae f16d16 --reg esm+dsm
-    torchrun --nproc_per_node=8 train.py --stage latents --vae-ckpt runs/in256/vae.pt ...
-    torchrun --nproc_per_node=8 train.py --stage dit --model DiT-XL/2 --repa-encoder dinov2_vitb14 --repa-target dog
+    torchrun --nproc_per_node=8 train.py --config imagenet --stage vae --data-path DIR
+    torchrun --nproc_per_node=8 train.py --config imagenet --stage latents --data-path DIR
+    torchrun --nproc_per_node=8 train.py --config imagenet --stage dit --model DiT-XL/2
 
 Stages: vae (stage 1), latents (encode the dataset once), dit (stage 2), all (vae, latents, dit,
-samples, metrics; each skipped when its finished output exists, resumed when interrupted).
+samples, metrics; each skipped when its finished output exists, resumed when interrupted), compare.
+
+Defaults come from one named configuration (--config, listed in CONFIGS below); every flag overrides
+it, and `--config NAME --help` prints the values that will really be used. The resolved configuration
+is logged at start and stored in every checkpoint.
 
 World-size invariance: every random number of a step (data order, flips, posterior noise, DSM k,
 flow-matching t and noise, label dropout) is drawn for the *global* batch from a generator seeded
 by (seed, step), and each rank takes its slice. The same step therefore sees the same samples and
-noise on 1 or N processes, and a resume needs no RNG state to continue exactly.
+noise on 1 or N processes (and with any --micro-batch), and a resume needs no RNG state.
 """
 
 import argparse
@@ -20,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -30,72 +35,102 @@ import torch.nn as nn
 import sm
 
 # -----------------------------------------------------------------------------
-# defaults: the paper's ImageNet-256 settings (stage 1 from the authors' configs, stage 2 from REPA)
-DEFAULTS = dict(
-    stage="all", out="runs/quickstart", seed=0,
-    dataset="deadleaves", data_path=None, image_size=256, dataset_size=10000,
-    # stage 1: autoencoder
-    vae="f16d16", reg="esm+dsm", vae_batch=128, vae_steps=1_000_000, vae_lr=5e-5, warmup=2000,
-    lpips_weight=0.5, disc_weight=0.5, disc_start=50001, stats_samples=50000,
-    # stage 2: diffusion transformer (SiT + REPA)
+# Named configurations: all defaults live here. `imagenet` is the published protocol (stage 1 from
+# the authors' configs, stage 2 from REPA); `quickstart` is the whole method on 2 CPU cores in ~10 min.
+CONFIGS = {}
+CONFIGS["imagenet"] = dict(
+    stage="all", out="runs/imagenet", seed=0, num_workers=4,
+    dataset="imagenet", data_path=None, image_size=256, dataset_size=None, hflip=False,
+    # stage 1: autoencoder (authors' f16d16; 8 GPUs x 16 images)
+    vae="f16d16", reg="dsm", vae_batch=128, vae_steps=1_000_000, vae_lr=5e-5, warmup=2000,
+    lpips_weight=0.5, disc_weight=0.5, disc_start=50_001, disc_lr=5e-5, disc_warmup=2000,
+    esm_delta=1.0, dsm_block=8, dsm_group=16, latent_norm="scalar", stats_samples=200_000,
+    # stage 2: SiT-B/2 with REPA (REPA's B/2 setting)
     model="DiT-B/2", depth=None, width=None, dit_batch=256, dit_steps=400_000, dit_lr=1e-4, ema=0.9999,
-    repa_encoder="dinov2_vitb14", repa_target="dog", repa_lambda=0.5, weighting="uniform",
-    sample_steps=50, cfg_scale=1.0, num_fid_samples=50000,
-    log_every=100, ckpt_every=10_000, vis_every=10_000,
+    class_dropout=0.1, weighting="uniform", cos_weight=0.0, micro_batch=0, precision="fp32",
+    repa_encoder="dinov2_vitb14", repa_target="dog", repa_lambda=None, zscore_alpha=0.6, dog_sigmas=(0.5, 2.0),
+    projector="mlp", sample_steps=50, cfg_scale=1.0, num_fid_samples=50_000,
+    log_every=100, ckpt_every=10_000, keep_every=50_000, vis_every=10_000,
 )
-# the quickstart: `python train.py` on dead leaves, 2 CPU cores, about 10 minutes
-QUICKSTART = dict(
-    image_size=32, dataset_size=4096,
-    vae="tiny", vae_batch=32, vae_steps=600, vae_lr=1e-3, warmup=50, stats_samples=4096,
+CONFIGS["quickstart"] = dict(
+    CONFIGS["imagenet"], out="runs/quickstart", dataset="deadleaves", image_size=32, dataset_size=4096,
+    vae="tiny", reg="esm+dsm", vae_batch=32, vae_steps=600, vae_lr=1e-3, warmup=50, stats_samples=4096,
+    dsm_group=8, num_workers=2,
     model="DiT-S/2", depth=6, width=256, dit_batch=64, dit_steps=1500, dit_lr=5e-4, ema=0.995,
     repa_encoder="none", weighting="lognormal", num_fid_samples=512,
-    log_every=25, ckpt_every=250, vis_every=500,
+    log_every=25, ckpt_every=250, keep_every=0, vis_every=500,
 )
+# The authors' other stage-1 recipes (their configs; ESM and DSM were trained separately)
+CONFIGS["imagenet-kl"] = dict(CONFIGS["imagenet"], out="runs/imagenet-kl", reg="kl", vae_steps=600_000)   # SD-VAE
+CONFIGS["celebahq"] = dict(CONFIGS["imagenet"], out="runs/celebahq", dataset="folder", reg="esm", vae_batch=48,
+                           vae_steps=500_000, dsm_group=12, stats_samples=50_000)   # 4 GPUs x 12 images
+CONFIGS["celebahq-dsm"] = dict(CONFIGS["celebahq"], out="runs/celebahq-dsm", reg="dsm")
 # -----------------------------------------------------------------------------
 
-REG_PRESETS = {  # stage-1 regularisers (authors' training configs); every weight can be overridden
-    "kl":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.0),
-    "esm":     dict(kl_weight=0.0, esm_weight=0.01, dsm=False, eq_prob=0.0),
-    "dsm":     dict(kl_weight=0.0, esm_weight=0.0, dsm=True, eq_prob=0.0),
-    "esm+dsm": dict(kl_weight=0.0, esm_weight=0.01, dsm=True, eq_prob=0.0),
-    "eq":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.5),
+REG_PRESETS = {  # stage-1 regularisers; every weight can be overridden by its flag
+    "kl":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.0),   # SD-VAE
+    "esm":     dict(kl_weight=0.0, esm_weight=0.01, dsm=False, eq_prob=0.0),   # authors' ESM config
+    "dsm":     dict(kl_weight=0.0, esm_weight=0.0, dsm=True, eq_prob=0.0),     # authors' DSM config
+    "esm+dsm": dict(kl_weight=0.0, esm_weight=0.01, dsm=True, eq_prob=0.0),    # this project's combination
+    "eq":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.5),   # EQ-VAE baseline
 }
 DSM_KS = (0, 8, 10, 12)
 
+# settings that define a training run: a resume must not change them (steps may grow)
+RUN_KEYS = {
+    "vae": ("dataset", "data_path", "image_size", "dataset_size", "hflip", "vae", "reg", "kl_weight", "esm_weight",
+            "esm_delta", "dsm_block", "dsm_group", "eq_prob", "lpips_weight", "disc_weight", "disc_start", "disc_lr",
+            "disc_warmup", "vae_batch", "vae_lr", "warmup", "seed", "latent_norm"),
+    "dit": ("model", "depth", "width", "dit_batch", "dit_lr", "ema", "weighting", "cos_weight", "class_dropout",
+            "unconditional", "repa_encoder", "repa_target", "zscore_alpha", "dog_sigmas", "projector", "qk_norm",
+            "rmsnorm", "swiglu", "rope", "repa_lambda", "encoder_depth", "seed", "hflip"),
+}
 
-def get_args(argv=None):
+
+def build_parser(defaults):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    a("--config", choices=list(CONFIGS), help="named configuration that sets the defaults (quickstart)")
     a("--stage", choices=["all", "vae", "latents", "dit", "compare"],
       help="all: the whole pipeline; compare: the pipeline once per --reg preset, one table")
     a("--out", help="run folder: checkpoints, latents, pictures, metrics")
     a("--seed", type=int)
     a("--resume", action="store_true", help="continue from the run folder's checkpoint")
     a("--bench", action="store_true", help="measure steps/s of the chosen stage and exit")
-    a("--num-workers", type=int, default=2)
+    a("--num-workers", type=int)
     # data
-    a("--dataset", choices=["deadleaves", "imagenet", "folder"])
+    a("--dataset", choices=["deadleaves", "imagenet", "folder"],
+      help="imagenet: class subfolders (ImageFolder layout); folder: a flat folder of images")
     a("--data-path")
     a("--image-size", type=int)
     a("--dataset-size", type=int, help="number of dead-leaves images")
+    a("--hflip", action=argparse.BooleanOptionalAction,
+      help="random horizontal flips for the latents / REPA images (DiT's convention; REPA has none)")
+    a("--scan-images", action="store_true", help="decode every image once before training and list the bad ones")
+    a("--skip-bad-images", action="store_true",
+      help="leave out images that cannot be decoded (logged) instead of stopping")
     # stage 1
     a("--vae", help=f"VAE preset: {', '.join(sm.VAE_CONFIGS)}")
-    a("--reg", choices=list(REG_PRESETS))
-    a("--kl-weight", type=float)
-    a("--esm-weight", type=float)
-    a("--esm-delta", type=float, default=1.0)
-    a("--dsm-block", type=int, default=8)
-    a("--eq-prob", type=float)
+    a("--reg", choices=list(REG_PRESETS), help="stage-1 regulariser preset (sets the weights below)")
+    a("--kl-weight", type=float, help="default: from --reg")
+    a("--esm-weight", type=float, help="default: from --reg")
+    a("--esm-delta", type=float)
+    a("--dsm-block", type=int)
+    a("--dsm-group", type=int, help="images per DSM k draw (the authors: one draw per GPU batch of 16)")
+    a("--eq-prob", type=float, help="default: from --reg")
     a("--lpips-weight", type=float)
     a("--lpips-path", help="LPIPS v0.1 vgg.pth (linear heads); default: torch hub cache or download")
     a("--vgg-path", help="torchvision VGG16 weights vgg16-397923af.pth; default: torch hub cache or download")
     a("--disc-weight", type=float)
-    a("--disc-start", type=int)
+    a("--disc-start", type=int, help="first step of the GAN phase (then VAE on even, discriminator on odd steps)")
+    a("--disc-lr", type=float)
+    a("--disc-warmup", type=int, help="discriminator lr warm-up, in discriminator updates")
     a("--vae-batch", type=int, help="global batch size")
     a("--vae-steps", type=int)
     a("--vae-lr", type=float)
     a("--warmup", type=int)
-    a("--stats-samples", type=int, help="samples for the per-channel latent statistics")
+    a("--latent-norm", choices=["scalar", "channel"], help="one latent std for all channels (authors) or per channel")
+    a("--stats-samples", type=int, help="images for the latent statistics")
     # latents / stage 2
     a("--vae-ckpt", help="stage-1 checkpoint (default: OUT/vae.pt)")
     a("--sd-vae", help="diffusers AutoencoderKL weights (sd-vae-ft-ema) instead of a stage-1 checkpoint")
@@ -107,36 +142,124 @@ def get_args(argv=None):
     a("--dit-lr", type=float)
     a("--ema", type=float, help="EMA decay")
     a("--weighting", choices=["uniform", "lognormal"])
-    a("--cos-weight", type=float, default=0.0, help="LightningDiT velocity-direction loss weight")
-    a("--class-dropout", type=float, default=0.1)
+    a("--cos-weight", type=float, help="LightningDiT velocity-direction loss weight")
+    a("--class-dropout", type=float)
     a("--unconditional", action="store_true")
     a("--repa-encoder", help="dinov2_vitb14 (torch.hub), tiny (random, tests) or none")
     a("--repa-target", choices=["raw", "zscore", "dog"])
-    a("--zscore-alpha", type=float, default=0.6, help="iREPA's alpha for --repa-target zscore")
-    a("--dog-sigmas", type=float, nargs=2, default=(0.5, 2.0), help="REPA-DoG sigma1 sigma2 (tokens)")
-    a("--projector", choices=["mlp", "conv"], default="mlp", help="REPA MLP or iREPA 3x3 conv projector")
+    a("--zscore-alpha", type=float, help="iREPA's alpha for --repa-target zscore")
+    a("--dog-sigmas", type=float, nargs=2, help="REPA-DoG sigma1 sigma2 (tokens)")
+    a("--projector", choices=["mlp", "conv"], help="REPA MLP or iREPA 3x3 conv projector")
     for opt in ("qk-norm", "rmsnorm", "swiglu", "rope"):
         a(f"--{opt}", action="store_true", help="LightningDiT option (off: REPA's SiT)")
-    a("--repa-lambda", type=float)
+    a("--repa-lambda", type=float, help="REPA loss weight; default: 0.5 (REPA, DoG), 1.0 with --repa-target zscore "
+                                        "(iREPA's latent-diffusion config, which also uses --projector conv)")
     a("--encoder-depth", type=int)
     a("--compile", action="store_true")
+    a("--grad-checkpoint", action="store_true", help="recompute DiT blocks in the backward pass (saves memory)")
+    a("--micro-batch", type=int,
+      help="images per forward on each rank; gradients are accumulated over the rank's share (0: no split)")
+    a("--precision", choices=["fp32", "bf16"],
+      help="stage 2 and latents: fp32 (TF32 allowed; REPA) or bf16 autocast on CUDA (stage 1 always uses bf16 there)")
     a("--sample-steps", type=int)
     a("--cfg-scale", type=float)
     a("--num-fid-samples", type=int, help="samples for the final metrics of --stage all")
     # logging
     a("--log-every", type=int)
     a("--ckpt-every", type=int)
+    a("--keep-every", type=int, help="keep a step-numbered snapshot (dit-0400000.pt) every N steps (0: none)")
     a("--vis-every", type=int)
     a("--max-steps", type=int, help="stop after this many steps in this invocation (tests)")
-    args = p.parse_args(argv)
-    quick = (args.stage in (None, "all", "compare")) and args.dataset in (None, "deadleaves")
-    for k, v in {**DEFAULTS, **(QUICKSTART if quick else {})}.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    p.set_defaults(**defaults)
+    return p
+
+
+POSITIVE = ("image_size", "vae_batch", "vae_steps", "dit_batch", "dit_steps", "log_every", "ckpt_every",
+            "vis_every", "stats_samples", "dataset_size", "sample_steps", "num_fid_samples", "dsm_block",
+            "dsm_group", "depth", "width", "encoder_depth", "max_steps")
+NON_NEGATIVE = ("warmup", "disc_start", "disc_warmup", "keep_every", "micro_batch", "num_workers",
+                "lpips_weight", "disc_weight", "kl_weight", "esm_weight", "repa_lambda", "cos_weight")
+
+
+def get_args(argv=None):
+    """Parse the command line over the chosen --config; validate every number; resolve the --reg weights."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", choices=list(CONFIGS), default="quickstart")
+    config = pre.parse_known_args(argv)[0].config
+    args = build_parser(CONFIGS[config]).parse_args(argv)
+    args.config = config
+    given = vars(build_parser({}).parse_args(argv))                         # no defaults: what the user typed
+    args.explicit = sorted(k for k, v in given.items() if v not in (None, False) and k != "config")
     for k, v in REG_PRESETS[args.reg].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.repa_lambda is None:
+        args.repa_lambda = 1.0 if args.repa_target == "zscore" else 0.5
+    validate_args(args)
     return args
+
+
+def validate_args(args):
+    """One clear error for every setting that cannot work, before any work is done."""
+    for k in POSITIVE:
+        v = getattr(args, k, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {v}")
+    for k in NON_NEGATIVE:
+        v = getattr(args, k, None)
+        if v is not None and v < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {v}")
+    for k in ("vae_lr", "dit_lr", "disc_lr"):
+        if not getattr(args, k) > 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    for k in ("ema", "class_dropout", "eq_prob"):
+        if not 0 <= getattr(args, k) <= 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be in [0, 1], got {getattr(args, k)}")
+    if args.vae not in sm.VAE_CONFIGS:
+        raise ValueError(f"unknown VAE preset {args.vae!r}; choose from {', '.join(sm.VAE_CONFIGS)}")
+    if args.model not in sm.DiT_MODELS:
+        raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(sm.DiT_MODELS)}")
+    if args.repa_encoder not in ("none", "tiny") and not args.repa_encoder.startswith("dinov2_"):
+        raise ValueError(f"unknown --repa-encoder {args.repa_encoder!r}: a DINOv2 hub name (dinov2_vitb14), "
+                         "tiny or none")
+    if args.dataset == "deadleaves" and args.data_path:
+        raise ValueError(f"--data-path {args.data_path} is given but the dataset is deadleaves (procedural, no "
+                         "files): pass --dataset imagenet (class subfolders) or --dataset folder (flat)")
+    if args.dataset != "deadleaves" and not args.data_path and args.stage in ("all", "vae", "latents", "compare") \
+            and not (args.stage == "latents" and "dataset" not in args.explicit):
+        raise ValueError(f"--dataset {args.dataset} needs --data-path")
+    if args.skip_bad_images and args.dataset == "deadleaves":
+        raise ValueError("--skip-bad-images applies to image files (--dataset imagenet or folder)")
+    if args.cfg_scale <= 0:
+        raise ValueError(f"--cfg-scale must be > 0, got {args.cfg_scale}")
+
+
+def check_output_folder(out):
+    """Fail now, not after hours of earlier stages, when the run folder cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
+
+
+def same_run(saved_args, args, stage, path):
+    """Refuse to resume `path` with other training-defining settings than it was started with."""
+    def norm(v):
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        if isinstance(v, str) and os.path.sep in v:
+            return os.path.abspath(v)
+        return v
+    diff = [f"--{k.replace('_', '-')} {saved_args[k]!r} -> {getattr(args, k)!r}" for k in RUN_KEYS[stage]
+            if k in saved_args and norm(saved_args[k]) != norm(getattr(args, k, None))]
+    if diff:
+        raise ValueError(f"{path} was trained with other settings: {'; '.join(diff)}. Resume with the original "
+                         "settings, or start a new run with another --out")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -159,9 +282,9 @@ class Dist:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
 
-    def autocast(self):
-        """bf16 autocast on CUDA, nothing on CPU."""
-        if self.device.type == "cuda":
+    def autocast(self, precision="bf16"):
+        """bf16 autocast on CUDA when precision is 'bf16'; float32 (TF32 allowed) otherwise and on CPU."""
+        if self.device.type == "cuda" and precision == "bf16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -178,6 +301,14 @@ class Dist:
         """Average of t over ranks (a new tensor)."""
         return self.all_reduce(t.clone()) / self.world if self.world > 1 else t
 
+    def all_gather_list(self, items):
+        """Concatenation of every rank's Python list, in rank order."""
+        if self.world == 1:
+            return list(items)
+        out = [None] * self.world
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
     def shard(self, t):
         """This rank's slice of a global-batch tensor."""
         n = t.shape[0] // self.world
@@ -188,6 +319,22 @@ class Dist:
             return model
         return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda"
                                                    else None)
+
+
+def micro_batches(n, micro):
+    """Slices that split this rank's n images into micro-batches of at most `micro` (0: one slice)."""
+    micro = micro or n
+    return [slice(i, min(i + micro, n)) for i in range(0, n, micro)]
+
+
+def accumulation(runner, n, micro):
+    """(slice, weight, context) per micro-batch: gradients of weight * mean-loss add up to the full-batch mean;
+    DDP synchronises only on the last micro-batch."""
+    parts = micro_batches(n, micro)
+    no_sync = getattr(runner, "no_sync", None)
+    for j, s in enumerate(parts):
+        last = j == len(parts) - 1
+        yield s, (s.stop - s.start) / n, (contextlib.nullcontext() if last or no_sync is None else no_sync())
 
 
 def step_generator(seed, step, stream=0):
@@ -202,14 +349,22 @@ def crash_point(where, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save(obj, path, step):
-    """Atomic checkpoint write (rank 0 only, then a barrier)."""
-    sm.save_checkpoint(obj, path, before_replace=lambda tmp: crash_point("checkpoint", step))
-
-
 def log(d, *msg):
     if d.main:
         print(*msg, flush=True)
+
+
+def tqdm_bar(d, start, total, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc=desc, disable=not d.main, dynamic_ncols=True)
+
+
+def log_configuration(d, args, stage):
+    """The resolved settings of this run, once at start (what --help would show, after every override)."""
+    keys = [k for k in vars(args) if k not in ("explicit",)]
+    log(d, f"stage {stage}: config {args.config}" + (f", overridden: {', '.join(args.explicit)}" if args.explicit
+                                                      else "") + " | " + " ".join(f"{k}={getattr(args, k)}"
+                                                                                  for k in keys))
 
 
 # ----------------------------------------------------------------------------- data
@@ -229,49 +384,113 @@ def center_crop_arr(img, image_size):
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".jpx")
 
 
-def load_image(path, image_size):
-    """Read an image file, center-cropped to (image_size, image_size, 3) uint8; errors name the file."""
+def to_rgb(im):
+    """Any Pillow image -> 8-bit RGB. 16-bit and 32-bit integer greyscale are rescaled (v / 257) instead of
+    clipped at 255; float images in [0, 1] are scaled by 255; alpha is dropped (as torchvision and ADM)."""
+    from PIL import Image
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0                                          # 65535 -> 255
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(a[..., None], 3, axis=2))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def read_rgb(path):
+    """Decode an image file to an RGB PIL image; the error names the file."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            return center_crop_arr(im, image_size)
+            return to_rgb(im)
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Images from `imagenet` (class subfolders, ImageFolder order) or a flat `folder` (label 0)."""
+def load_image(path, image_size):
+    """Read an image file, center-cropped to (image_size, image_size, 3) uint8."""
+    return center_crop_arr(read_rgb(path), image_size)
 
-    def __init__(self, root, image_size, classes=True):
+
+def _images_in(folder):
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS) and not n.startswith("."))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images from class subfolders (`imagenet`, ImageFolder order) or a flat folder (`folder`, label 0).
+
+    skip_bad: an image that cannot be decoded is logged once and replaced by the next index's image
+    (deterministic, so every rank and world size sees the same batch); drop() removes known-bad files.
+    """
+
+    def __init__(self, root, image_size, classes=True, skip_bad=False):
         if root is None or not os.path.isdir(root):
             raise FileNotFoundError(f"dataset folder not found: {root} (pass --data-path)")
-        self.image_size, self.files, self.labels = image_size, [], []
+        self.root, self.image_size, self.skip_bad, self.files, self.labels = root, image_size, skip_bad, [], []
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        top = _images_in(root)
         if classes:
-            self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+            if not subdirs:
+                raise ValueError(f"{root} has no class subfolders: --dataset imagenet expects ROOT/CLASS/IMAGE "
+                                 f"(ImageFolder layout)" + (f"; it holds {len(top)} images directly, use "
+                                                            "--dataset folder for a flat folder" if top else ""))
+            if top:
+                raise ValueError(f"{root} mixes {len(top)} images with {len(subdirs)} subfolders: --dataset imagenet "
+                                 "expects only class subfolders (ROOT/CLASS/IMAGE), --dataset folder only images")
+            self.classes, empty = subdirs, []
             for i, c in enumerate(self.classes):
-                for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-                    for n in sorted(names):
-                        if n.lower().endswith(IMAGE_EXTS):
-                            self.files.append(os.path.join(dirpath, n))
-                            self.labels.append(i)
+                n0 = len(self.files)
+                for dirpath, dirnames, names in sorted(os.walk(os.path.join(root, c))):
+                    dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+                    self.files += [os.path.join(dirpath, n) for n in sorted(names)
+                                   if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")]
+                self.labels += [i] * (len(self.files) - n0)
+                if len(self.files) == n0:
+                    empty.append(c)
+            if empty:
+                raise ValueError(f"{len(empty)} class folders of {root} hold no images ({', '.join(empty[:5])}"
+                                 f"{', ...' if len(empty) > 5 else ''}): remove them or fix the layout")
         else:
             self.classes = []
-            self.files = sorted(os.path.join(root, n) for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTS))
+            self.files = [os.path.join(root, n) for n in top]
             self.labels = [0] * len(self.files)
+            if not self.files and subdirs:
+                raise ValueError(f"{root} has no images at its top level but {len(subdirs)} subfolders: for class "
+                                 "subfolders use --dataset imagenet")
         if not self.files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root}")
         self.num_classes = len(self.classes)
+        self._warned = set()
 
     def __len__(self):
         return len(self.files)
 
+    def drop(self, bad):
+        """Remove the files in `bad` (paths) from the dataset."""
+        keep = [i for i, f in enumerate(self.files) if f not in set(bad)]
+        self.files, self.labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
+
     def __getitem__(self, i):
-        img = load_image(self.files[i], self.image_size)
-        return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0, self.labels[i]
+        for j in range(len(self.files)):
+            k = (i + j) % len(self.files)
+            try:
+                img = load_image(self.files[k], self.image_size)
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise
+                if k not in self._warned:
+                    self._warned.add(k)
+                    print(f"warning: skipping {e}", file=sys.stderr, flush=True)
+                continue
+            return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0, self.labels[k]
+        raise ValueError(f"no image of {self.root} can be decoded")
 
 
-def build_dataset(name, path=None, image_size=256, train=True, seed=0, length=None):
+def build_dataset(name, path=None, image_size=256, train=True, seed=0, length=None, skip_bad=False):
     """Dataset of (image in [-1, 1] (3, H, W), label). train=False draws dead leaves from another seed."""
     if name == "deadleaves":
         ds = sm.DeadLeaves(length or 4096, image_size, seed=seed if train else seed + 10_000)
@@ -280,8 +499,36 @@ def build_dataset(name, path=None, image_size=256, train=True, seed=0, length=No
     if name in ("imagenet", "folder"):
         if name == "imagenet" and path is not None and os.path.isdir(os.path.join(path, "train" if train else "val")):
             path = os.path.join(path, "train" if train else "val")
-        return ImageFiles(path, image_size, classes=name == "imagenet")
+        return ImageFiles(path, image_size, classes=name == "imagenet", skip_bad=skip_bad)
     raise ValueError(f"unknown dataset {name!r}; choose deadleaves, imagenet or folder")
+
+
+def open_dataset(args, d, train=True):
+    """The training dataset of these settings, scanned first with --scan-images, and described in the log."""
+    ds = build_dataset(args.dataset, args.data_path, args.image_size, train, args.seed, args.dataset_size,
+                       args.skip_bad_images)
+    if args.scan_images and isinstance(ds, ImageFiles):
+        bad, mine = [], range(d.rank, len(ds.files), d.world)
+        bar = tqdm_bar(d, 0, len(mine), "scanning images")
+        for i in mine:
+            try:
+                read_rgb(ds.files[i])
+            except ValueError as e:
+                bad.append((ds.files[i], str(e)))
+            bar.update(1)
+        bar.close()
+        bad = d.all_gather_list(bad)
+        if bad and not args.skip_bad_images:
+            raise ValueError(f"{len(bad)} of {len(ds.files)} images cannot be decoded, e.g. "
+                             + "; ".join(m for _, m in bad[:5]) + ". Fix them or pass --skip-bad-images")
+        if bad:
+            ds.drop([f for f, _ in bad])
+            log(d, f"--skip-bad-images: left out {len(bad)} images that cannot be decoded: "
+                   + ", ".join(f for f, _ in bad[:10]))
+    where = f" at {ds.root}" if isinstance(ds, ImageFiles) else " (procedural)"
+    log(d, f"dataset {args.dataset}{where}: {len(ds)} images, {getattr(ds, 'num_classes', 0)} classes, "
+           f"{args.image_size} px")
+    return ds
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -388,12 +635,41 @@ def host_values(terms, gnorm):
     return dict(zip(terms, vals[:-1])), vals[-1]
 
 
-def check_finite(step, terms, gnorm):
+def kept(path, saved_step):
+    """What a failure message truthfully says about the run's checkpoint."""
+    if saved_step is None:
+        return "no checkpoint of this run was written yet"
+    return f"the last good checkpoint {path} (step {saved_step}) is kept; --resume continues from it"
+
+
+def check_finite(step, terms, gnorm, kept_msg):
     """Stop with a message naming the step and the loss terms when training diverged."""
     if not math.isfinite(gnorm) or not all(math.isfinite(v) for v in terms.values()):
         desc = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
         raise FloatingPointError(f"non-finite loss or gradient at step {step}: {desc}, grad norm {gnorm:.4g}; "
-                                 "the last good checkpoint was kept")
+                                 f"{kept_msg}")
+
+
+def all_finite(*modules):
+    """True when every floating-point parameter and buffer is finite (one device sync)."""
+    flags = [torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all())
+
+
+def save_run(d, obj, path, modules, kept_msg, keep_every=0):
+    """Write a training checkpoint atomically (rank 0), never with non-finite weights, plus a step-numbered
+    snapshot (e.g. dit-0400000.pt) when the step is a multiple of keep_every."""
+    step = obj["step"]
+    if not all_finite(*modules):                               # every rank checks its own (identical) copy
+        raise FloatingPointError(f"the weights became non-finite before step {step} although the loss was finite; "
+                                 f"{kept_msg}")
+    if d.main:
+        obj["args"] = {k: v for k, v in obj["args"].items() if k != "explicit"}
+        sm.save_checkpoint(obj, path, before_replace=lambda tmp: crash_point("checkpoint", step))
+        if keep_every and step % keep_every == 0:
+            stem, ext = os.path.splitext(path)
+            sm.save_checkpoint(obj, f"{stem}-{step:07d}{ext}")
+    d.barrier()
 
 
 def prepare_output(path, resume):
@@ -403,7 +679,35 @@ def prepare_output(path, resume):
                               f"(nothing was overwritten)")
 
 
+def resume_point(path, kind, args, d, total_steps, quickstart=False):
+    """The checkpoint to continue (None: start afresh), after checking it belongs to this run.
+
+    A finished run is skipped when total_steps equals its step, and extended when total_steps is larger.
+    """
+    prepare_output(path, args.resume or quickstart)
+    if not os.path.exists(path):
+        if args.resume:
+            log(d, f"stage {kind}: --resume, but there is no {path} yet: starting a new run")
+        return None
+    ckpt = sm.load_checkpoint(path, kind)
+    same_run(ckpt.get("args", {}), args, kind, path)
+    if total_steps < ckpt["step"]:
+        raise ValueError(f"{path} is at step {ckpt['step']}, beyond --{kind}-steps {total_steps}: pass "
+                         f"--{kind}-steps {ckpt['step']} or more")
+    return ckpt
+
+
 # ----------------------------------------------------------------------------- stage 1: VAE
+
+def dsm_runs(ks):
+    """[(start, end, k)] runs of equal DSM k in a per-image list."""
+    runs, start = [], 0
+    for i in range(1, len(ks) + 1):
+        if i == len(ks) or ks[i] != ks[start]:
+            runs.append((start, i, ks[start]))
+            start = i
+    return runs
+
 
 class VAEStep(nn.Module):
     """One stage-1 forward: encode, sample, DSM mask / EQ scaling, decode (wrapped in DDP)."""
@@ -412,71 +716,182 @@ class VAEStep(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x, eps, k, block, eq_factor, eq_min_size=1):
+    def forward(self, x, eps, ks, block, eq_factor, eq_min_size=1):
         mean, logvar = self.vae.encode(x)
         z = self.vae.sample(mean, logvar, eps)
-        target, z_in = sm.dsm_mask(x, z, k, block)             # k = 0: unchanged
+        masked = [sm.dsm_mask(x[a:b], z[a:b], k, block) for a, b, k in dsm_runs(ks)]   # k = 0: unchanged
+        target, z_in = (torch.cat(t) for t in zip(*masked))
         if eq_factor is not None:
             target, z_in = sm.eq_vae_scale(target, z_in, eq_factor, self.vae.factor, eq_min_size)
         return self.vae.decode(z_in), target, mean, logvar, z
 
 
 def vae_batch_randomness(args, step, B, latent_shape):
-    """All random numbers of a stage-1 step for the global batch."""
+    """All random numbers of a stage-1 step for the global batch: flips, posterior noise, one DSM k per group
+    of --dsm-group images (the authors draw one k per GPU batch), the EQ-VAE scale."""
     g = step_generator(args.seed, step, stream=1)
     flip = torch.rand(B, generator=g) < 0.5
     eps = torch.randn((B,) + latent_shape, generator=g)
-    k = DSM_KS[int(torch.randint(len(DSM_KS), (1,), generator=g))] if args.dsm else 0
+    groups = -(-B // args.dsm_group)
+    draws = torch.randint(len(DSM_KS), (groups,), generator=g).tolist()
+    ks = [DSM_KS[draws[i // args.dsm_group]] if args.dsm else 0 for i in range(B)]
     use_eq, f = torch.rand(2, generator=g).tolist()
     eq = 0.25 + 0.75 * f if use_eq < args.eq_prob else None
-    return flip, eps, k, eq
+    return flip, eps, ks, eq
 
 
-def lr_at(step, base, warmup):
-    return base * min(1.0, (step + 1) / max(1, warmup))
+def vae_batch(x, args, step, latent_shape, d):
+    """This rank's images (flipped), posterior noise and DSM k for `step`: its slice of the global batch."""
+    flip, eps, ks, eq = vae_batch_randomness(args, step, args.vae_batch, latent_shape)
+    x = torch.where(d.shard(flip).view(-1, 1, 1, 1), x.flip(-1), x).to(d.device, non_blocking=True)
+    return x, d.shard(eps).to(d.device), ks[d.rank * len(x):(d.rank + 1) * len(x)], eq
 
 
-def train_vae(args, d, quickstart=False):
-    out = os.path.join(args.out, "vae.pt")
-    prepare_output(out, args.resume or quickstart)
-    ckpt = sm.load_checkpoint(out, "vae") if os.path.exists(out) else None
-    if ckpt is not None:
-        if ckpt["preset"] != args.vae:
-            raise ValueError(f"{out} holds a {ckpt['preset']!r} VAE, but --vae {args.vae} was asked for")
-        if ckpt.get("finished"):
-            log(d, f"stage vae: {out} is finished, skipping")
-            return out
-    ds = build_dataset(args.dataset, args.data_path, args.image_size, True, args.seed, args.dataset_size)
-    torch.manual_seed(args.seed)
-    vae = sm.build_vae(args.vae).to(d.device)
+def lr_at(updates, base, warmup):
+    """The authors' constant_with_warmup: base * updates / warmup after `updates` earlier updates, then base."""
+    return base * min(1.0, updates / max(1, warmup))
+
+
+def generator_turn(step, disc_start):
+    """The authors' schedule: the VAE every step before disc_start, then on even steps (discriminator on odd)."""
+    return step < disc_start or step % 2 == 0
+
+
+def disc_updates_before(step, disc_start):
+    """Number of discriminator updates made before `step` (odd steps from disc_start on)."""
+    first = disc_start + (disc_start % 2 == 0)                 # first odd step >= disc_start
+    return max(0, (step - first + 1) // 2)
+
+
+def generator_updates_before(step, disc_start):
+    """Number of VAE updates made before `step`."""
+    return step - disc_updates_before(step, disc_start)
+
+
+def vae_losses(runner, vae, disc, lpips, x, eps, ks, eq, args, step, d):
+    """Stage-1 generator objective: L1 + LPIPS on the (DSM-masked) image, KL, ESM (§3.2), adaptive GAN."""
+    eq_min = 32 if lpips is not None or step >= args.disc_start else 1    # LPIPS / PatchGAN input size
+    rec, target, mean, logvar, z = runner(x, eps, ks, args.dsm_block, eq, eq_min)
+    rec, target = rec.float(), target.float()
+    terms = {"l1": (rec - target).abs().mean()}
+    if lpips is not None:
+        terms["lpips"] = lpips(rec, target).mean()
+    rec_loss = terms["l1"] + args.lpips_weight * terms.get("lpips", 0.0)
+    loss = rec_loss
+    if args.kl_weight > 0:
+        terms["kl"] = sm.kl_loss(mean.float(), logvar.float())
+        loss = loss + args.kl_weight * terms["kl"]
+    if args.esm_weight > 0:
+        terms["esm"] = sm.esm_loss(x, z, delta=args.esm_delta, blur_sigma=vae.esm_blur)
+        loss = loss + args.esm_weight * terms["esm"]
+    if step >= args.disc_start:                                # generator side: D frozen, outside DDP
+        disc.requires_grad_(False)
+        terms["gan"] = -disc(rec).mean()
+        disc.requires_grad_(True)
+        terms["gan_weight"] = sm.adaptive_gan_weight(rec_loss, terms["gan"], vae.decoder.conv_out.weight,
+                                                     args.disc_weight, reduce=d.all_reduce_mean)
+        loss = loss + terms["gan_weight"] * terms["gan"]
+    terms["loss"] = loss
+    return terms
+
+
+def averaged(parts):
+    """Weighted sum of the micro-batches' loss terms (each a mean over its images)."""
+    return {k: sum(w * t[k].detach() for w, t in parts) for k in parts[0][1]}
+
+
+def vae_generator_step(runner, vae, disc, lpips, opt, x, eps, ks, eq, args, step, d, kept_msg):
+    """One VAE update on this rank's images, accumulated over --micro-batch slices."""
+    for gr in opt.param_groups:
+        gr["lr"] = lr_at(generator_updates_before(step, args.disc_start), args.vae_lr, args.warmup)
+    vae.train()
+    opt.zero_grad(set_to_none=True)
+    parts = []
+    for s, w, ctx in accumulation(runner, len(x), args.micro_batch):
+        with ctx:
+            with d.autocast():
+                terms = vae_losses(runner, vae, disc, lpips, x[s], eps[s], ks[s], eq, args, step, d)
+            (w * terms["loss"]).backward()
+        parts.append((w, terms))
+    gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    terms, gnorm = host_values(averaged(parts), gnorm)
+    check_finite(step, terms, gnorm, kept_msg)
+    opt.step()
+    return terms
+
+
+def discriminator_step(vae_step, disc_ddp, disc, opt_d, x, eps, ks, eq, args, step, d, kept_msg):
+    """One discriminator update (odd steps of the GAN phase): hinge loss, the masked image is "real"."""
+    for gr in opt_d.param_groups:                              # linear warm-up counted in discriminator updates
+        gr["lr"] = lr_at(disc_updates_before(step, args.disc_start), args.disc_lr, args.disc_warmup)
+    disc.train()
+    opt_d.zero_grad(set_to_none=True)
+    parts = []
+    for s, w, ctx in accumulation(disc_ddp, len(x), args.micro_batch):
+        with torch.no_grad(), d.autocast():
+            rec, target, *_ = vae_step(x[s], eps[s], ks[s], args.dsm_block, eq, 32)
+        with ctx:
+            with d.autocast():
+                d_loss = sm.hinge_d_loss(disc_ddp(target.float()), disc_ddp(rec.float()))
+            (w * d_loss).backward()
+        parts.append((w, {"disc": d_loss}))
+    gnorm = torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
+    terms, gnorm = host_values(averaged(parts), gnorm)
+    check_finite(step, terms, gnorm, kept_msg)
+    opt_d.step()
+    return terms
+
+
+def load_lpips_or_none(args, d, quickstart):
+    """LPIPS-VGG when --lpips-weight > 0; the quickstart trains without it when the weights are offline."""
+    if args.lpips_weight <= 0:
+        return None
+    try:
+        return sm.load_lpips(args.lpips_path, args.vgg_path).to(d.device)
+    except RuntimeError as e:
+        if not quickstart:
+            raise
+        log(d, f"LPIPS unavailable offline, training without it: {e}")
+        args.lpips_weight = 0.0
+        return None
+
+
+def check_vae_sizes(vae, args):
     vae.check_size(torch.zeros(1, 3, args.image_size, args.image_size))
     if args.dsm:
         for name, s in (("image", args.image_size), ("latent", args.image_size // vae.factor)):
             if s % args.dsm_block:
                 raise ValueError(f"DSM: the {name} size {s} is not divisible by --dsm-block {args.dsm_block}")
+
+
+def train_vae(args, d, quickstart=False):
+    out = os.path.join(args.out, "vae.pt")
+    ckpt = resume_point(out, "vae", args, d, args.vae_steps, quickstart)
+    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == args.vae_steps:
+        log(d, f"stage vae: {out} is finished, skipping")
+        return out
+    if args.bench:
+        return bench_vae(args, d)
+    log_configuration(d, args, "vae")
+    ds = open_dataset(args, d)
+    torch.manual_seed(args.seed)
+    vae = sm.build_vae(args.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
+    vae = vae.to(d.device)                                     # a resumed run keeps its recorded architecture
+    check_vae_sizes(vae, args)
     disc = sm.PatchGAN().to(d.device)
     if d.world > 1 and d.device.type == "cuda":
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-    lpips = None
-    if args.lpips_weight > 0:
-        try:
-            lpips = sm.load_lpips(args.lpips_path, args.vgg_path).to(d.device)
-        except RuntimeError as e:
-            if not quickstart:
-                raise
-            log(d, f"LPIPS unavailable offline, training without it: {e}")
-            args.lpips_weight = 0.0
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)
-    step, history = 0, []
+    lpips = load_lpips_or_none(args, d, quickstart)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)   # authors'
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.9, 0.999), weight_decay=0.005)
+    step, history, saved = 0, [], None
     if ckpt is not None:
         vae.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["opt"]), opt_d.load_state_dict(ckpt["opt_d"])
-        step, history = ckpt["step"], ckpt["history"]
+        step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
         log(d, f"stage vae: resuming {out} at step {step}")
-    if args.bench:
-        return bench_vae(args, d)
-    runner, disc_ddp = d.wrap(VAEStep(vae)), d.wrap(disc)
+    vae_step = VAEStep(vae)
+    runner, disc_ddp = d.wrap(vae_step), d.wrap(disc)
     loader = make_loader(ds, args.vae_batch, d, args.seed, step, args.num_workers)
     latent_shape = (vae.latent_channels, args.image_size // vae.factor, args.image_size // vae.factor)
     vis_x = torch.stack([ds[i][0] for i in range(min(16, len(ds)))]).to(d.device)
@@ -485,75 +900,37 @@ def train_vae(args, d, quickstart=False):
     t0, s0 = time.time(), step
     while step < last:
         crash_point("step", step)
-        x, _ = next(loader)
-        flip, eps, k, eq = vae_batch_randomness(args, step, args.vae_batch, latent_shape)
-        x = torch.where(d.shard(flip).view(-1, 1, 1, 1), x.flip(-1), x).to(d.device, non_blocking=True)
-        eps = d.shard(eps).to(d.device)
-        for gr in opt.param_groups:
-            gr["lr"] = lr_at(step, args.vae_lr, args.warmup)
-        vae.train()
-        with d.autocast():
-            eq_min = 32 if lpips is not None or step >= args.disc_start else 1   # LPIPS / PatchGAN input size
-            rec, target, mean, logvar, z = runner(x, eps, k, args.dsm_block, eq, eq_min)
-            rec, target = rec.float(), target.float()
-            terms = {"l1": (rec - target).abs().mean()}
-            if lpips is not None:
-                terms["lpips"] = lpips(rec, target).mean()
-            rec_loss = terms["l1"] + args.lpips_weight * terms.get("lpips", 0.0)
-            loss = rec_loss
-            if args.kl_weight > 0:
-                terms["kl"] = sm.kl_loss(mean.float(), logvar.float())
-                loss = loss + args.kl_weight * terms["kl"]
-            if args.esm_weight > 0:
-                terms["esm"] = sm.esm_loss(x, z, delta=args.esm_delta, blur_sigma=vae.esm_blur)
-                loss = loss + args.esm_weight * terms["esm"]
-            gan_on = step >= args.disc_start
-            if gan_on:                                         # generator side: D frozen, outside DDP
-                disc.requires_grad_(False)
-                terms["gan"] = -disc(rec).mean()
-                disc.requires_grad_(True)
-                w = sm.adaptive_gan_weight(rec_loss, terms["gan"], vae.decoder.conv_out.weight, args.disc_weight,
-                                           reduce=d.all_reduce_mean)
-                loss = loss + w * terms["gan"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        terms, gnorm = host_values(terms, gnorm)
-        check_finite(step, terms, gnorm)
-        opt.step()
-        if gan_on:                                             # discriminator: the masked image is "real"
-            with d.autocast():
-                d_loss = sm.hinge_d_loss(disc_ddp(target.detach()), disc_ddp(rec.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            terms["disc"] = float(d_loss.detach())
-            check_finite(step, terms, float(torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)))
-            opt_d.step()
+        x, eps, ks, eq = vae_batch(next(loader)[0], args, step, latent_shape, d)
+        msg = kept(out, saved)
+        if generator_turn(step, args.disc_start):
+            terms = vae_generator_step(runner, vae, disc, lpips, opt, x, eps, ks, eq, args, step, d, msg)
+        else:
+            terms = discriminator_step(vae_step, disc_ddp, disc, opt_d, x, eps, ks, eq, args, step, d, msg)
         step += 1
         bar.update(1)
         if step % args.log_every == 0:
-            history.append(dict(step=step, k=k, **terms))
-        if step % args.log_every == 0 and d.main:
-            bar.set_postfix({**{k_: f"{v:.4f}" for k_, v in terms.items()}, "k": k,
-                             "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+            history.append(dict(step=step, k=float(np.mean(ks)), **terms))
+            if d.main:
+                bar.set_postfix({**{k_: f"{v:.4f}" for k_, v in terms.items()},
+                                 "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
         if step % args.vis_every == 0 or step == args.vae_steps:
             vae_pictures(vae, vis_x, args, d, step)
-        if step % args.ckpt_every == 0 or step == last:
-            if step == args.vae_steps:
-                latent_statistics(vae, ds, args, d)
-            if d.main:
-                save(dict(kind="vae", preset=args.vae, vae_config=vae.config, model=vae.state_dict(),
-                          finished=step == args.vae_steps, args=vars(args), history=history,
-                          **checkpoint_state(d, step, disc=disc.state_dict(), opt=opt.state_dict(),
-                                             opt_d=opt_d.state_dict())), out, step)
-            d.barrier()
+        if (step % args.ckpt_every == 0 or step == last) and step < args.vae_steps:   # the last one comes below
+            save_run(d, vae_checkpoint(args, d, vae, disc, opt, opt_d, step, history), out, (vae, disc),
+                     kept(out, saved), args.keep_every)
+            saved = step
     bar.close()
+    if step == args.vae_steps:
+        latent_statistics(vae, ds, args, d)
+        save_run(d, vae_checkpoint(args, d, vae, disc, opt, opt_d, step, history, finished=True), out, (vae, disc),
+                 kept(out, saved), args.keep_every)
     return out
 
 
-def tqdm_bar(d, start, total, desc):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc=desc, disable=not d.main, dynamic_ncols=True)
+def vae_checkpoint(args, d, vae, disc, opt, opt_d, step, history, finished=False):
+    return dict(kind="vae", preset=args.vae, vae_config=vae.config, model=vae.state_dict(), finished=finished,
+                args=vars(args).copy(), history=history, latent_norm=args.latent_norm,
+                **checkpoint_state(d, step, disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict()))
 
 
 @torch.no_grad()
@@ -572,26 +949,28 @@ def vae_pictures(vae, x, args, d, step):
 
 @torch.no_grad()
 def latent_statistics(vae, ds, args, d):
-    """Per-channel mean and std of posterior samples z ~ N(mean, exp(logvar)) over up to --stats-samples
-    images, in closed form (E z = mean, E z^2 = mean^2 + exp(logvar)), so no sampling noise (all ranks)."""
+    """Mean and std of posterior samples z ~ N(mean, exp(logvar)) over up to --stats-samples images, in closed
+    form (E z = mean, E z^2 = mean^2 + exp(logvar)), in float32 on every rank. --latent-norm scalar pools
+    all channels into one mean and std (the authors); channel keeps one per channel."""
     vae.eval()
     n = min(args.stats_samples, len(ds))
     idx = list(range(d.rank, n, d.world))
     acc = torch.zeros(3, vae.latent_channels, dtype=torch.float64, device=d.device)   # count, sum, sum of squares
     for i in range(0, len(idx), 64):
         x = torch.stack([ds[j][0] for j in idx[i:i + 64]]).to(d.device)
-        with d.autocast():
-            mean, logvar = vae.encode(x)
+        mean, logvar = vae.encode(x)
         mean, var = mean.double(), logvar.double().exp()
         acc[0] += mean.shape[0] * mean.shape[2] * mean.shape[3]
         acc[1] += mean.sum(dim=(0, 2, 3))
         acc[2] += (mean.pow(2) + var).sum(dim=(0, 2, 3))
     d.all_reduce(acc)
+    if args.latent_norm == "scalar":                          # pooled over channels
+        acc = acc.sum(dim=1, keepdim=True).expand(3, vae.latent_channels)
     mu = acc[1] / acc[0]
-    vae.latent_mean.copy_(mu.float())
     vae.latent_std.copy_((acc[2] / acc[0] - mu ** 2).clamp_min(1e-12).sqrt().float())
-    log(d, f"latent statistics over {n} images: mean {[round(v, 4) for v in vae.latent_mean.tolist()]}, "
-           f"std {[round(v, 4) for v in vae.latent_std.tolist()]}")
+    vae.latent_mean.copy_(mu.float() if args.latent_norm == "channel" else torch.zeros_like(mu))   # authors: no shift
+    log(d, f"latent statistics ({args.latent_norm}) over {n} images: mean "
+           f"{[round(v, 4) for v in vae.latent_mean.tolist()]}, std {[round(v, 4) for v in vae.latent_std.tolist()]}")
 
 
 def bench_vae(args, d):
@@ -608,7 +987,7 @@ def bench_vae(args, d):
         sync()
         t = time.time()
         with d.autocast():
-            rec, target, mean, logvar, z = runner(x, eps, k, args.dsm_block, None)
+            rec, target, mean, logvar, z = runner(x, eps, [k] * B, args.dsm_block, None)
             loss = (rec.float() - target.float()).abs().mean()
             if esm:
                 loss = loss + 0.01 * sm.esm_loss(x, z, blur_sigma=vae.esm_blur)
@@ -647,15 +1026,20 @@ def bench_vae(args, d):
 # ----------------------------------------------------------------------------- latents
 
 def load_stage1_vae(args, d):
-    """The autoencoder for latents: --sd-vae weights, or a finished stage-1 checkpoint (default OUT/vae.pt)."""
+    """The autoencoder for latents: --sd-vae weights, or a finished stage-1 checkpoint (default OUT/vae.pt).
+    Without an explicit --dataset, the dataset settings of the stage-1 run are used."""
     if args.sd_vae:
         return sm.load_sd_vae(args.sd_vae, "f8d4").to(d.device), dict(kind="sd", path=os.path.abspath(args.sd_vae),
                                                                       preset="f8d4")
     path = args.vae_ckpt or os.path.join(args.out, "vae.pt")
     ckpt = sm.load_checkpoint(path, "vae")
     if not ckpt.get("finished"):
-        raise ValueError(f"{path} is an unfinished stage-1 run (step {ckpt['step']}); finish it with --stage vae "
-                         "--resume first")
+        raise ValueError(f"{path} is an unfinished stage-1 run (step {ckpt['step']} of "
+                         f"{ckpt.get('args', {}).get('vae_steps', '?')}): finish it with --stage vae --resume first")
+    if "dataset" not in args.explicit:
+        for k in ("dataset", "data_path", "image_size", "dataset_size"):
+            if k in ckpt.get("args", {}) and k not in args.explicit:
+                setattr(args, k, ckpt["args"][k])
     return sm.build_vae_from_checkpoint(ckpt).to(d.device), dict(kind="ckpt", path=os.path.abspath(path))
 
 
@@ -666,10 +1050,20 @@ def vae_from_source(src, device):
     return sm.build_vae_from_checkpoint(sm.load_checkpoint(src["path"], "vae")).to(device)
 
 
+def check_latent_norm(vae, meta, where):
+    """Refuse to decode latents normalised with other statistics than this autoencoder's."""
+    same = all(np.allclose(getattr(vae, k).cpu().numpy(), meta[k], rtol=1e-5, atol=1e-7)
+               for k in ("latent_mean", "latent_std"))
+    if not same:
+        raise ValueError(f"{where}: the latents were normalised with mean {meta['latent_mean']} / std "
+                         f"{meta['latent_std']}, but the autoencoder has {vae.latent_mean.tolist()} / "
+                         f"{vae.latent_std.tolist()}: decode with the autoencoder they were encoded with")
+
+
 def encode_latents(args, d, quickstart=False):
-    """Encode the dataset once: posterior (mean, std) of each image and its flip, labels, and (for REPA)
-    the center-cropped uint8 images, as memory-mapped .npy files. An interrupted run resumes: done.npy
-    marks the rows written, partial.json the settings they were written with."""
+    """Encode the dataset once, in float32 (--precision bf16 to speed up): posterior (mean, std) of each image
+    (and of its flip with --hflip), labels, and (for REPA) the center-cropped uint8 images, as memory-mapped
+    .npy files. An interrupted run resumes: done.npy marks the rows written, partial.json their settings."""
     folder = os.path.join(args.out, "latents")
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
@@ -679,15 +1073,17 @@ def encode_latents(args, d, quickstart=False):
         raise FileExistsError(f"{meta_path} exists: pass --resume to reuse it or choose another --out")
     vae, source = load_stage1_vae(args, d)
     vae.eval()
-    ds = build_dataset(args.dataset, args.data_path, args.image_size, True, args.seed, args.dataset_size)
+    ds = open_dataset(args, d)
     vae.check_size(torch.zeros(1, 3, args.image_size, args.image_size))
     N, C, h = len(ds), vae.latent_channels, args.image_size // vae.factor
+    views = 2 if args.hflip else 1
     keep_images = args.repa_encoder != "none"
-    files = dict(moments=((N, 2, 2, C, h, h), np.float32), labels=((N,), np.int64), done=((N,), np.bool_))
+    files = dict(moments=((N, views, 2, C, h, h), np.float32), labels=((N,), np.int64), done=((N,), np.bool_))
     if keep_images:
         files["images"] = ((N, args.image_size, args.image_size, 3), np.uint8)
     spec = dict(num_images=N, latent_shape=[C, h, h], image_size=args.image_size, vae=source,
-                dataset=args.dataset, keep_images=keep_images)
+                dataset=args.dataset, data_path=args.data_path, keep_images=keep_images, hflip=args.hflip,
+                precision=args.precision)
     partial = os.path.join(folder, "partial.json")
     if d.main:
         os.makedirs(folder, exist_ok=True)
@@ -713,8 +1109,8 @@ def encode_latents(args, d, quickstart=False):
             rows = idx[pos:pos + len(x)]
             pos += len(x)
             x = x.to(d.device)
-            for f, xf in enumerate((x, x.flip(-1))):
-                with d.autocast():
+            for f, xf in enumerate((x, x.flip(-1))[:views]):
+                with d.autocast(args.precision):
                     mean, logvar = vae.encode(xf)
                 mom = torch.stack([mean.float(), torch.exp(0.5 * logvar.float())], 1)      # (b, 2, C, h, w)
                 arrays["moments"][rows, f] = mom.cpu().numpy()
@@ -732,6 +1128,7 @@ def encode_latents(args, d, quickstart=False):
     d.barrier()
     if d.main:
         meta = dict(spec, has_images=keep_images, num_classes=getattr(ds, "num_classes", 0),
+                    latent_norm=getattr(vae, "latent_norm", "channel"),
                     latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
         write_json(meta, meta_path)                            # meta.json marks the stage finished
         os.remove(partial)
@@ -748,7 +1145,7 @@ def write_json(obj, path):
 
 
 class LatentData(torch.utils.data.Dataset):
-    """Rows of the latents folder: (moments (2, 2, C, h, w), label, image uint8 (H, W, 3) or 0)."""
+    """Rows of the latents folder: (moments (V, 2, C, h, w), label, image uint8 (H, W, 3) or 0)."""
 
     def __init__(self, folder, with_images):
         meta_path = os.path.join(folder, "meta.json")
@@ -764,6 +1161,12 @@ class LatentData(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.meta["num_images"]
+
+    def check_labels(self, num_classes):
+        """Labels are checked once here, where the data enters, not in every forward."""
+        labels = np.load(os.path.join(self.folder, "labels.npy"), mmap_mode="r")
+        if num_classes and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{self.folder}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes})")
 
     def __getitem__(self, i):
         if self.arrays is None:                            # open lazily, once per worker
@@ -814,14 +1217,14 @@ def build_dit(name, cfg):
 
 
 def dit_batch_randomness(args, step, B, latent_shape):
-    """All random numbers of a stage-2 step for the global batch."""
+    """All random numbers of a stage-2 step for the global batch (flips only with --hflip)."""
     g = step_generator(args.seed, step, stream=2)
     flip = (torch.rand(B, generator=g) < 0.5).long()
     eps = torch.randn((B,) + tuple(latent_shape), generator=g)
     t = sm.sample_time(B, args.weighting, generator=g)
     noise = torch.randn((B,) + tuple(latent_shape), generator=g)
     drop = torch.rand(B, generator=g) < args.class_dropout
-    return flip, eps, t, noise, drop
+    return flip * int(args.hflip), eps, t, noise, drop
 
 
 def repa_targets_for(encoder, images, flip, args, grid):
@@ -843,95 +1246,128 @@ def update_ema(ema, model, decay):
         pe.mul_(decay).add_(pm.detach().float(), alpha=1 - decay)
 
 
+def dit_losses(runner, model, encoder, mom, y, img, flip, eps, t, noise, drop, lat_mean, lat_std, args):
+    """Flow matching + REPA (§4) on posterior samples of the stored moments, normalised for stage 2."""
+    mom = mom[torch.arange(len(mom)), flip]                                 # (b, 2, C, h, w): the drawn view
+    z = (mom[:, 0] + mom[:, 1] * eps - lat_mean) / lat_std
+    targets = None
+    if encoder is not None:
+        targets = [repa_targets_for(encoder, img, flip, args, model.grid_size)]
+    return sm.flow_loss(runner, z, y, t=t, noise=noise, drop_ids=drop, repa_targets=targets,
+                        repa_lambda=args.repa_lambda, cos_weight=args.cos_weight)
+
+
+def dit_step(runner, model, ema, encoder, opt, batch, rnd, lat, args, step, d, kept_msg):
+    """One DiT update on this rank's share, accumulated over --micro-batch slices, then the EMA."""
+    mom, y, img = (v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for v in batch)
+    flip, eps, t, noise, drop = (v.to(d.device) for v in rnd)
+    y = None if model.num_classes == 0 else y
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    parts = []
+    for s, w, ctx in accumulation(runner, len(mom), args.micro_batch):
+        with ctx:
+            with d.autocast():
+                terms = dit_losses(runner, model, encoder, mom[s], None if y is None else y[s],
+                                   img[s] if torch.is_tensor(img) else None, flip[s], eps[s], t[s], noise[s],
+                                   drop[s], *lat, args)
+            (w * terms["loss"]).backward()
+        parts.append((w, {k: v.mean() for k, v in terms.items() if k != "t"}))
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    logged, gnorm = host_values(averaged(parts), gnorm)
+    check_finite(step, logged, gnorm, kept_msg)
+    opt.step()
+    update_ema(ema, model, args.ema)
+    return logged
+
+
 def train_dit(args, d, quickstart=False):
     if args.bench:                                             # random latents of the --vae preset's shape
         cfg = sm.VAE_CONFIGS[args.vae]
         f = 2 ** (len(cfg["channels"]) - 1)
         return bench_dit(args, d, (cfg["latent_channels"], args.image_size // f, args.image_size // f))
     out = os.path.join(args.out, "dit.pt")
-    prepare_output(out, args.resume or quickstart)
+    ckpt = resume_point(out, "dit", args, d, args.dit_steps, quickstart)
+    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == args.dit_steps:
+        log(d, f"stage dit: {out} is finished, skipping")
+        return out
+    log_configuration(d, args, "dit")
     encoder = load_repa_encoder(args.repa_encoder if args.repa_lambda > 0 else "none", d.device, args.seed)
     data = LatentData(os.path.join(args.out, "latents"), encoder is not None)
     meta = data.meta
+    if args.hflip and len(np.load(os.path.join(data.folder, "moments.npy"), mmap_mode="r")[0]) < 2:
+        raise ValueError(f"--hflip needs latents encoded with --hflip (both views); {data.folder} has one view")
     latent_shape = meta["latent_shape"]
     cfg = dit_config(args, meta, encoder.embed_dim if encoder is not None else 0)
+    data.check_labels(cfg["num_classes"])
+    log(d, f"latents {data.folder}: {len(data)} images of {meta.get('dataset')}, {meta['num_classes']} classes, "
+           f"latent shape {tuple(latent_shape)}, {meta.get('latent_norm', 'channel')} normalisation")
     torch.manual_seed(args.seed)
     model = build_dit(args.model, cfg).to(d.device)
+    model.grad_checkpointing = args.grad_checkpoint
     ema = build_dit(args.model, cfg).to(d.device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.0)
-    step, history = 0, []
-    if os.path.exists(out):
-        ckpt = sm.load_checkpoint(out, "dit")
+    step, history, saved = 0, [], None
+    if ckpt is not None:
         if ckpt["model_name"] != args.model or ckpt["dit_config"] != cfg:
             raise ValueError(f"{out} holds {ckpt['model_name']} {ckpt['dit_config']}, not {args.model} {cfg}")
-        if ckpt.get("finished"):
-            log(d, f"stage dit: {out} is finished, skipping")
-            return out
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        step, history = ckpt["step"], ckpt["history"]
+        step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
         log(d, f"stage dit: resuming {out} at step {step}")
     if encoder is not None:
-        with torch.no_grad():
-            probe = torch.from_numpy(np.array(np.load(os.path.join(data.folder, "images.npy"), mmap_mode="r")[:16]))
-            Z = sm.resize_token_grid(sm.encode_repa_target(encoder, probe.permute(0, 3, 1, 2).to(d.device),
-                                                           args.image_size),
-                                     model.grid_size)
-        log(d, f"REPA target {args.repa_target}: directional spectral energy raw "
-               f"{float(sm.directional_spectral_energy(Z)):.4f}, target "
-               f"{float(sm.directional_spectral_energy(repa_targets_for_tokens(Z, args, model.grid_size))):.4f}")
-    lat_mean = torch.tensor(meta["latent_mean"], device=d.device).view(1, -1, 1, 1)
-    lat_std = torch.tensor(meta["latent_std"], device=d.device).view(1, -1, 1, 1)
+        log_repa_target_energy(encoder, data, args, model.grid_size, d)
+    lat = (torch.tensor(meta["latent_mean"], device=d.device).view(1, -1, 1, 1),
+           torch.tensor(meta["latent_std"], device=d.device).view(1, -1, 1, 1))
     runner = d.wrap(model)
     runner = torch.compile(runner) if args.compile else runner
     loader = make_loader(data, args.dit_batch, d, args.seed, step, args.num_workers)
     vae = vae_from_source(meta["vae"], d.device).eval() if d.main else None
+    if vae is not None:
+        check_latent_norm(vae, meta, data.folder)
+    local = args.dit_batch // d.world
+    log(d, f"batch: global {args.dit_batch}, per rank {local}, micro-batch {args.micro_batch or local}, "
+           f"{len(micro_batches(local, args.micro_batch))} accumulation steps")
     last = min(args.dit_steps, step + args.max_steps) if args.max_steps else args.dit_steps
     bar = tqdm_bar(d, step, args.dit_steps, "stage dit")
     t0, s0 = time.time(), step
     while step < last:
         crash_point("step", step)
-        mom, y, img = next(loader)
-        flip, eps, t, noise, drop = (d.shard(a) for a in dit_batch_randomness(args, step, args.dit_batch, latent_shape))
-        mom = mom[torch.arange(len(mom)), flip].to(d.device, non_blocking=True)        # (b, 2, C, h, w)
-        z = (mom[:, 0] + mom[:, 1] * eps.to(d.device) - lat_mean) / lat_std
-        y = None if cfg["num_classes"] == 0 else y.to(d.device)
-        model.train()
-        with d.autocast():
-            targets = None
-            if encoder is not None:
-                targets = [repa_targets_for(encoder, img.to(d.device), flip.to(d.device), args, model.grid_size)]
-            terms = sm.flow_loss(runner, z, y, t=t.to(d.device), noise=noise.to(d.device), drop_ids=drop.to(d.device),
-                                 repa_targets=targets, repa_lambda=args.repa_lambda, cos_weight=args.cos_weight)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        logged, gnorm = host_values({k_: v.mean() for k_, v in terms.items() if k_ != "t"}, gnorm)
-        check_finite(step, logged, gnorm)
-        opt.step()
-        update_ema(ema, model, args.ema)
+        rnd = [d.shard(a) for a in dit_batch_randomness(args, step, args.dit_batch, latent_shape)]
+        logged = dit_step(runner, model, ema, encoder, opt, next(loader), rnd, lat, args, step, d, kept(out, saved))
         step += 1
         bar.update(1)
         if step % args.log_every == 0:
             history.append(dict(step=step, **logged))
-        if step % args.log_every == 0 and d.main:
-            bar.set_postfix({**{k_: f"{v:.4f}" for k_, v in logged.items()},
-                             "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+            if d.main:
+                bar.set_postfix({**{k_: f"{v:.4f}" for k_, v in logged.items()},
+                                 "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
         if d.main and (step % args.vis_every == 0 or step == args.dit_steps):
             labels = None if cfg["num_classes"] == 0 else [i % cfg["num_classes"] for i in range(16)]
             z0 = sample_latents(ema, range(16), labels, latent_shape, args.seed, d.device,
                                 steps=args.sample_steps, cfg_scale=args.cfg_scale)
             save_grid(to_uint8(decode_latents(vae, z0, meta)), os.path.join(args.out, "samples.png"), 8)
         if step % args.ckpt_every == 0 or step == last:
-            if d.main:
-                save(dict(kind="dit", model_name=args.model, dit_config=cfg, model=model.state_dict(),
-                          ema=ema.state_dict(), finished=step == args.dit_steps, args=vars(args), history=history,
-                          latent_mean=meta["latent_mean"], latent_std=meta["latent_std"],
-                          vae=meta["vae"], image_size=meta["image_size"],
-                          **checkpoint_state(d, step, opt=opt.state_dict())), out, step)
-            d.barrier()
+            save_run(d, dict(kind="dit", model_name=args.model, dit_config=cfg, model=model.state_dict(),
+                             ema=ema.state_dict(), finished=step == args.dit_steps, args=vars(args).copy(),
+                             history=history, latent_mean=meta["latent_mean"], latent_std=meta["latent_std"],
+                             latent_norm=meta.get("latent_norm", "channel"), vae=meta["vae"],
+                             image_size=meta["image_size"], **checkpoint_state(d, step, opt=opt.state_dict())),
+                     out, (model, ema), kept(out, saved), args.keep_every)
+            saved = step
     bar.close()
     return out
+
+
+@torch.no_grad()
+def log_repa_target_energy(encoder, data, args, grid, d):
+    """Directional spectral energy of the raw and transformed REPA targets of 16 images, once at start."""
+    probe = torch.from_numpy(np.array(np.load(os.path.join(data.folder, "images.npy"), mmap_mode="r")[:16]))
+    Z = sm.resize_token_grid(sm.encode_repa_target(encoder, probe.permute(0, 3, 1, 2).to(d.device),
+                                                   args.image_size), grid)
+    log(d, f"REPA target {args.repa_target}: directional spectral energy raw "
+           f"{float(sm.directional_spectral_energy(Z)):.4f}, target "
+           f"{float(sm.directional_spectral_energy(repa_targets_for_tokens(Z, args, grid))):.4f}")
 
 
 def sample_latents(model, indices, labels, latent_shape, seed, device, steps=50, cfg_scale=1.0,
@@ -1054,10 +1490,25 @@ def run_compare(args, d):
     return rows
 
 
+# ----------------------------------------------------------------------------- before the first step
+
+def preflight(args, d):
+    """Check what can be checked before hours of work: the run folder, the model and the data source."""
+    check_output_folder(args.out)
+    if args.stage in ("all", "vae", "compare"):
+        sm.VAE_CONFIGS[args.vae]                              # validated names (validate_args)
+    if args.stage in ("all", "dit", "compare") and args.repa_lambda > 0:
+        load_repa_encoder(args.repa_encoder, "cpu", args.seed)   # offline hub / bad names fail now
+    if args.dataset != "deadleaves" and args.data_path and args.stage != "dit":
+        build_dataset(args.dataset, args.data_path, args.image_size)   # layout errors now
+
+
 def main(argv=None):
     args = get_args(argv)
     d = Dist()
     try:
+        if not args.bench:
+            preflight(args, d)
         if args.stage == "vae":
             train_vae(args, d)
         elif args.stage == "latents":
@@ -1073,5 +1524,14 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def cli(main_fn, name):
+    """Run a script's main: user errors print one line `name: error: ...` and exit 2, as argparse does."""
+    try:
+        main_fn()
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli(main, "train.py")
