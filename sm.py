@@ -6,7 +6,8 @@ Diffusability in Latent Diffusion". Contents, top to bottom:
 
   1. Spectral toolkit      dct2 / idct2, radial_spectrum
   2. Spectrum Matching     esm_loss (Encoding SM), dsm_mask (Decoding SM)
-  3. VAE                   SD-VAE layout (diffusers AutoencoderKL), VAE_CONFIGS, load_sd_vae
+  3. VAE                   SD-VAE layout (diffusers AutoencoderKL), VAE_CONFIGS, load_sd_vae,
+                           load_official_vae (the authors' weights), load_safetensors
   4. Stage-1 losses        LPIPS-VGG, PatchGAN, hinge, adaptive weight, KL, EQ-VAE
   5. DiT / SiT             adaLN-Zero transformer, DiT_MODELS, load_repa_sit
   6. Flow matching         flow_loss, sample_ode, sample_sde
@@ -19,9 +20,12 @@ torchvision is imported lazily where a pretrained network needs it. Copy this
 file into your project as it is.
 """
 
+import json
 import math
 import operator
 import os
+import re
+import sys
 import tempfile
 
 import numpy as np
@@ -183,16 +187,29 @@ def dsm_mask(x, z, k, block=8):
 #################################################################################
 #                       3. VAE (SD-VAE / AutoencoderKL layout)                  #
 #################################################################################
-# Parameter names follow diffusers' AutoencoderKL, so SD-VAE weights load as they are.
+# Parameter names follow diffusers' AutoencoderKL, so SD-VAE weights load as they are. The authors'
+# VAE (forever208/SpectrumMatching, modules/vae.py) is the same network except for the padding of the
+# stride-2 downsampling conv: symmetric (k=3, s=2, p=1) there, asymmetric (pad right/bottom by 1, p=0)
+# in diffusers. `downsample_padding` picks one; load_official_vae maps the authors' key names to ours.
 
 VAE_CONFIGS = {
-    # name: channels per level, ResNet blocks per level, latent channels, ESM blur sigma (0 for f8, §3.2)
-    "f8d4":   dict(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, esm_blur=0.0),
-    "f16d16": dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=16, esm_blur=1.2),
-    "f16d32": dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=32, esm_blur=1.2),
+    # name: channels per level, ResNet blocks per level, latent channels, ESM blur sigma (0 for f8, §3.2),
+    # downsampling padding ("asymmetric": diffusers' SD-VAE; "symmetric": the authors' VAE, configs/ldm_*.yaml)
+    "f8d4":    dict(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, esm_blur=0.0,
+                    downsample_padding="asymmetric"),
+    "f16d16":  dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=16, esm_blur=1.2,
+                    downsample_padding="symmetric"),
+    "f16d32":  dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=32, esm_blur=1.2,
+                    downsample_padding="symmetric"),
+    "f32d64":  dict(channels=(128, 128, 256, 256, 512, 512), layers_per_block=2, latent_channels=64,
+                    esm_blur=1.2, downsample_padding="symmetric"),
+    "f64d256": dict(channels=(128, 128, 256, 256, 512, 512, 1024), layers_per_block=2, latent_channels=256,
+                    esm_blur=1.2, downsample_padding="symmetric"),
     # f4, small enough for tests and the CPU quickstart
-    "tiny":   dict(channels=(32, 64, 64), layers_per_block=1, latent_channels=4, esm_blur=1.2, norm_groups=8),
+    "tiny":    dict(channels=(32, 64, 64), layers_per_block=1, latent_channels=4, esm_blur=1.2, norm_groups=8,
+                    downsample_padding="symmetric"),
 }
+DOWNSAMPLE_PADDINGS = ("asymmetric", "symmetric")
 
 
 def _group_norm(c, groups=32):
@@ -247,14 +264,15 @@ class MidBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv after asymmetric (0, 1, 0, 1) padding."""
+    """Stride-2 3x3 conv; padding "asymmetric" = (0, 1, 0, 1) then p=0 (diffusers), "symmetric" = p=1."""
 
-    def __init__(self, c):
+    def __init__(self, c, padding="asymmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
+        self.asymmetric = padding == "asymmetric"
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0 if self.asymmetric else 1)
 
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+    def forward(self, x):                                      # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):
@@ -285,14 +303,14 @@ class _Level(nn.Module):
 class Encoder(nn.Module):
     """Images -> 2C posterior moments; a stride-2 downsample after every level but the last."""
 
-    def __init__(self, channels, layers_per_block, latent_channels, groups=32):
+    def __init__(self, channels, layers_per_block, latent_channels, groups=32, downsample_padding="asymmetric"):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
         levels, cin = [], channels[0]
         for i, c in enumerate(channels):
             last = i == len(channels) - 1
             res = [ResnetBlock(cin if j == 0 else c, c, groups) for j in range(layers_per_block)]
-            levels.append(_Level(res, None if last else Downsample(c), "downsamplers"))
+            levels.append(_Level(res, None if last else Downsample(c, downsample_padding), "downsamplers"))
             cin = c
         self.down_blocks = nn.ModuleList(levels)
         self.mid_block = MidBlock(channels[-1], groups)
@@ -329,25 +347,38 @@ class Decoder(nn.Module):
         h = self.mid_block(self.conv_in(z))
         for level in self.up_blocks:
             h = level(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))    # (B, 3, h*f, w*f)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))    # (B, 3, h*f, w*f), no output nonlinearity
 
 
 class VAE(nn.Module):
-    """KL autoencoder with the SD-VAE layout; latents are normalised with latent_mean / latent_std."""
+    """KL autoencoder with the SD-VAE layout; latents are normalised with latent_mean / latent_std.
+
+    downsample_padding: "asymmetric" (diffusers' SD-VAE; the default, so configs saved before this
+    field existed rebuild as they were trained) or "symmetric" (the authors' VAE). quant_conv /
+    post_quant_conv: the 1x1 convs around the latent (the authors' post_encoder_latent_proj /
+    pre_decoder_latent_proj; identity when False).
+    """
 
     def __init__(self, channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                 esm_blur=1.2, norm_groups=32, preset=None):
+                 esm_blur=1.2, norm_groups=32, downsample_padding="asymmetric", quant_conv=True,
+                 post_quant_conv=True, preset=None):
         super().__init__()
+        if downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"VAE: downsample_padding must be one of {DOWNSAMPLE_PADDINGS}, "
+                             f"got {downsample_padding!r}")
         self.config = dict(channels=tuple(channels), layers_per_block=layers_per_block,
-                           latent_channels=latent_channels, esm_blur=esm_blur, norm_groups=norm_groups)
+                           latent_channels=latent_channels, esm_blur=esm_blur, norm_groups=norm_groups,
+                           downsample_padding=downsample_padding, quant_conv=bool(quant_conv),
+                           post_quant_conv=bool(post_quant_conv))
         self.preset = preset
         self.factor = 2 ** (len(channels) - 1)
         self.latent_channels = latent_channels
         self.esm_blur = esm_blur
-        self.encoder = Encoder(channels, layers_per_block, latent_channels, norm_groups)
+        self.encoder = Encoder(channels, layers_per_block, latent_channels, norm_groups, downsample_padding)
         self.decoder = Decoder(channels, layers_per_block, latent_channels, norm_groups)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        C = latent_channels
+        self.quant_conv = nn.Conv2d(2 * C, 2 * C, 1) if quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(C, C, 1) if post_quant_conv else nn.Identity()
         # per-channel latent statistics for stage 2, filled in after training
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
@@ -396,6 +427,108 @@ def build_vae(preset="f8d4", **overrides):
     return VAE(**{**VAE_CONFIGS[preset], **overrides}, preset=preset)
 
 
+# --- reading weight files
+
+_SAFETENSORS_DTYPES = {name: dt for name, dt in (
+    ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+    ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8),
+    ("U8", torch.uint8), ("BOOL", torch.bool), ("U16", getattr(torch, "uint16", None)),
+    ("U32", getattr(torch, "uint32", None)), ("U64", getattr(torch, "uint64", None)),
+    ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
+) if dt is not None}
+
+
+def load_safetensors(path, with_metadata=False):
+    """Read a .safetensors file without the safetensors package -> {name: tensor} on the CPU.
+
+    Format (huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional "__metadata__": {str: str}},
+    then the raw little-endian data; offsets count from the first byte after the header.
+    with_metadata=True returns (tensors, metadata dict).
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+
+    def bad(msg):
+        return ValueError(f"{path}: {msg}")
+
+    if len(raw) < 8:
+        raise bad(f"not a safetensors file ({len(raw)} bytes; the 8-byte header length is missing)")
+    n = int.from_bytes(raw[:8], "little")
+    if n > len(raw) - 8:
+        raise bad(f"truncated or not a safetensors file (header of {n} bytes, but only {len(raw) - 8} follow)")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data = memoryview(raw)[8 + n:]                             # the byte buffer
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed header entry {info!r}") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise bad(f"tensor {name!r} has unsupported dtype {dtype!r} (supported: {sorted(_SAFETENSORS_DTYPES)})")
+        dt = _SAFETENSORS_DTYPES[dtype]
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise bad(f"tensor {name!r} has a bad shape {shape} or data_offsets {[begin, end]}")
+        if end > len(data):
+            raise bad(f"truncated: tensor {name!r} ends at byte {end} of a {len(data)}-byte data section")
+        itemsize = torch.empty((), dtype=dt).element_size()
+        if end - begin != math.prod(shape) * itemsize:
+            raise bad(f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} "
+                      f"(expected {math.prod(shape) * itemsize})")
+        if end == begin:
+            t = torch.empty(shape, dtype=dt)
+        else:
+            t = torch.frombuffer(bytearray(data[begin:end]), dtype=dt)  # own, writable copy
+            if sys.byteorder == "big" and itemsize > 1:       # the file is little-endian
+                t = t.view(torch.uint8).view(-1, itemsize).flip(1).contiguous().view(dt)
+            t = t.reshape(shape)
+        out[name] = t
+    return (out, dict(metadata)) if with_metadata else out
+
+
+def _read_state_dict(path):
+    """Read a .bin / .pt / .pth / .safetensors file into a state dict."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _weights_in(path_or_state_dict, names):
+    """A state dict: the given one, or read from a file or from the first of `names` in a folder."""
+    if isinstance(path_or_state_dict, dict):
+        return path_or_state_dict
+    p = os.fspath(path_or_state_dict)
+    if os.path.isdir(p):
+        found = [os.path.join(p, n) for n in names if os.path.exists(os.path.join(p, n))]
+        if not found:
+            raise FileNotFoundError(f"no {' or '.join(names)} in {p}")
+        p = found[0]
+    return _read_state_dict(p)
+
+
+def _check_fit(sd, expected, what, preset, hint=""):
+    """Raise one clear error when state dict `sd` does not fit the {key: shape} `expected`."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} do not fit VAE preset {preset!r}: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
+                         f"(e.g. {[(k, tuple(sd[k].shape), tuple(expected[k])) for k in wrong[:3]]}){hint}")
+
+
 _OLD_ATTN_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -413,52 +546,108 @@ def convert_diffusers_vae_keys(state_dict):
     return out
 
 
-def _read_state_dict(path):
-    """Read a .bin / .pt / .pth / .safetensors file into a state dict."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise RuntimeError(f"{path} is a .safetensors file but the safetensors package is not installed; "
-                               "`pip install safetensors`, or use the diffusion_pytorch_model.bin file") from None
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_sd_vae(path_or_state_dict, preset="f8d4"):
     """Load diffusers-format AutoencoderKL weights (e.g. stabilityai/sd-vae-ft-ema) into a VAE.
 
     path_or_state_dict: a diffusion_pytorch_model.bin / .safetensors file, the folder holding it,
-    or a state dict; old and new attention key names are accepted. SD's latent scale 0.18215 is
-    stored as latent_std = 1 / 0.18215 for the f8d4 preset.
+    or a state dict; old and new attention key names are accepted. The VAE gets diffusers' layout
+    (asymmetric downsampling padding) for a preset name. SD's latent scale 0.18215 is stored as
+    latent_std = 1 / 0.18215 for the f8d4 preset.
     """
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
-        p = os.fspath(sd)
-        if os.path.isdir(p):
-            for name in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"):
-                if os.path.exists(os.path.join(p, name)):
-                    p = os.path.join(p, name)
-                    break
-            else:
-                raise FileNotFoundError(f"no diffusion_pytorch_model.bin or .safetensors in {p}")
-        sd = _read_state_dict(p)
+    sd = _weights_in(path_or_state_dict, ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"))
     sd = convert_diffusers_vae_keys(sd)
-    vae = build_vae(preset) if isinstance(preset, str) else VAE(**preset)
-    own = vae.state_dict()
-    missing = [k for k in own if k not in sd and k not in ("latent_mean", "latent_std")]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"weights do not fit VAE preset {preset!r}: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
-                         f"(e.g. {wrong[:3]})")
+    vae = build_vae(preset, downsample_padding="asymmetric") if isinstance(preset, str) else VAE(**preset)
+    own = {k: v.shape for k, v in vae.state_dict().items() if k not in ("latent_mean", "latent_std")}
+    _check_fit({k: v for k, v in sd.items() if k not in ("latent_mean", "latent_std")}, own, "weights", preset)
     vae.load_state_dict(sd, strict=False)
     if preset == "f8d4" and "latent_std" not in sd:
         vae.latent_std.fill_(1 / 0.18215)
+    return vae.eval()
+
+
+# Our parameter names -> the authors' (modules/vae.py: VAEEncoder / VAEDecoder / EncoderDecoder;
+# modules/layers.py: ResidualBlock2D, DownSampleBlock2D, UpSampleBlock2D; modules/transformer.py: Attention).
+_OFFICIAL_KEY_RULES = [(re.compile(a), b) for a, b in (
+    (r"^quant_conv\.", "post_encoder_conv."),
+    (r"^post_quant_conv\.", "pre_decoder_conv."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.encoder_blocks.\1.blocks."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
+     r"encoder.encoder_blocks.\1.downsample.downsample_conv."),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.decoder_blocks.\1.blocks."),
+    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r"decoder.decoder_blocks.\1.upsample.upsample.1."),
+    (r"^(encoder|decoder)\.mid_block\.", r"\1.attn_block."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.out_norm."),
+    (r"\.group_norm\.", ".groupnorm."),
+    (r"\.to_(q|k|v)\.", r".\1_proj."),
+    (r"\.to_out\.0\.", ".out_proj."),
+    (r"\.conv_shortcut\.", ".identity_conv."),
+)]
+
+
+def _official_vae_key(key):
+    """The authors' state-dict name (model.safetensors) of one of our VAE parameter names."""
+    for pattern, repl in _OFFICIAL_KEY_RULES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def _official_config_guess(sd):
+    """VAE kwargs read off the authors' weights (channels, ResNets per level, latent channels), or None."""
+    try:
+        channels, i = [], 0
+        while f"encoder.encoder_blocks.{i}.blocks.0.conv1.weight" in sd:
+            channels.append(int(sd[f"encoder.encoder_blocks.{i}.blocks.0.conv1.weight"].shape[0]))
+            i += 1
+        layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.encoder_blocks.0.blocks.")})
+        latent = int(sd["decoder.conv_in.weight"].shape[1])
+    except (KeyError, IndexError):
+        return None
+    if not channels:
+        return None
+    return dict(channels=tuple(channels), layers_per_block=layers, latent_channels=latent)
+
+
+def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
+    """Load the authors' VAE weights (forever208/SpectrumMatching) into a VAE that reproduces theirs.
+
+    path_or_state_dict: their model.safetensors (written by accelerate's save_state; in a
+    checkpoint_<step> folder model_1 / model_2.safetensors hold LPIPS / the discriminator), the
+    folder holding it, or a state dict with their key names (encoder.encoder_blocks.*,
+    post_encoder_conv, pre_decoder_conv, ...). preset: a VAE_CONFIGS name, a dict of VAE kwargs,
+    or None to read channels, ResNets per level and latent channels off the weights (32 norm
+    groups, as in all their configs). The VAE always gets their symmetric downsampling padding.
+    encode(x) -> (mean, logvar) and decode(z) then equal their encode's mu / logvar and forward_dec.
+
+    The latent scale is in neither the weights nor LDMConfig: their stage 2 multiplies z by a
+    constant from the `scaling_constants` of configs/ldm_*.yaml (e.g. imagenet: 0.9515730,
+    celeba256: 0.9010), printed as 1/std by extract_VAE_latents.py, with no shift. Pass it as
+    scale_factor to store latent_std = 1 / scale_factor (latent_mean stays 0); else latent_std = 1.
+    """
+    sd = _weights_in(path_or_state_dict, ("model.safetensors", "pytorch_model.bin"))
+    if sd and all(k.startswith("module.") for k in sd):        # saved from a DDP-wrapped model
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    guess = _official_config_guess(sd)
+    if preset is None:
+        if guess is None:
+            raise ValueError("load_official_vae: cannot read the VAE layout off these weights "
+                             "(no encoder.encoder_blocks.*); pass preset=")
+        preset = guess
+    if isinstance(preset, str):
+        vae = build_vae(preset, downsample_padding="symmetric")
+    else:
+        if preset.get("downsample_padding", "symmetric") != "symmetric":
+            raise ValueError("load_official_vae: the authors' VAE pads its downsampling symmetrically; "
+                             f"got downsample_padding={preset['downsample_padding']!r}")
+        vae = VAE(**{**preset, "downsample_padding": "symmetric"})
+    own = vae.state_dict()
+    ours = {_official_vae_key(k): k for k in own if k not in ("latent_mean", "latent_std")}  # theirs -> ours
+    hint = f"; these weights look like {guess}" if guess else ""
+    _check_fit(sd, {k: own[k2].shape for k, k2 in ours.items()}, "the authors' VAE weights", preset, hint)
+    vae.load_state_dict({ours[k]: v for k, v in sd.items()}, strict=False)
+    if scale_factor is not None:
+        if not scale_factor > 0:
+            raise ValueError(f"load_official_vae: scale_factor must be positive, got {scale_factor}")
+        vae.latent_std.fill_(1.0 / scale_factor)
     return vae.eval()
 
 
@@ -538,21 +727,26 @@ def load_lpips(path=None, vgg_path=None):
 
 
 class PatchGAN(nn.Module):
-    """PatchGAN discriminator (Isola et al., 2017; as in VQGAN): 3 strided layers, BatchNorm."""
+    """PatchGAN discriminator (Isola et al., 2017) as the authors' (modules/discriminator.py).
 
-    def __init__(self, in_channels=3, ndf=64, n_layers=3):
+    A stride-2 conv, then n_layers convs doubling the width (stride 2, the last stride 1) with
+    BatchNorm, then a 1-channel conv; kernel 4, padding 1, LeakyReLU. Initialised as their
+    init_weights: conv weights N(0, init_std^2) with init_std = 0.2 (VQGAN / DCGAN use 0.02), conv
+    biases left at PyTorch's default, BatchNorm weights N(1, 0.02^2) and biases 0.
+    """
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3, kernel_size=4, slope=0.2, init_std=0.2):
         super().__init__()
-        layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        mult = 1
-        for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
-                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
+        layers, c = [nn.Conv2d(in_channels, ndf, kernel_size, 2, 1), nn.LeakyReLU(slope)], ndf
+        for n in range(n_layers):
+            layers += [nn.Conv2d(c, 2 * c, kernel_size, 2 if n < n_layers - 1 else 1, 1, bias=False),
+                       nn.BatchNorm2d(2 * c), nn.LeakyReLU(slope)]
+            c *= 2
+        layers += [nn.Conv2d(c, 1, kernel_size, 1, 1)]
         self.main = nn.Sequential(*layers)
-        for m in self.modules():                               # DCGAN initialisation
+        for m in self.modules():                               # same order as their .apply(init_weights)
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.normal_(m.weight, 0.0, init_std)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
@@ -562,12 +756,14 @@ class PatchGAN(nn.Module):
 
 
 def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    """Discriminator hinge loss mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec))), no 1/2 (as the
+    authors' stage1_vae_trainer.py)."""
+    return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
 
 
-def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None):
-    """VQGAN's adaptive weight ||grad L_rec|| / ||grad L_gen|| at the decoder's last layer, times scale.
+def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None, eps=1e-8):
+    """VQGAN's adaptive weight as the authors': ||grad L_rec|| / max(||grad L_gen||, eps) at the
+    decoder's last layer, clamped at max_weight, times scale (their disc_weight 0.5); detached.
 
     reduce(g) may average the gradients over data-parallel ranks first, so that every rank (and a
     single process on the same global batch) uses the same weight.
@@ -576,8 +772,8 @@ def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e
     g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
     if reduce is not None:
         g_rec, g_gen = reduce(g_rec), reduce(g_gen)
-    w = g_rec.norm() / (g_gen.norm() + 1e-4)
-    return w.clamp(0.0, max_weight).detach() * scale
+    w = g_rec.norm() / g_gen.norm().clamp_min(eps)
+    return w.clamp(max=max_weight).detach() * scale
 
 
 def kl_loss(mean, logvar):

@@ -257,12 +257,14 @@ def test_load_sd_vae_from_file_and_errors(tmp_path):
         sm.load_sd_vae(g["state_dict"], preset="tiny")
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model"):
         sm.load_sd_vae(tmp_path / "empty_folder" if (tmp_path / "empty_folder").mkdir() is None else None)
+    st = tmp_path / "st"                                    # .safetensors without the safetensors package
+    st.mkdir()
+    write_safetensors(st / "diffusion_pytorch_model.safetensors", g["state_dict"])
+    vae3 = sm.load_sd_vae(st, preset=dict(vae.config))
+    assert all(torch.equal(a, b) for a, b in zip(vae3.state_dict().values(), vae.state_dict().values()))
     (tmp_path / "w.safetensors").write_bytes(b"")
-    try:
-        import safetensors  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match="safetensors package is not installed"):
-            sm.load_sd_vae(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="w.safetensors: not a safetensors file"):
+        sm.load_sd_vae(tmp_path / "w.safetensors")
 
 
 def test_vae_bad_image_size():
@@ -271,6 +273,204 @@ def test_vae_bad_image_size():
         vae.encode(torch.zeros(1, 3, 30, 32))
     with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
         vae.encode(torch.zeros(1, 1, 32, 32))
+
+
+def test_downsample_padding_formulas():
+    """Stride-2 3x3 conv: symmetric = zero pad 1 on every side (the authors' DownSampleBlock2D);
+    asymmetric = zero pad right/bottom only (diffusers): y[i, j] = sum_ab w[a, b] x[2i + a - p, 2j + b - p]."""
+    x = torch.arange(36, dtype=torch.float64).reshape(1, 1, 6, 6) ** 1.5
+    w = torch.arange(9, dtype=torch.float64).reshape(3, 3) - 3.5
+    expect = {}
+    for pad, p in (("symmetric", 1), ("asymmetric", 0)):
+        y = np.zeros((3, 3))
+        for i in range(3):
+            for j in range(3):
+                for a in range(3):
+                    for b in range(3):
+                        r, c = 2 * i + a - p, 2 * j + b - p
+                        if 0 <= r < 6 and 0 <= c < 6:
+                            y[i, j] += w[a, b].item() * x[0, 0, r, c].item()
+        d = sm.Downsample(1, pad).double()
+        with torch.no_grad():
+            d.conv.weight.copy_(w.view(1, 1, 3, 3))
+            d.conv.bias.zero_()
+            expect[pad] = d(x)[0, 0].numpy()
+        np.testing.assert_allclose(expect[pad], y, rtol=1e-12)
+    assert np.abs(expect["symmetric"] - expect["asymmetric"]).max() > 1.0
+
+
+def test_vae_padding_config_and_old_configs():
+    assert sm.build_vae("f8d4").config["downsample_padding"] == "asymmetric"          # SD-VAE (diffusers)
+    for p in ("f16d16", "f16d32", "f32d64", "f64d256", "tiny"):
+        assert sm.VAE_CONFIGS[p]["downsample_padding"] == "symmetric"                # the authors' layout
+    vae = sm.build_vae("tiny")
+    old = {k: v for k, v in vae.config.items() if k not in ("downsample_padding", "quant_conv", "post_quant_conv")}
+    ckpt = dict(kind="vae", preset="tiny", vae_config=old, model=vae.state_dict())   # saved before the field
+    rebuilt = sm.build_vae_from_checkpoint(ckpt)
+    assert rebuilt.config["downsample_padding"] == "asymmetric"
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():                                      # same weights, other padding: other latents
+        assert (rebuilt.encode(x)[0] - vae.encode(x)[0]).abs().max() > 1e-3
+        assert torch.equal(rebuilt.decode(vae.encode(x)[0]), vae.eval().decode(vae.encode(x)[0]))
+    assert sm.build_vae_from_checkpoint(dict(ckpt, vae_config=vae.config)).config == vae.config
+    assert sm.load_sd_vae(sm.build_vae("tiny").state_dict(), "tiny").config["downsample_padding"] == "asymmetric"
+    with pytest.raises(ValueError, match="downsample_padding must be one of"):
+        sm.build_vae("tiny", downsample_padding="same")
+    bare = sm.build_vae("tiny", quant_conv=False, post_quant_conv=False)
+    assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in bare.state_dict())
+
+
+@pytest.mark.parametrize("preset,shape", [("f32d64", (64, 8, 8)), ("f64d256", (256, 4, 4))])
+def test_authors_large_presets(preset, shape):
+    """configs/ldm_f32d64.yaml and ldm_f64d256.yaml: 256 px images -> 8x8x64 and 4x4x256 latents."""
+    with torch.device("meta"):
+        vae = sm.build_vae(preset)
+        mean, logvar = vae.encode(torch.empty(1, 3, 256, 256))
+        assert mean.shape == logvar.shape == (1,) + shape
+        assert vae.decode(mean).shape == (1, 3, 256, 256)
+    chans = [l.resnets[0].conv1.out_channels for l in vae.encoder.down_blocks]
+    assert tuple(chans) == sm.VAE_CONFIGS[preset]["channels"]
+
+
+def _official_golden():
+    return torch.load(os.path.join(DATA, "official_vae_golden.pt"), weights_only=True)
+
+
+def test_official_vae_matches_authors_code():
+    """Golden outputs of the authors' own modules/vae.py (testdata/make_official_vae_golden.py)."""
+    g = _official_golden()
+    vae = sm.load_official_vae(g["state_dict"], preset=g["sm_preset"])
+    with torch.no_grad():
+        mean, logvar = vae.encode(g["x"])
+        assert (mean - g["mean"]).abs().max() < 1e-5
+        assert (logvar - g["logvar"]).abs().max() < 1e-5
+        assert (logvar[:, 1] == -30.0).all()                   # their clamp, hit on purpose
+        assert (vae.decode(g["mean"]) - g["decoded"]).abs().max() < 1e-5
+
+
+def test_official_vae_forward_scale_kl_esm_dsm():
+    """Their VAE.forward (both branches) and scaled encode/decode, from the same mean, logvar and eps."""
+    g = _official_golden()
+    e, d = g["esm_branch"], g["dsm_branch"]
+    vae = sm.load_official_vae(g["state_dict"], preset=g["sm_preset"], scale_factor=g["scale_factor"])
+    with torch.no_grad():
+        mean, logvar = vae.encode(g["x"])
+        z = vae.sample(mean, logvar, g["eps"])
+        assert (z - e["posterior"]).abs().max() < 1e-5
+        assert (vae.decode(z) - e["reconstruction"]).abs().max() < 1e-5
+        assert (vae.normalize(z) - g["scaled_posterior"]).abs().max() < 1e-5        # z * scale_factor
+        assert (vae.decode(vae.denormalize(g["scaled_posterior"])) - g["scaled_decoded"]).abs().max() < 1e-5
+        assert sm.kl_loss(mean, logvar).item() == pytest.approx(e["kl_loss"].mean().item(), rel=1e-6)
+        assert sm.esm_loss(g["x"], z, delta=e["delta"]).item() == pytest.approx(e["sm_delta"].item(), rel=1e-5)
+        assert sm.esm_loss(g["x"], z, delta=0.0).item() == pytest.approx(e["sm_rgb"].item(), rel=1e-5)
+        x_k, z_k = sm.dsm_mask(g["x"], z, d["k"], d["blk_sz"])
+        assert (x_k - d["img"]).abs().max() < 1e-5 and (z_k - d["posterior"]).abs().max() < 1e-5
+        assert (vae.decode(z_k) - d["reconstruction"]).abs().max() < 1e-5
+
+
+def test_official_vae_from_safetensors_and_errors(tmp_path):
+    g = _official_golden()
+    write_safetensors(tmp_path / "model.safetensors", g["state_dict"], metadata={"format": "pt"})
+    ref = sm.load_official_vae(g["state_dict"], preset=g["sm_preset"])
+    for src in (tmp_path, tmp_path / "model.safetensors"):     # accelerate's checkpoint folder, or the file
+        vae = sm.load_official_vae(src, preset=g["sm_preset"])
+        assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), ref.state_dict().values()))
+    ddp = {"module." + k: v for k, v in g["state_dict"].items()}
+    assert torch.equal(sm.load_official_vae(ddp, g["sm_preset"]).decoder.conv_out.bias, ref.decoder.conv_out.bias)
+    guessed = sm.load_official_vae(g["state_dict"], preset=None).config
+    assert guessed["channels"] == (8, 16, 16) and guessed["layers_per_block"] == 2 and guessed["latent_channels"] == 4
+    with pytest.raises(ValueError, match=r"preset 'f16d16': 96 missing .*, 4 unexpected .*, 195 of another "
+                                         r"shape .*look like \{'channels': \(8, 16, 16\)"):
+        sm.load_official_vae(g["state_dict"])
+    sd = dict(g["state_dict"])
+    del sd["pre_decoder_conv.weight"]
+    with pytest.raises(ValueError, match=r"1 missing \(e.g. \['pre_decoder_conv.weight'\]\)"):
+        sm.load_official_vae(sd, g["sm_preset"])
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin in"):
+        sm.load_official_vae(tmp_path / "ckpt" if (tmp_path / "ckpt").mkdir() is None else None)
+    with pytest.raises(ValueError, match="pads its downsampling symmetrically"):
+        sm.load_official_vae(g["state_dict"], dict(g["sm_preset"], downsample_padding="asymmetric"))
+    with pytest.raises(ValueError, match="scale_factor must be positive"):
+        sm.load_official_vae(g["state_dict"], g["sm_preset"], scale_factor=0.0)
+
+
+# .safetensors written from the format spec (huggingface/safetensors README), independently of sm.py
+_ST_CODES = {torch.float64: ("F64", "<f8"), torch.float32: ("F32", "<f4"), torch.float16: ("F16", "<f2"),
+             torch.bfloat16: ("BF16", "<i2"), torch.int64: ("I64", "<i8"), torch.int32: ("I32", "<i4"),
+             torch.int16: ("I16", "<i2"), torch.int8: ("I8", "|i1"), torch.uint8: ("U8", "|u1"),
+             torch.bool: ("BOOL", "|u1")}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """u64 little-endian header size, JSON header padded with spaces to 8 bytes, little-endian data."""
+    header, blobs, offset = {}, [], 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name, t in tensors.items():
+        code, np_dtype = _ST_CODES[t.dtype]
+        t = t.detach().cpu().contiguous()
+        a = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()        # bf16 as its bit pattern
+        blob = a.astype(np_dtype).tobytes()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def _safetensors_golden_tensors():
+    """Same recipe as safetensors_golden_tensors() in testdata/make_official_vae_golden.py."""
+    a = torch.arange(-6, 6, dtype=torch.float64).reshape(3, 4) / 7
+    return {
+        "f64": a, "f32": a.float(), "f16": a.half(), "bf16": a.bfloat16(),
+        "i64": torch.tensor([-(2 ** 40), -1, 0, 2 ** 40 + 3]),
+        "i32": torch.tensor([[-(2 ** 30), 7], [0, 2 ** 30]], dtype=torch.int32),
+        "i16": torch.tensor([-300, 300], dtype=torch.int16), "i8": torch.tensor([-128, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 1, 254, 255], dtype=torch.uint8), "bool": torch.tensor([[True, False, True]]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+    }
+
+
+def _assert_same_tensors(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_safetensors_reader_matches_the_package(tmp_path):
+    """A file written by the safetensors package (0.8.0), and one written here from the spec."""
+    want = _safetensors_golden_tensors()
+    got, meta = sm.load_safetensors(os.path.join(DATA, "safetensors_golden.safetensors"), with_metadata=True)
+    _assert_same_tensors(got, want)
+    assert meta == {"format": "pt", "note": "sm golden"}
+    write_safetensors(tmp_path / "own.safetensors", want)
+    _assert_same_tensors(sm.load_safetensors(tmp_path / "own.safetensors"), want)
+    got["f32"] += 1                                            # writable, not tied to the file
+    assert got["f32"][0, 0].item() == pytest.approx(1 - 6 / 7)
+
+
+def test_safetensors_reader_errors(tmp_path):
+    p = tmp_path / "x.safetensors"
+    write_safetensors(p, {"a": torch.ones(4, 4), "b": torch.zeros(3, dtype=torch.int64)})
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    cases = {
+        raw[:5]: "not a safetensors file",
+        raw[:-3]: r"truncated: tensor 'b' ends at byte 88 of a 85-byte data section",
+        raw[:8 + n - 4]: "truncated or not a safetensors file",
+        raw[:8] + b"{" * n + raw[8 + n:]: "header is not valid JSON",
+        raw.replace(b'"F32"', b'"C64"'): "unsupported dtype 'C64'",
+        raw.replace(b'[4, 4]', b'[4, 5]'): r"tensor 'a': 64 bytes for shape \[4, 5\] of F32 \(expected 80\)",
+        raw.replace(b'"shape"', b'"shapf"'): "tensor 'a' has a malformed header entry",
+    }
+    for bad, msg in cases.items():
+        p.write_bytes(bad)
+        with pytest.raises(ValueError, match=f"x.safetensors: .*{msg}"):
+            sm.load_safetensors(p)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        sm.load_official_vae(tmp_path / "missing.safetensors")
 
 
 #################################################################################
@@ -310,19 +510,71 @@ def test_lpips_offline_error(tmp_path, monkeypatch):
         sm.load_lpips(path=str(tmp_path / "missing.pth"))
 
 
-def test_patchgan_and_hinge():
+def test_patchgan_matches_authors_code():
+    """The authors' PatchGAN(...).apply(init_weights) after the same seed: same weights, same logits."""
+    g = _official_golden()["disc"]
+    k = g["kwargs"]
+    torch.manual_seed(g["seed"])
+    d = sm.PatchGAN(k["input_channels"], k["start_dim"], k["depth"], k["kernel_size"], k["leaky_relu_slope"])
+    ours = {"model." + n[len("main."):]: v for n, v in d.state_dict().items()}          # their Sequential: model
+    _assert_same_tensors(ours, g["state_dict"])
+    with torch.no_grad():
+        assert (d.train()(g["x"]) - g["logits_train"]).abs().max() < 1e-5             # batch statistics
+        assert (d.eval()(g["x"]) - g["logits_eval"]).abs().max() < 1e-5
+
+
+def test_patchgan_shape_and_init_statistics():
+    """256 px -> 30x30 logits; conv weights ~ N(0, 0.2^2), BatchNorm weights ~ N(1, 0.02^2), biases as theirs.
+
+    For n i.i.d. N(mu, s^2) draws the sample mean has sd s/sqrt(n) and the sample std about s/sqrt(2n):
+    5 sd bounds (a false failure has probability < 1e-6 per check)."""
+    with torch.device("meta"):
+        assert sm.PatchGAN()(torch.empty(2, 3, 256, 256)).shape == (2, 1, 30, 30)
+    torch.manual_seed(0)
     d = sm.PatchGAN()
-    out = d(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, 1, 6, 6)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1] and len(bns) == 3
+    for mods, mu, s in ((convs, 0.0, 0.2), (bns, 1.0, 0.02)):
+        for m in mods:
+            w = m.weight.detach().double().flatten()
+            n = w.numel()
+            assert abs(w.mean().item() - mu) < 5 * s / math.sqrt(n), (m, n)
+            assert abs(w.std().item() - s) < 5 * s / math.sqrt(2 * n), (m, n)
+    assert all(torch.equal(b.bias, torch.zeros_like(b.bias)) for b in bns)
+    for c in (convs[0], convs[-1]):                            # PyTorch's default U(-1/sqrt(fan_in), ...)
+        fan_in = c.weight[0].numel()
+        assert c.bias.abs().max() <= 1 / math.sqrt(fan_in) and c.bias.abs().max() > 0
+    assert all(c.bias is None for c in convs[1:-1])
+    torch.manual_seed(0)
+    w = sm.PatchGAN(init_std=0.02).main[0].weight.detach().double()                  # VQGAN / DCGAN's 0.02
+    assert abs(w.std().item() - 0.02) < 5 * 0.02 / math.sqrt(2 * w.numel())
+
+
+def test_hinge_closed_form():
+    """mean(relu(1 - real)) + mean(relu(1 + fake)), without a 1/2 (the authors' stage1_vae_trainer.py)."""
+    r, f = torch.randn(3, 1, 5, 5), torch.randn(3, 1, 5, 5)
+    want = np.maximum(0, 1 - r.double().numpy()).mean() + np.maximum(0, 1 + f.double().numpy()).mean()
+    assert sm.hinge_d_loss(r, f).item() == pytest.approx(want, rel=1e-6)
+    assert sm.hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 2.0
     assert sm.hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
-    assert sm.hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(1.0)
+    assert sm.hinge_d_loss(torch.full((4,), -1.0), torch.full((4,), 0.5)).item() == 3.5
 
 
-def test_adaptive_weight_is_gradient_norm_ratio():
-    w = torch.nn.Parameter(torch.randn(5))
-    rec, gen = (3 * w).sum(), (w * 1.5).sum()
-    assert sm.adaptive_gan_weight(rec, gen, w, scale=1.0).item() == pytest.approx(2.0, rel=1e-3)
-    assert sm.adaptive_gan_weight((1e9 * w).sum(), gen, w, scale=0.5).item() == pytest.approx(0.5e4)
+def test_adaptive_weight_closed_form():
+    """rec = <A, W>, gen = <B, W> have gradients A and B: weight = scale * min(|A| / max(|B|, 1e-8), 1e4)."""
+    W = torch.nn.Parameter(torch.randn(3, 4))
+    A, B = torch.randn(3, 4), torch.randn(3, 4)
+    want = (A.double().norm() / B.double().norm()).item()
+    assert sm.adaptive_gan_weight((A * W).sum(), (B * W).sum(), W, 0.5).item() == pytest.approx(0.5 * want, rel=1e-6)
+    assert sm.adaptive_gan_weight((A * W).sum(), (B * W).sum(), W, 1.0, reduce=lambda g: 3 * g).item() \
+        == pytest.approx(want, rel=1e-6)
+    tiny = 1e-9 * B                                            # |grad gen| < 1e-8: divided by 1e-8 instead
+    w = sm.adaptive_gan_weight((1e-6 * A * W).sum(), (tiny * W).sum(), W, 1.0, max_weight=1e9).item()
+    assert w == pytest.approx(1e-6 * A.double().norm().item() / 1e-8, rel=1e-5)
+    assert sm.adaptive_gan_weight((1e9 * A * W).sum(), (B * W).sum(), W, 0.5).item() == 0.5e4     # clamp
+    out = sm.adaptive_gan_weight((A * W).sum(), (B * W).sum(), W)
+    assert not out.requires_grad
 
 
 def test_kl_loss_closed_form():
