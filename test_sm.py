@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+import sample
 import sm
 import train
 
@@ -1553,7 +1555,7 @@ def test_sample_script_grid_npz_and_world_size(tiny_run, tmp_path):
     run_script(sde + ["--batch-size", "2", "--out", str(tmp_path / "sde2")], nproc=2, script="sample.py")
     c, e = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("sde6", "sde2"))
     assert np.array_equal(c, e) and not np.array_equal(c, a[:6])           # batch / rank independent SDE
-    assert len(os.listdir(tmp_path / "one" / "images")) == 10
+    assert len(list((tmp_path / "one" / "images").glob("*.png"))) == 10              # + config.json
     p = run_script(["--ckpt", str(tiny_run / "vae.pt")], script="sample.py", check=False)
     assert p.returncode != 0 and "is a 'vae' checkpoint, but a 'dit' checkpoint is needed" in p.stderr
     p = run_script(["--ckpt", ckpt, "--classes", "10"], script="sample.py", check=False)
@@ -1822,3 +1824,287 @@ def test_scalar_latent_norm_round_trip(tiny_run):
     other = dict(meta, latent_std=[s * 2 for s in meta["latent_std"]])
     with pytest.raises(ValueError, match="decode with the autoencoder they were encoded with"):
         train.check_latent_norm(vae, other, "latents")
+
+
+#################################################################################
+#                                  sample.py                                    #
+#################################################################################
+
+def _write_sample_ckpt(folder, ema_edit=None):
+    """A tiny perturbed DiT ('dit' checkpoint, step 7) and a tiny VAE ('vae'), as train.py writes them."""
+    folder = Path(folder)
+    torch.manual_seed(0)
+    vae = sm.build_vae("tiny")
+    vae.latent_mean.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
+    vae.latent_std.fill_(1.5)
+    sm.save_checkpoint(dict(kind="vae", vae_config=vae.config, model=vae.state_dict(), preset="tiny", step=1,
+                            finished=True, args={}), folder / "vae.pt")
+    cfg = dict(input_size=8, in_channels=4, num_classes=10, depth=2, hidden_size=32, num_heads=4, encoder_depth=1,
+               z_dims=[], class_dropout_prob=0.1)
+    torch.manual_seed(0)
+    ema = perturb(train.build_dit("DiT-S/2", cfg)).state_dict()
+    if ema_edit:
+        ema_edit(ema)
+    sm.save_checkpoint(dict(kind="dit", model_name="DiT-S/2", dit_config=cfg, model=ema, ema=ema, step=7,
+                            finished=True, vae=dict(kind="ckpt", path=str(folder / "vae.pt")),
+                            latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist(), image_size=32),
+                       folder / "dit.pt")
+    return folder / "dit.pt"
+
+
+@pytest.fixture(scope="module")
+def sample_ckpt(tmp_path_factory):
+    return _write_sample_ckpt(tmp_path_factory.mktemp("sample_ckpt"))
+
+
+def _generate(ckpt, out, n=4, **kw):
+    kw = dict(dict(steps=2, batch_size=2), **kw)
+    return np.load(sample.generate(str(ckpt), n, str(out), train.Dist(), **kw))["arr_0"]
+
+
+def _cli_error(argv):
+    """The one-line message sample.py exits with."""
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(a) for a in argv])
+    msg = str(e.value.code)
+    assert msg.startswith("sample.py: error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_sample_keys_seed_and_index():
+    """Sample i's noise comes from the key (seed, i): no two seeds share noise (the old seed + i scheme
+    gave seed 0 sample 1 == seed 1 sample 0), any subset of indices draws the same rows."""
+    shape = (4, 8, 8)
+    a, b = train.sample_noise(range(40), 0, shape), train.sample_noise(range(40), 1, shape)
+    assert torch.equal(a[[5, 17]], train.sample_noise([5, 17], 0, shape))           # batch / order independent
+    # independent N(0, I_256) rows are ~sqrt(512) = 22.6 apart; a shared row would be at distance 0
+    assert torch.cdist(a.flatten(1), b.flatten(1)).min() > 10
+    within = torch.cdist(a.flatten(1), a.flatten(1)) + 100 * torch.eye(40)
+    assert within.min() > 10
+    m = tiny_dit()                                     # adaLN-Zero: zero velocity, the ODE returns its noise
+    z0, z1 = (train.sample_latents(m, [0, 1], [3, 3], shape, s, "cpu", steps=1) for s in (0, 1))
+    assert torch.equal(z0, a[:2]) and torch.equal(z1, b[:2]) and not torch.equal(z0[1], z1[0])
+    g = [train.sample_generator(0, 3, s) for s in (0, 1, 2)]
+    draws = [torch.randn(8, generator=x) for x in g]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    # labels: uniform over the classes (counts of 2000 draws within 5 binomial sds), keyed too
+    y = train.sample_labels(range(2000), 0, 10)
+    counts = np.bincount(y, minlength=10)
+    assert len(counts) == 10 and np.all(np.abs(counts - 200) < 5 * math.sqrt(2000 * 0.1 * 0.9))
+    assert y[100:110] == train.sample_labels(range(100, 110), 0, 10) != train.sample_labels(range(100, 110), 1, 10)
+    assert train.sample_labels(range(12), 0, 5, "balanced") == [i % 5 for i in range(12)]
+    assert train.sample_labels(range(3), 0, 0) is None
+    with pytest.raises(ValueError, match="must be >= 0"):
+        train.sample_generator(-1, 0)
+
+
+def test_sample_batch_size_and_seed(sample_ckpt, tmp_path):
+    """SDE with CFG and random labels: batch sizes 2 and 3 give identical samples; seed 1 shares none with seed 0."""
+    kw = dict(sampler="sde", steps=3, cfg_scale=1.5, guidance_interval=(0.0, 0.7))
+    a = _generate(sample_ckpt, tmp_path / "b2", n=7, batch_size=2, **kw)
+    b = _generate(sample_ckpt, tmp_path / "b3", n=7, batch_size=3, **kw)
+    assert a.shape == (7, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    c = _generate(sample_ckpt, tmp_path / "seed1", n=7, seed=1, **kw)
+    assert not any(np.array_equal(x, z) for x in a for z in c)
+
+
+def test_sample_one_vs_two_gloo_processes(sample_ckpt, tmp_path):
+    """1 and 2 gloo processes write the same samples.npz (SDE noise and random labels keyed per sample)."""
+    args = ["--ckpt", str(sample_ckpt), "--num-samples", "5", "--batch-size", "2", "--protocol", "repa",
+            "--steps", "3"]
+    run_script(args + ["--out", str(tmp_path / "one")], script="sample.py")
+    run_script(args + ["--out", str(tmp_path / "two")], nproc=2, script="sample.py")
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("one", "two"))
+    assert a.shape == (5, 32, 32, 3) and np.array_equal(a, b)
+    ja, jb = (json.loads((tmp_path / d / "samples.json").read_text()) for d in ("one", "two"))
+    assert ja == jb
+
+
+def test_sample_protocol_presets_overrides_and_record(sample_ckpt, tmp_path, capsys):
+    fields = ("sampler", "steps", "cfg_scale", "guidance_interval", "heun", "protocol")
+    pick = lambda p: tuple(p[k] for k in fields)                                       # noqa: E731
+    assert pick(sample.resolve_protocol()) == ("ode", 50, 1.0, (0.0, 1.0), False, "ode50")
+    assert pick(sample.resolve_protocol("repa")) == ("sde", 250, 1.8, (0.0, 0.7), False, "repa")   # REPA README
+    assert pick(sample.resolve_protocol("nocfg")) == ("sde", 250, 1.0, (0.0, 1.0), False, "nocfg")
+    assert pick(sample.resolve_protocol("repa", steps=4, guidance_low=0.1)) == \
+        ("sde", 4, 1.8, (0.1, 0.7), False, "repa-custom")
+    assert sample.resolve_protocol("repa", cfg_scale=1.8, sampler="sde")["protocol"] == "repa"  # same as preset
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    assert "repa: sde, 250 steps, cfg 1.8, interval [0.0, 0.7]" in " ".join(capsys.readouterr().out.split())
+    # CLI: preset + override, default --out next to the checkpoint, the protocol printed and recorded
+    import shutil
+    ckpt = str(shutil.copy(sample_ckpt, tmp_path / "dit.pt"))
+    sample.main(["--ckpt", ckpt, "--num-samples", "3", "--protocol", "nocfg", "--steps", "2", "--batch-size", "2"])
+    assert "protocol nocfg-custom: Euler-Maruyama SDE, 2 steps, no guidance, 2 NFE/sample; labels random, " \
+           "precision fp32, seed 0" in capsys.readouterr().out
+    (out,) = tmp_path.glob("samples-nocfg-custom-*-seed0-3")
+    rec = json.loads((out / "samples.json").read_text())
+    assert {"sampler", "steps", "nfe", "cfg_scale", "guidance_interval", "precision", "num_samples", "labels", "seed",
+            "checkpoint", "code_version", "protocol"} <= set(rec)
+    assert (rec["sampler"], rec["steps"], rec["nfe"], rec["cfg_scale"], rec["guidance_interval"]) == \
+        ("sde", 2, 2, 1.0, [0.0, 1.0])
+    assert (rec["precision"], rec["num_samples"], rec["labels"], rec["seed"], rec["protocol"]) == \
+        ("fp32", 3, "random", 0, "nocfg-custom")
+    assert rec["checkpoint"]["path"] == os.path.abspath(ckpt) and rec["checkpoint"]["step"] == 7
+    assert rec["code_version"] == "unknown" or len(rec["code_version"].split("-")[0]) == 40
+    assert np.load(out / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
+    assert os.path.basename(sample.default_out(
+        ckpt, dict(protocol="repa", labels="random", precision="fp32", seed=3), 50000)) == "samples-repa-seed3-50000"
+
+
+@pytest.mark.parametrize("sampler,steps,cfg,interval,heun", [
+    ("ode", 5, 1.0, (0.0, 1.0), False), ("ode", 4, 1.5, (0.25, 0.75), False), ("ode", 5, 1.5, (0.0, 0.5), True),
+    ("sde", 6, 1.5, (0.3, 0.7), False), ("sde", 1, 2.0, (0.0, 1.0), False), ("sde", 4, 1.0, (0.0, 0.7), False)])
+def test_sampler_nfe_counts_model_evaluations(sampler, steps, cfg, interval, heun):
+    """samples.json's nfe = the rows the samplers actually push through the model, per sample."""
+    m = perturb(tiny_dit())
+    rows = []
+    m.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    noise, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    if sampler == "ode":
+        sm.sample_ode(m, noise, y, steps=steps, cfg_scale=cfg, guidance_interval=interval, heun=heun)
+    else:
+        sm.sample_sde(m, noise, y, steps=steps, cfg_scale=cfg, guidance_interval=interval)
+    assert sum(rows) == 3 * sample.sampler_nfe(sampler, steps, cfg, interval, heun)
+
+
+def test_sample_pixels_as_repa_and_dataset_round_trip():
+    """Samples: REPA's uint8(clamp(255 (x + 1) / 2, 0, 255)) truncates; dataset images (x = img / 127.5 - 1)
+    go back exactly through to_uint8, which rounds."""
+    k = torch.arange(256, dtype=torch.float64)
+    x = ((2 * k + 1) / 255 - 1).float().view(1, 1, 1, 256).expand(1, 3, 1, 256)    # 255 (x+1)/2 = k + 1/2
+    out = train.samples_to_uint8(x)
+    assert out.shape == (1, 1, 256, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[0, 0, :, 0], np.minimum(np.arange(256), 255))          # truncated: k
+    ends = train.samples_to_uint8(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5))
+    assert ends[0, 0, :, 0].tolist() == [0, 0, 127, 255, 255]
+    img = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    assert np.array_equal(train.to_uint8(img.float() / 127.5 - 1.0), img.permute(0, 2, 3, 1).numpy())
+
+
+def test_sample_precision_fp32_default_and_bf16(sample_ckpt, tmp_path):
+    """The DiT and the decoder run in float32 unless --precision bf16 (autocast); recorded in samples.json."""
+    seen = []
+
+    def hook(mod, inp, out):
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            seen.append(out.dtype)
+    h = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        _generate(sample_ckpt, tmp_path / "fp32", n=2, steps=1)
+        fp32, seen[:] = set(seen), []
+        _generate(sample_ckpt, tmp_path / "bf16", n=2, steps=1, precision="bf16")
+        bf16 = set(seen)
+    finally:
+        h.remove()
+    assert fp32 == {torch.float32} and bf16 == {torch.bfloat16}
+    for name in ("fp32", "bf16"):
+        assert json.loads((tmp_path / name / "samples.json").read_text())["precision"] == name
+
+
+def test_sample_resume_only_with_the_same_configuration(sample_ckpt, tmp_path):
+    out, img = tmp_path / "s", tmp_path / "s" / "images"
+    first = _generate(sample_ckpt, out, n=4)
+    cfg = json.loads((img / "config.json").read_text())
+    assert (cfg["steps"], cfg["seed"], cfg["labels"], cfg["checkpoint"]["step"]) == (2, 0, "random", 7)
+    assert "num_samples" not in cfg
+    stamps = {p.name: p.stat().st_mtime_ns for p in img.glob("*.png")}
+    more = _generate(sample_ckpt, out, n=6, batch_size=3)                              # same settings: resume
+    assert np.array_equal(more[:4], first) and more.shape[0] == 6
+    assert all((img / n).stat().st_mtime_ns == t for n, t in stamps.items())           # kept, not redrawn
+    for kw, diff in ((dict(cfg_scale=1.5), "cfg_scale: 1.0 -> 1.5"), (dict(seed=1), "seed: 0 -> 1"),
+                     (dict(steps=3), "steps: 2 -> 3"), (dict(labels="balanced", n=10), "labels: random -> balanced"),
+                     (dict(precision="bf16"), "precision: fp32 -> bf16"), (dict(sampler="sde"), "sampler: ode -> sde")):
+        with pytest.raises(FileExistsError, match=f"holds samples of another configuration .*{re.escape(diff)}.*"
+                                                  "use a fresh --out"):
+            _generate(sample_ckpt, out, **kw)
+    # the same checkpoint path with other weights
+    (tmp_path / "c").mkdir()
+    ckpt = _write_sample_ckpt(tmp_path / "c")
+    _generate(ckpt, tmp_path / "c" / "s", n=2)
+    _write_sample_ckpt(tmp_path / "c", ema_edit=lambda sd: sd["final_layer.linear.bias"].add_(1.0))
+    with pytest.raises(FileExistsError, match="checkpoint.sha256"):
+        _generate(ckpt, tmp_path / "c" / "s", n=2)
+    (img / "config.json").unlink()                                                     # PNGs of unknown origin
+    with pytest.raises(FileExistsError, match="holds 6 PNGs but no config.json"):
+        _generate(sample_ckpt, out)
+    assert "use a fresh --out" in _cli_error(["--ckpt", sample_ckpt, "--num-samples", 2, "--out", out])
+
+
+def test_sample_non_finite_weights_and_samples(sample_ckpt, tmp_path, monkeypatch):
+    bad = _write_sample_ckpt(tmp_path, ema_edit=lambda sd: sd["final_layer.linear.weight"].view(-1)[0].fill_(math.nan))
+    msg = _cli_error(["--ckpt", bad, "--num-samples", 2, "--out", tmp_path / "x"])
+    assert f"{bad}: the EMA weights are not finite" in msg and "final_layer.linear.weight" in msg
+    real = train.sample_latents
+
+    def nan_at_3(model, indices, *a, **k):                                            # sample 3 diverges
+        z = real(model, indices, *a, **k)
+        z[[j for j, i in enumerate(indices) if i == 3]] = math.inf
+        return z
+    monkeypatch.setattr(train, "sample_latents", nan_at_3)
+    out = tmp_path / "s"
+    msg = _cli_error(["--ckpt", sample_ckpt, "--num-samples", 4, "--batch-size", 2, "--steps", 1, "--out", out])
+    assert "non-finite samples (NaN/Inf latents or pixels) at indices [3]" in msg
+    assert (out / "images" / "000001.png").exists() and not (out / "images" / "000002.png").exists()
+    assert not (out / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--steps", 0], "--steps must be >= 1, got 0"),
+    (["--num-samples", -1], "--num-samples must be >= 0, got -1"),
+    (["--num-samples", 2, "--batch-size", 0], "--batch-size must be >= 1, got 0"),
+    (["--cfg-scale", 0.5], "--cfg-scale must be >= 1 (1 = no guidance), got 0.5"),
+    (["--guidance-low", 0.8, "--guidance-high", 0.7], "0 <= --guidance-low <= --guidance-high <= 1, got [0.8, 0.7]"),
+    (["--guidance-high", 1.5], "got [0.0, 1.5]"),
+    (["--protocol", "repa", "--heun"], "--heun applies to the ODE sampler only"),
+    (["--seed", -1], "--seed must be >= 0, got -1"),
+    (["--num-samples", 15, "--labels", "balanced"], "--labels balanced needs --num-samples divisible by the 10 "
+                                                    "classes, got 15"),
+    (["--model", "SiT-B/2", "--qk-norm"], "--model, --qk-norm apply only with --repa-ckpt"),
+    (["--classes", 10], "class 10 is outside [0, 10)"),
+])
+def test_sample_bad_arguments_one_line_errors(sample_ckpt, tmp_path, extra, msg):
+    assert msg in _cli_error(["--ckpt", sample_ckpt, "--out", tmp_path] + extra)
+
+
+def test_sample_repa_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint of REPA's train.py ({'model', 'ema', 'opt', 'args', 'steps'}, REPA's key names) with
+    diffusers SD-VAE weights: the EMA SiT samples, decoded as REPA's generate.py, vae.decode(z / 0.18215)."""
+    import argparse
+    g, gv = _repa_golden(), torch.load(os.path.join(DATA, "sd_vae_golden.pt"), weights_only=True)
+    k = g["kwargs"]
+    monkeypatch.setitem(sample.SIT_MODELS, "SiT-T/2", dict(depth=k["depth"], hidden_size=k["hidden_size"],
+                        decoder_hidden_size=k["decoder_hidden_size"], num_heads=k["num_heads"],
+                        patch_size=k["patch_size"], projector_dim=k["projector_dim"]))
+    tiny = dict(channels=(16, 32), layers_per_block=1, latent_channels=4, norm_groups=8)
+    monkeypatch.setitem(sm.VAE_CONFIGS, "f8d4", dict(tiny, esm_blur=0.0))           # the golden's tiny SD-VAE
+    ckpt = tmp_path / "0001234.pt"
+    torch.save(dict(model={n: torch.zeros_like(v) for n, v in g["state_dict"].items()}, ema=g["state_dict"], opt={},
+                    args=argparse.Namespace(model="SiT-T/2", encoder_depth=2), steps=1234), ckpt)
+    (tmp_path / "vae").mkdir()
+    torch.save(gv["state_dict"], tmp_path / "vae" / "diffusion_pytorch_model.bin")
+    repa = ["--repa-ckpt", ckpt, "--sd-vae", tmp_path / "vae", "--model", "SiT-T/2", "--resolution", 16,
+            "--encoder-depth", 2, "--projector-embed-dims", "16,8"]
+    sample.main([str(a) for a in repa + ["--num-samples", 3, "--protocol", "repa", "--steps", 3,
+                                         "--out", tmp_path / "s"]])
+    got = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    # expected, from the pieces: REPA's SiT, the keyed noise and labels, z / 0.18215, REPA's pixels
+    m = sm.load_repa_sit(g["state_dict"], **k)
+    vae = sm.load_sd_vae(gv["state_dict"], preset=tiny)
+    idx = [0, 1, 2]
+    z = train.sample_latents(m, idx, train.sample_labels(idx, 0, 1000), (4, 8, 8), 0, "cpu", steps=3,
+                             cfg_scale=1.8, sampler="sde", guidance_interval=(0.0, 0.7))
+    with torch.no_grad():
+        x = vae.decode(z / 0.18215).numpy()
+    want = np.clip(255 * (x + 1) / 2, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert got.shape == want.shape == (3, 16, 16, 3)
+    # z * (1 / 0.18215) vs z / 0.18215 differ by float32 rounding, which may move a value across an integer
+    diff = np.abs(got.astype(int) - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01 and want.std() > 10
+    rec = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert rec["checkpoint"]["step"] == 1234 and rec["checkpoint"]["format"] == "repa"
+    assert rec["nfe"] == 1 + 2 + 2                                   # SDE t = 1, 0.52, 0.04; CFG on t <= 0.7
+    assert "does not fit --model SiT-T/2" in _cli_error(repa[:-1] + ["16", "--num-samples", 1, "--out", tmp_path / "e"])
+    assert "--repa-ckpt needs --sd-vae" in _cli_error(repa[:2] + ["--num-samples", 1, "--out", tmp_path / "e"])
+    assert "REPA checkpoint not found" in _cli_error(["--repa-ckpt", tmp_path / "no.pt", "--sd-vae", tmp_path / "vae"])

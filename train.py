@@ -1370,27 +1370,63 @@ def log_repa_target_energy(encoder, data, args, grid, d):
            f"{float(sm.directional_spectral_energy(repa_targets_for_tokens(Z, args, grid))):.4f}")
 
 
+def sample_generator(seed, index, stream=0):
+    """CPU generator for sample `index` of run `seed`: keyed by the triple (seed, index, stream) through
+    numpy's SeedSequence hash, so no two seeds share noise and the key does not depend on the batch or rank.
+    Streams: 0 initial noise, 1 SDE noise, 2 random label."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and sample index must be >= 0, got seed {seed}, index {index}")
+    key = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(key))
+
+
+def sample_noise(indices, seed, latent_shape):
+    """Initial noise (N, C, h, w) float32 of the sample indices (stream 0)."""
+    return torch.stack([torch.randn(tuple(latent_shape), generator=sample_generator(seed, i, 0)) for i in indices])
+
+
+def sample_labels(indices, seed, num_classes, mode="random"):
+    """Class of each sample: 'random' uniform in [0, num_classes) from its key (stream 2), as REPA's
+    generate.py draws torch.randint labels; 'balanced' i % num_classes. None for unconditional models."""
+    if num_classes == 0:
+        return None
+    if mode == "balanced":
+        return [int(i) % num_classes for i in indices]
+    if mode == "random":
+        return [int(torch.randint(num_classes, (1,), generator=sample_generator(seed, i, 2))) for i in indices]
+    raise ValueError(f"labels must be 'random' or 'balanced', got {mode!r}")
+
+
 def sample_latents(model, indices, labels, latent_shape, seed, device, steps=50, cfg_scale=1.0,
                    sampler="ode", guidance_interval=(0.0, 1.0), heun=False):
-    """Latents for sample indices; sample i starts from noise seeded by seed + i (rank-independent)."""
-    noise = torch.stack([torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(seed + int(i)))
-                         for i in indices]).to(device)
+    """Latents (N, C, h, w) float32 of the sample indices; noise and SDE noise of sample i come from the
+    key (seed, i), so they do not depend on the batch composition or the number of processes."""
+    noise = sample_noise(indices, seed, latent_shape).to(device)           # (N, C, h, w)
     y = None if labels is None else torch.as_tensor(labels, device=device)
     with torch.no_grad():
-        if sampler == "sde":                                   # per-sample noise streams, seeded by seed + i
-            g = [torch.Generator().manual_seed(seed + int(i) + 1_000_003) for i in indices]
+        if sampler == "sde":                                               # one noise stream per sample
+            g = [sample_generator(seed, i, 1) for i in indices]
             return sm.sample_sde(model, noise, y, steps=steps, cfg_scale=cfg_scale,
                                  guidance_interval=guidance_interval, generator=g).float()
+        if sampler != "ode":
+            raise ValueError(f"sampler must be 'ode' or 'sde', got {sampler!r}")
         return sm.sample_ode(model, noise, y, steps=steps, cfg_scale=cfg_scale,
                              guidance_interval=guidance_interval, heun=heun).float()
 
 
 @torch.no_grad()
 def decode_latents(vae, z, meta):
-    """Normalised latents -> images in [-1, 1]."""
+    """Normalised latents -> images in [-1, 1] (float32 latents; SD-VAE: z * (1 / 0.18215))."""
     mean = torch.tensor(meta["latent_mean"], device=z.device).view(1, -1, 1, 1)
     std = torch.tensor(meta["latent_std"], device=z.device).view(1, -1, 1, 1)
-    return vae.decode(z * std + mean).clamp(-1, 1)
+    return vae.decode(z.float() * std + mean).clamp(-1, 1)
+
+
+def samples_to_uint8(x):
+    """Decoded samples in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) as REPA's generate.py:
+    clamp(255 * (x + 1) / 2, 0, 255) truncated (to_uint8 rounds instead; it stores dataset images)."""
+    x = torch.clamp(255.0 * ((x.float() + 1) / 2), 0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def bench_dit(args, d, latent_shape):
