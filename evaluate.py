@@ -12,22 +12,33 @@ Usage
 
 SAMPLES / REFERENCE: a folder of images, an .npz with `arr_0` (N,H,W,3 uint8; the ADM
 format sample.py writes), or an .npz with `mu`/`sigma` (ADM reference batches, or
-statistics cached by --save-stats).
+statistics cached by --save-stats). Results go to stdout (the protocol, then the table) and
+to a JSON next to SAMPLES (`X.npz` -> `X.metrics.json`, folder `D/` -> `D.metrics.json`;
+`X.json` is sample.py's side file) unless --json says where.
 
 Inception: the TF "2015-12-05" FID network in torchvision's Inception-v3 layout with the
-weights pytorch-fid publishes (pt_inception-2015-12-05-6726825d.pth). Features:
+weights pytorch-fid publishes (pt_inception-2015-12-05-6726825d.pth). Input protocols
+(--resize): 'adm' (default) as ADM's TF evaluator (guided-diffusion evaluations/evaluator.py):
+pixels 0..255, TF1 bilinear resize to 299 (src = dst * in / out), (x - 128) / 128;
+'pytorch-fid': pixels / 255, torch bilinear resize (half-pixel centres), 2x - 1. Features:
   pool    (N, 2048)   pool_3, for FID and precision/recall
-  logits  (N, 1008)   softmax input, for the Inception Score
+  logits_unbiased (N, 1008)   pool_3 @ W (no fc bias): the softmax input of ADM's Inception Score
   spatial (N, 2023)   ADM's sFID features, "mixed_6/conv" = first 7 channels of the
                       1x1 branch (conv+BN+ReLU) of torchvision's Mixed_6d, 17x17, flattened in
                       (H, W, C) order like ADM's NHWC tensor
+FID / sFID / precision-recall are refused below 2,048 images on either side unless --allow-small;
+then they are labelled with their size (`fid-512`).
 """
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +57,9 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
 IMAGE_EXTS = train.IMAGE_EXTS
 MIN_IMAGES_UNBIASED = 2048
 SPATIAL_CHANNELS = 7
+RESIZE_PROTOCOLS = ("adm", "pytorch-fid")
+IS_SPLIT_SIZE = 5000                                        # ADM's compute_inception_score(split_size=5000)
+FEATURE_KEYS = ("pool", "logits_unbiased", "spatial")
 
 
 class EvalError(ValueError):
@@ -97,11 +111,58 @@ def _tf_blocks():
     return tvi, BlockA, BlockC, BlockE, pool_avg, pool_max
 
 
-class FIDInception(nn.Module):
-    """FID Inception-v3; forward(NCHW uint8 or float [0,1]) -> dict(pool, logits, spatial)."""
+def resize_bilinear_tf1(x, size=(299, 299)):
+    """TF1 `tf.image.resize_bilinear` (align_corners=False, no half-pixel centres), as in ADM's graph.
 
-    def __init__(self):
+    src = dst * in / out (scale rounded to float32 like TF's kernel), then lerp along W and along H in
+    TF's order: top = tl + (tr - tl) dx, bottom = bl + (br - bl) dx, out = top + (bottom - top) dy.
+    x: float (N, C, H, W) -> (N, C, size[0], size[1]).
+    """
+    def axis(n_in, n_out):
+        scale = torch.tensor(float(n_in), dtype=torch.float32) / n_out
+        src = torch.arange(n_out, dtype=torch.float32) * scale                 # (n_out,)
+        lo = src.floor()
+        hi = (lo + 1).clamp_max(n_in - 1)
+        return lo.long().to(x.device), hi.long().to(x.device), (src - lo).to(x.device, x.dtype)
+
+    ylo, yhi, dy = axis(x.shape[-2], size[0])
+    xlo, xhi, dx = axis(x.shape[-1], size[1])
+    left = x.index_select(-1, xlo)
+    x = left + (x.index_select(-1, xhi) - left) * dx                        # (N, C, H, ow), every input row once
+    top = x.index_select(-2, ylo)
+    return top + (x.index_select(-2, yhi) - top) * dy[:, None]               # (N, C, oh, ow)
+
+
+def _check_resize(resize):
+    if resize not in RESIZE_PROTOCOLS:
+        raise EvalError(f"resize must be one of {RESIZE_PROTOCOLS}, got {resize!r}")
+    return resize
+
+
+def inception_input(x, resize="adm"):
+    """Images -> the network's (N, 3, 299, 299) input under one protocol (see the module docstring).
+
+    x: uint8 (N, 3, H, W) pixels 0..255 (exact), or float (N, 3, H, W) in [0, 1] (scaled by 255).
+    """
+    _check_resize(resize)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise EvalError(f"Inception input must be (N, 3, H, W) images, got shape {tuple(x.shape)}")
+    if resize == "adm":                                     # ADM: float pixels, TF1 resize, (x - 128) / 128
+        x = x.float() if x.dtype == torch.uint8 else x.float() * 255.0
+        return (resize_bilinear_tf1(x, (299, 299)) - 128.0) / 128.0
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    return 2.0 * x - 1.0                                    # pytorch-fid: [0,1] -> [-1,1]
+
+
+class FIDInception(nn.Module):
+    """FID Inception-v3; forward(NCHW uint8 0..255 or float [0,1]) -> dict(pool, logits, logits_unbiased,
+    spatial). `resize` picks the input protocol ('adm' or 'pytorch-fid'); logits = fc(pool) with the bias
+    (pytorch-fid's output), logits_unbiased = pool @ fc.weight.T (ADM's and torch-fidelity's IS input)."""
+
+    def __init__(self, resize="adm"):
         super().__init__()
+        self.resize = _check_resize(resize)
         tvi, A, C, E, pool_avg, pool_max = _tf_blocks()
         net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
         net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
@@ -109,6 +170,7 @@ class FIDInception(nn.Module):
         net.Mixed_6d, net.Mixed_6e = C(768, 160), C(768, 192)
         net.Mixed_7b, net.Mixed_7c = E(1280, pool_avg), E(2048, pool_max)
         self.net = net
+        self.weights_path = None                            # set by load_inception (for the protocol)
         self._spatial = None
         net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -117,11 +179,7 @@ class FIDInception(nn.Module):
 
     @torch.no_grad()
     def forward(self, x):
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        x = x.float()
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2.0 * x - 1.0                                   # [0,1] -> [-1,1]
+        x = inception_input(x, self.resize)                 # (N, 3, 299, 299)
         x = x.contiguous(memory_format=torch.channels_last)  # ~1.5x faster convs on CPU
         n = self.net
         for m in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1,
@@ -132,7 +190,9 @@ class FIDInception(nn.Module):
         pool = x.mean(dim=(2, 3))                           # (N, 2048)
         # ADM flattens the NHWC TF tensor: (H, W, C) order, so its reference statistics line up
         spatial, self._spatial = self._spatial.permute(0, 2, 3, 1).flatten(1), None   # (N, 17*17*7)
-        return {"pool": pool, "logits": n.fc(pool), "spatial": spatial}
+        unbiased = pool @ n.fc.weight.T                     # (N, 1008) ADM: softmax(pool_3 @ W), no bias
+        return {"pool": pool, "logits": unbiased + n.fc.bias, "logits_unbiased": unbiased,
+                "spatial": spatial}
 
 
 def _find_weights(path=None):
@@ -156,14 +216,18 @@ def _find_weights(path=None):
         ) from None
 
 
-def load_inception(path_or_state_dict=None, device="cpu"):
-    """FID Inception in eval mode from a .pth path, a state dict, or the hub cache/URL."""
+def load_inception(path_or_state_dict=None, device="cpu", resize="adm"):
+    """FID Inception in eval mode from a .pth path, a state dict, or the hub cache/URL.
+
+    resize: input protocol, 'adm' (ADM's TF evaluator: TF1 resize of 0..255 pixels; default) or
+    'pytorch-fid' (pytorch-fid's torch bilinear resize of [0, 1] pixels).
+    """
+    model = FIDInception(resize)                            # checks resize before any download
     if isinstance(path_or_state_dict, dict):
         state = path_or_state_dict
     else:
-        state = torch.load(_find_weights(path_or_state_dict), map_location="cpu",
-                           weights_only=True)
-    model = FIDInception()
+        model.weights_path = _find_weights(path_or_state_dict)
+        state = torch.load(model.weights_path, map_location="cpu", weights_only=True)
     model.net.load_state_dict(state)
     model = model.eval().requires_grad_(False).to(device)
     return model.to(memory_format=torch.channels_last)
@@ -280,10 +344,13 @@ class SignedDataset(torch.utils.data.Dataset):
         return _from_signed(self.ds[i][0])
 
 
-def collate_images(batch):
-    """Stack images; mixed sizes are resized to 299x299 (what Inception does anyway)."""
+def collate_images(batch, resize="adm"):
+    """Stack images; mixed sizes are resized to 299x299 by the Inception protocol's own resize
+    (what the network does anyway; 299 -> 299 is then the identity) and returned as float [0, 1]."""
     if all(b.shape == batch[0].shape for b in batch):
         return torch.stack(batch)
+    if _check_resize(resize) == "adm":
+        return torch.cat([resize_bilinear_tf1(_to_unit(b)[None] * 255.0) / 255.0 for b in batch])
     return torch.cat([F.interpolate(_to_unit(b)[None], size=(299, 299), mode="bilinear",
                                     align_corners=False) for b in batch])
 
@@ -348,19 +415,21 @@ def build_eval_dataset(name, path, image_size, seed=0):
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=50, num_workers=0, device="cpu",
-                     max_images=None, progress=True, shard=True):
+                     max_images=None, progress=True, shard=True, keys=FEATURE_KEYS):
     """Inception features of a dataset of images, sharded over DDP ranks and gathered.
 
-    Returns dict of float32 numpy arrays: pool (N,2048), logits (N,1008), spatial (N,2023).
+    Returns dict of float32 numpy arrays for `keys` (any of the model's outputs): by default
+    pool (N,2048), logits_unbiased (N,1008) and spatial (N,2023).
     """
     rank, world = 0, 1
     if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     subset = torch.utils.data.Subset(dataset, list(range(rank, n, world)))
+    collate = functools.partial(collate_images, resize=getattr(model, "resize", "adm"))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=collate_images)
-    feats = {"pool": [], "logits": [], "spatial": []}
+                                         num_workers=num_workers, collate_fn=collate)
+    feats = {k: [] for k in keys}
     if progress and rank == 0:
         from tqdm import tqdm
         loader = tqdm(loader, desc="inception", unit="batch", leave=False)
@@ -391,8 +460,9 @@ def compute_statistics(features):
 
 
 def save_stats(path, stats):
-    """Write statistics (mu, sigma, optional mu_s, sigma_s, pool, num_images) to .npz."""
-    np.savez(path, **{k: np.asarray(v) for k, v in stats.items()})
+    """Write statistics (mu, sigma, optional mu_s, sigma_s, pool, num_images, resize) to .npz, atomically."""
+    path = str(path) if str(path).endswith(".npz") else f"{path}.npz"     # np.savez's own rule
+    _atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in stats.items()}), "wb")
 
 
 def load_stats(path):
@@ -453,16 +523,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # Inception Score, precision / recall
 # ----------------------------------------------------------------------------------------
 
-def inception_score(logits, splits=10):
-    """Inception Score (mean, std) over `splits` equal chunks of softmax(logits)."""
+def inception_score(logits, splits=None, split_size=IS_SPLIT_SIZE):
+    """Inception Score (mean, std over splits) of softmax(logits), as ADM's evaluator.
+
+    ADM (guided-diffusion evaluations/evaluator.py, compute_inception_score): logits = pool_3 @ W
+    without the fc bias (our `logits_unbiased`), consecutive splits of `split_size` = 5,000 samples
+    (the last one may be shorter), exp(mean_x KL(p(y|x) || p(y))) per split, averaged: 50k samples give
+    10 splits of 5,000. `splits=K` instead cuts K near-equal chunks (the improved-GAN / torch-fidelity
+    convention); the default, used by the CLI and the JSON, is ADM's split size.
+    """
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     n = logits.shape[0]
     if n < 2:
         raise EvalError(f"need at least 2 images for the Inception Score, got {n}")
+    if splits is not None:
+        chunks = np.array_split(np.arange(n), min(splits, n))
+    else:
+        if split_size < 1:
+            raise EvalError(f"split_size must be >= 1, got {split_size}")
+        chunks = [np.arange(i, min(i + split_size, n)) for i in range(0, n, split_size)]
     p = torch.softmax(logits, dim=1)
     logp = torch.log_softmax(logits, dim=1)
     scores = []
-    for idx in np.array_split(np.arange(n), min(splits, n)):
+    for idx in chunks:
         part, lpart = p[idx], logp[idx]
         log_marg = torch.logsumexp(lpart, 0, keepdim=True) - math.log(len(idx))  # log p(y)
         kl = (part * (lpart - log_marg)).sum(1).mean()
@@ -668,10 +751,112 @@ def print_table(results, title="metric"):
         print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
 
 
+def _atomic_write(path, write, mode="w"):
+    """write(f) into a temporary file beside `path`, then rename it over `path` (readers never see a
+    half-written file; a crash leaves the old file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _write_json(path, obj):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
+    """JSON of obj (tensors/arrays converted), written atomically."""
+    text = json.dumps(_jsonable(obj), indent=2)
+    _atomic_write(path, lambda f: f.write(text + "\n"))
+
+
+def default_json_path(src, suffix=".metrics.json"):
+    """Output next to the input: X.npz -> X.metrics.json, folder D/ -> D.metrics.json, vae.pt ->
+    vae.metrics.json (never X.json: that is sample.py's side file)."""
+    p = Path(src)
+    return str(p.parent / (p.name if p.is_dir() else p.stem)) + suffix
+
+
+# ----------------------------------------------------------------------------------------
+# Protocol record: what was measured, on what, with which code
+# ----------------------------------------------------------------------------------------
+
+def sha256_file(path, chunk=1 << 20):
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_input(path):
+    """sha256 of an input: the file's, or for a folder of images the sha256 of its `sha256sum`-style
+    listing ("<hex>  <relative path>\n" per image, sorted by path); None for non-files (datasets)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        listing = "".join(f"{sha256_file(f)}  {f.relative_to(p).as_posix()}\n" for f in files)
+        return hashlib.sha256(listing.encode()).hexdigest()
+    return None
+
+
+def code_version():
+    """git commit of this project ('+dirty' with uncommitted changes to tracked files), else 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True, timeout=10)
+        head = run(["git", "rev-parse", "HEAD"])
+        if head.returncode != 0:
+            return "unknown"
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def side_file(samples_path):
+    """sample.py's side file of SAMPLES (`X.npz` -> `X.json`) as a dict, or None when absent."""
+    p = Path(samples_path)
+    side = p.with_suffix(".json") if p.suffix.lower() == ".npz" else None
+    if side is None or not side.is_file():
+        return None
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise EvalError(f"cannot read the samples' side file {side}: {e}") from None
+    if not isinstance(info, dict):
+        raise EvalError(f"the samples' side file {side} must hold a JSON object, got {type(info).__name__}")
+    return info
+
+
+def metric_key(name, n, n_ref=None):
+    """Result key of a metric on n samples and n_ref reference images: the bare name with >= 2,048 on
+    both sides, else labelled with the size: fid-512 (small samples, or both sides 512), and
+    fid-50000-ref1000 / fid-512-ref1000 when the reference side is small and of another size."""
+    small = n < MIN_IMAGES_UNBIASED or (n_ref is not None and n_ref < MIN_IMAGES_UNBIASED)
+    if not small:
+        return name
+    if n_ref is None or n_ref == n or (n < MIN_IMAGES_UNBIASED <= n_ref):
+        return f"{name}-{n}"
+    return f"{name}-{n}-ref{n_ref}"
+
+
+def print_protocol(protocol):
+    """The protocol record, one `key: value` line each, above the table."""
+    print("protocol")
+    for k, v in protocol.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items())
+        v = str(v)
+        print(f"  {k}: {v if len(v) <= 200 else v[:197] + '...'}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -681,7 +866,7 @@ def _write_json(path, obj):
 def _try_inception(args, device):
     """Inception network, or None (with a message) when weights are unavailable offline."""
     try:
-        return load_inception(args.inception, device)
+        return load_inception(args.inception, device, getattr(args, "resize", "adm"))
     except RuntimeError as e:
         if args.require_inception:
             raise
@@ -694,7 +879,7 @@ def _features_and_stats(model, images, args, device):
     mu, sigma = compute_statistics(f["pool"])
     mu_s, sigma_s = compute_statistics(f["spatial"])
     return f, {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
-               "pool": f["pool"], "num_images": f["pool"].shape[0]}
+               "pool": f["pool"], "num_images": f["pool"].shape[0], "resize": model.resize}
 
 
 def _all_images(ds, limit=None):
@@ -707,6 +892,45 @@ def _all_images(ds, limit=None):
     if x.dtype != torch.uint8:
         x = (x * 255).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
+
+
+def _input_size(src):
+    """Number of images behind an input: its images, else the statistics' num_images / pool rows."""
+    if "images" in src:
+        return len(src["images"])
+    stats = src.get("stats", {})
+    if "num_images" in stats:
+        return int(stats["num_images"])
+    return int(stats["pool"].shape[0]) if "pool" in stats else None
+
+
+def check_sample_sizes(n, n_ref, allow_small, what="FID / sFID / precision-recall"):
+    """Refuse metrics on fewer than 2,048 images on either side unless allow_small (ADM uses 50k / 10k)."""
+    small = n < MIN_IMAGES_UNBIASED or (n_ref is not None and n_ref < MIN_IMAGES_UNBIASED)
+    if small and not allow_small:
+        ref = "unknown" if n_ref is None else n_ref
+        raise EvalError(f"{what} on {n} samples and {ref} reference images: below {MIN_IMAGES_UNBIASED} "
+                        f"images they are biased and not comparable to 50k-sample numbers; pass "
+                        f"--allow-small to compute them anyway (labelled {metric_key('fid', n, n_ref)})")
+
+
+def generative_protocol(model, samples, ref, n, n_ref, side):
+    """The protocol record of a SAMPLES vs REFERENCE evaluation (goes into the JSON and on stdout)."""
+    weights = getattr(model, "weights_path", None)
+    return {
+        "features": None if model is None else model.resize,       # None: no Inception (SWD only)
+        "num_samples": n,
+        "num_reference": n_ref,
+        "samples_file": samples["path"],
+        "samples_sha256": sha256_input(samples["path"]),
+        "reference_file": ref["path"],
+        "reference_sha256": sha256_input(ref["path"]),
+        "inception_weights": weights,
+        "inception_sha256": None if weights is None else sha256_file(weights),
+        "is_split_size": IS_SPLIT_SIZE,
+        "code_version": code_version(),
+        "samples": side,                                             # sample.py's X.json, if present
+    }
 
 
 def run_generative(args, rank, device):
@@ -724,10 +948,21 @@ def run_generative(args, rank, device):
     for src in (samples, ref):
         if "images" in src and len(src["images"]) < 2:
             raise EvalError(f"{src['path']}: need at least 2 images, got {len(src['images'])}")
-
-    results = {"samples": samples["path"], "reference": ref["path"],
-               "num_samples": len(samples["images"])}
+    side = side_file(args.samples)
+    n, n_ref = len(samples["images"]), _input_size(ref)
+    if side is not None and side.get("num_samples") not in (None, n):
+        warnings.warn(f"{args.samples} holds {n} images but its side file says num_samples="
+                      f"{side['num_samples']}", stacklevel=2)
     model = _try_inception(args, device)
+    if model is not None:
+        check_sample_sizes(n, n_ref, args.allow_small)
+        tag = ref.get("stats", {}).get("resize")
+        if tag is not None and str(tag) != model.resize:
+            raise EvalError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use "
+                            f"--resize {model.resize}; FIDs across protocols are not comparable")
+    key = functools.partial(metric_key, n=n, n_ref=n_ref)
+
+    results = {"samples": samples["path"], "reference": ref["path"], "num_samples": n}
     if model is not None:
         fs, s_stats = _features_and_stats(model, samples["images"], args, device)
         if "stats" in ref:
@@ -735,7 +970,7 @@ def run_generative(args, rank, device):
             r_pool = r_stats.get("pool")
             if r_pool is None and "images" in ref and not args.no_pr:
                 r_pool = extract_features(model, ref["images"], args.batch_size,
-                                          args.workers, device)["pool"]
+                                          args.workers, device, keys=("pool",))["pool"]
         else:
             _, r_stats = _features_and_stats(model, ref["images"], args, device)
             r_pool = r_stats["pool"]
@@ -743,15 +978,15 @@ def run_generative(args, rank, device):
             save_stats(args.save_stats, r_stats)
             print(f"[evaluate] reference statistics -> {args.save_stats}")
         if rank == 0:
-            results["fid"] = frechet_distance(s_stats["mu"], s_stats["sigma"],
-                                              r_stats["mu"], r_stats["sigma"])
+            results[key("fid")] = frechet_distance(s_stats["mu"], s_stats["sigma"],
+                                                   r_stats["mu"], r_stats["sigma"])
             if "mu_s" in r_stats:
-                results["sfid"] = frechet_distance(s_stats["mu_s"], s_stats["sigma_s"],
-                                                   r_stats["mu_s"], r_stats["sigma_s"])
+                results[key("sfid")] = frechet_distance(s_stats["mu_s"], s_stats["sigma_s"],
+                                                        r_stats["mu_s"], r_stats["sigma_s"])
             results["inception_score"], results["inception_score_std"] = \
-                inception_score(fs["logits"])
+                inception_score(fs["logits_unbiased"])
             if r_pool is not None and not args.no_pr:
-                results["precision"], results["recall"] = precision_recall(
+                results[key("precision")], results[key("recall")] = precision_recall(
                     r_pool, fs["pool"], k=3, device=device)
     if (args.swd or model is None) and "images" in ref and rank == 0:
         s = swd(_all_images(samples["images"], args.swd_images),
@@ -759,9 +994,12 @@ def run_generative(args, rank, device):
         results["swd_mean"] = s["mean"]
         results.update({f"swd_{r}px": v for r, v in s["levels"].items()})
     if rank == 0:
+        results["protocol"] = generative_protocol(model, samples, ref, n, n_ref, side)
+        out = args.json or default_json_path(args.samples)
+        print_protocol(results["protocol"])
         print_table(results)
-        _write_json(args.json, results)
-        print(f"[evaluate] wrote {args.json}")
+        _write_json(out, results)
+        print(f"[evaluate] wrote {out}")
     return results
 
 
@@ -793,14 +1031,28 @@ def _vae_and_loader(args, device):
     if rank == 0:
         from tqdm import tqdm
         loader = tqdm(loader, desc="vae", unit="batch", leave=False)
-    return vae, loader
+    return vae, loader, n
+
+
+def _vae_protocol(args, n, model=None):
+    """The protocol record of --vae / --spectrum runs."""
+    weights = getattr(model, "weights_path", None)
+    out = {"features": None if model is None else model.resize, "num_images": n,
+           "dataset": args.dataset, "data_path": args.data_path, "image_size": args.image_size,
+           "checkpoint": args.vae, "checkpoint_sha256": sha256_input(args.vae)}
+    if model is not None:
+        out.update(inception_weights=weights, inception_sha256=None if weights is None else sha256_file(weights))
+    out["code_version"] = code_version()
+    return out
 
 
 @torch.no_grad()
 def run_vae(args, rank, world, device):
     """Reconstruction metrics (rFID, PSNR, SSIM, LPIPS) and the DSM check of a VAE."""
-    vae, loader = _vae_and_loader(args, device)
+    vae, loader, n = _vae_and_loader(args, device)
     model = _try_inception(args, device)
+    if model is not None:
+        check_sample_sizes(n, n, args.allow_small, "rFID")
     lpips = None
     try:
         lpips = sm.load_lpips(args.lpips).to(device).eval()
@@ -832,19 +1084,23 @@ def run_vae(args, rank, world, device):
     if model is not None:
         fid = lambda a, b: frechet_distance(*compute_statistics(feats[a]),   # noqa: E731
                                             *compute_statistics(feats[b]))
-        res["rfid"] = fid("x", "rec")
+        key = functools.partial(metric_key, n=res["num_images"])
+        res[key("rfid")] = fid("x", "rec")
         for k in ks:
-            res[f"dsm{k}_rfid"] = fid(f"x{k}", f"d{k}")
+            res[key(f"dsm{k}_rfid")] = fid(f"x{k}", f"d{k}")
+    res["protocol"] = _vae_protocol(args, res["num_images"], model)
+    out = args.json or default_json_path(args.vae)
+    print_protocol(res["protocol"])
     print_table(res)
-    _write_json(args.json, res)
-    print(f"[evaluate] wrote {args.json}")
+    _write_json(out, res)
+    print(f"[evaluate] wrote {out}")
     return res
 
 
 @torch.no_grad()
 def run_spectrum(args, rank, world, device):
     """Radial spectra (16 bins) of images, latents and the δ target; KL; directional energy."""
-    vae, loader = _vae_and_loader(args, device)
+    vae, loader, _ = _vae_and_loader(args, device)
     delta = float(getattr(vae, "esm_delta", 1.0))
     blur = float(getattr(vae, "esm_blur", 1.2))
     dse_fn = getattr(sm, "directional_spectral_energy", None)
@@ -870,11 +1126,14 @@ def run_spectrum(args, rank, world, device):
            "num_images": int(prof["image"].shape[0]),
            "kl_target_latent": kl, "spectra": mean,
            "directional_spectral_energy": _mean_nested(dse)}
+    res["protocol"] = _vae_protocol(args, res["num_images"])
+    out = args.json or default_json_path(args.vae, ".spectrum.json")
+    print_protocol(res["protocol"])
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)}, "spectrum")
-    _write_json(args.json, res)
-    png = str(Path(args.json).with_suffix(".png"))
+    _write_json(out, res)
+    png = str(Path(out).with_suffix(".png"))
     train.plot_spectra(dict(image=mean["image"], latent=mean["latent"], target=mean["target"], kl=kl), png, delta)
-    print(f"[evaluate] wrote {args.json} and {png}")
+    print(f"[evaluate] wrote {out} and {png}")
     return res
 
 
@@ -897,7 +1156,7 @@ def run_bench(args, device):
     n, res = args.bench_images, args.bench_size
     x8 = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8)
     state = random_inception_state_dict(0)
-    ours = load_inception(state, device)
+    ours = load_inception(state, device, args.resize)
     rows = {}
 
     fns = {"sm evaluate.py": ours}
@@ -955,8 +1214,9 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
 
     All on held-out images (the dataset drawn with another seed): PSNR / SSIM of reconstructions,
     KL(delta target || latent spectrum), PSNR of decoded DSM low-passed latents against the low-passed
-    images (k = 8, 10, 12), the EMA DiT's flow-matching loss on a fixed t grid and noise, and SWD
-    (FID too when the Inception weights are available) of the samples against real images.
+    images (k = 8, 10, 12), the EMA DiT's flow-matching loss on a fixed t grid and noise, and SWD of the
+    samples against real images; with the Inception weights also FID and rFID, labelled with their size
+    below 2,048 images (`fid-512`, see metric_key), and a `protocol` record.
     """
     n = n_val or min(args.num_fid_samples, 1024)
     vae = sm.build_vae_from_checkpoint(sm.load_checkpoint(os.path.join(args.out, "vae.pt"), "vae")).to(device)
@@ -999,13 +1259,20 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     res["swd"] = swd(samples[:m], real[:m])["mean"]
     res["num_eval_images"] = m
     inception = _try_inception(argparse.Namespace(inception=None, require_inception=False), device)
-    if inception is not None:
-        fs = extract_features(inception, ArrayDataset(samples[:m]), device=device, progress=False, shard=False)["pool"]
-        fr = extract_features(inception, ArrayDataset(real[:m]), device=device, progress=False, shard=False)["pool"]
-        res["fid"] = frechet_distance(*compute_statistics(fs), *compute_statistics(fr))
-        res["rfid"] = frechet_distance(*compute_statistics(extract_features(
-            inception, ArrayDataset(train.to_uint8(rec * 2 - 1)), device=device, progress=False, shard=False)["pool"]),
-            *compute_statistics(fr))
+    if inception is not None:                              # --allow-small semantics: labelled fid-<m>
+        feats = functools.partial(extract_features, inception, device=device, progress=False, shard=False,
+                                  keys=("pool",))
+        fs, fr = feats(ArrayDataset(samples[:m]))["pool"], feats(ArrayDataset(real[:m]))["pool"]
+        fx = feats(ArrayDataset(train.to_uint8(rec * 2 - 1)))["pool"]
+        with warnings.catch_warnings():                    # the label says it is a small-sample FID
+            warnings.simplefilter("ignore")
+            s_fs, s_fr, s_fx = compute_statistics(fs), compute_statistics(fr), compute_statistics(fx)
+        res[metric_key("fid", m, m)] = frechet_distance(*s_fs, *s_fr)
+        res[metric_key("rfid", m, m)] = frechet_distance(*s_fx, *s_fr)
+    res["protocol"] = {"features": None if inception is None else inception.resize, "num_samples": m,
+                       "samples_file": samples_npz, "samples_sha256": sha256_file(samples_npz),
+                       "reference": f"{args.dataset} held-out images (seed {args.seed})",
+                       "code_version": code_version(), "samples": side_file(samples_npz)}
     return res
 
 
@@ -1022,8 +1289,13 @@ def build_parser():
     p.add_argument("--ref-path", help="reference dataset root")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--save-stats", help="write reference statistics to this .npz")
-    p.add_argument("--json", default="eval_results.json", help="output JSON path")
+    p.add_argument("--json", help="output JSON path (default: next to SAMPLES / the --vae checkpoint, "
+                                  "X.npz -> X.metrics.json)")
     p.add_argument("--inception", help=f"path to {FID_WEIGHTS_NAME}")
+    p.add_argument("--resize", choices=RESIZE_PROTOCOLS, default="adm",
+                   help="Inception input protocol: ADM's TF evaluator (default) or pytorch-fid's")
+    p.add_argument("--allow-small", action="store_true",
+                   help=f"compute FID / sFID / P-R / rFID below {MIN_IMAGES_UNBIASED} images (labelled fid-N)")
     p.add_argument("--require-inception", action="store_true",
                    help="fail instead of skipping FID when weights are missing")
     p.add_argument("--batch-size", type=int, default=50)

@@ -1399,8 +1399,57 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_dinov2(name="dinov2_vitb14", path=None, device="cpu"):
-    """Frozen DINOv2 target encoder via torch.hub (path: a local clone of facebookresearch/dinov2)."""
+def resample_abs_pos_embed(pos_embed, new_hw, num_prefix_tokens=1, old_hw=None):
+    """Resample absolute position embeddings (1, P + h*w, D) to a new grid, keeping the P prefix tokens.
+
+    Antialiased bicubic interpolation of the (h, w) grid (align_corners=False), as timm's
+    resample_abs_pos_embed that REPA applies to DINOv2 at load time; old_hw defaults to a square grid.
+    Returns (1, P + new_h*new_w, D) in the input dtype (interpolated in float32).
+    """
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must be (1, tokens, dim), got {tuple(pos_embed.shape)}")
+    T = pos_embed.shape[1] - num_prefix_tokens
+    h, w = (math.isqrt(T),) * 2 if old_hw is None else (int(old_hw[0]), int(old_hw[1]))
+    if T < 1 or h * w != T:
+        raise ValueError(f"{T} position tokens (after {num_prefix_tokens} prefix tokens) do not form "
+                         f"{'a square grid; pass old_hw' if old_hw is None else f'the grid {h}x{w}'}")
+    new_hw = (int(new_hw[0]), int(new_hw[1]))
+    if (h, w) == new_hw:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    D = grid.shape[-1]
+    g = grid.float().reshape(1, h, w, D).permute(0, 3, 1, 2)                 # (1, D, h, w)
+    g = F.interpolate(g, size=new_hw, mode="bicubic", align_corners=False, antialias=True)
+    g = g.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)         # (1, h'*w', D)
+    return torch.cat([prefix, g], dim=1)
+
+
+def repa_token_grid(resolution, patch_size=14):
+    """Token grid side of the target encoder at a training resolution: images are resized to
+    224 * resolution / 256 (preprocess_repa_images), so 16 at 256 px and 32 at 512 px as REPA."""
+    return (224 * resolution // 256) // patch_size
+
+
+def resample_encoder_pos_embed(encoder, resolution):
+    """Resample a ViT encoder's pos_embed once to its token grid at `resolution` (REPA's load-time step),
+    so DINOv2's per-call interpolate_pos_encoding returns it unchanged. No-op without pos_embed."""
+    pe = getattr(encoder, "pos_embed", None)
+    if pe is None:
+        return encoder
+    n = repa_token_grid(resolution, int(getattr(encoder, "patch_size", 14)))
+    if n < 1:
+        raise ValueError(f"resolution {resolution} gives no {getattr(encoder, 'patch_size', 14)}-pixel patches")
+    pe.data = resample_abs_pos_embed(pe.data, (n, n), num_prefix_tokens=1)
+    return encoder
+
+
+def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
+    """Frozen DINOv2 target encoder via torch.hub (path: a local clone of facebookresearch/dinov2).
+
+    Its position embeddings (37x37 grid, trained at 518 px) are resampled once to the token grid at
+    `resolution` (16x16 at 256 px, 32x32 at 512 px) with antialiased bicubic interpolation, as REPA's
+    load_encoders (utils.py) does with timm's resample_abs_pos_embed; pass the training image size.
+    """
     try:
         if path is not None:
             enc = torch.hub.load(path, name, source="local")
@@ -1413,6 +1462,7 @@ def load_dinov2(name="dinov2_vitb14", path=None, device="cpu"):
             f"torch.hub.load('facebookresearch/dinov2', '{name}')\"` and copy $TORCH_HOME/hub (default "
             "~/.cache/torch/hub) here, or pass path=<local clone of facebookresearch/dinov2>, or train without "
             "alignment (--repa-encoder none).") from None
+    enc = resample_encoder_pos_embed(enc, resolution)
     return enc.to(device).eval().requires_grad_(False)
 
 
@@ -1480,8 +1530,11 @@ def _gaussian_blur_grid(z, sigma):
 def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, eps=1e-6):
     """REPA target from tokens Z (N, T, C): 'raw' (REPA), 'zscore' (iREPA) or 'dog' (REPA-DoG, §4).
 
-    zscore: iREPA's spatial normalisation (Z - alpha * mean_T) / (std_T + 1e-6), unbiased std; alpha
-      0.6 is iREPA's training default for latent diffusion (its helper's own default is 1.0).
+    zscore: iREPA's spatial normalisation (Z - alpha * mean_T) / (std_T + 1e-6), unbiased std. alpha = 0.6
+      is what iREPA's latent-diffusion training uses (End2End-Diffusion/iREPA@99ad4ac ldm/train.py:
+      `--zscore-alpha` default 0.6, always passed to the normaliser; ldm/configs/irepa.yaml sets
+      spnorm_method zscore and no alpha). 1.0 is only the unused default of its helper (ldm/utils.py
+      spatial_zscore); its pixel-space JiT code uses 0.8 (jit/main_jit.py).
     dog: per channel on the token grid, G_sigma1 * Z - G_sigma2 * Z (Gaussian blurs, reflect padding),
       divided by the spatial std. The DoG has no DC response, but on a finite reflect-padded grid its
       output keeps a small spatial mean; we remove it before dividing, so the target has zero spatial

@@ -947,6 +947,52 @@ def test_load_dinov2_offline_error(monkeypatch):
         sm.load_dinov2()
 
 
+POS_CASES = ["sq37_to16", "sq37_to32", "sq37_to10x14", "r12x20_to16", "r6x4_to9x7"]
+
+
+@pytest.mark.parametrize("case", POS_CASES)
+def test_resample_abs_pos_embed_matches_timm(case):
+    """Golden from timm's resample_abs_pos_embed (REPA's load-time DINOv2 step): antialiased bicubic."""
+    g = np.load(os.path.join(DATA, "pos_embed_golden.npz"))
+    old = tuple(int(v) for v in g[f"{case}_old_hw"])
+    got = sm.resample_abs_pos_embed(torch.from_numpy(g[f"{case}_input"]), tuple(g[f"{case}_new_hw"]),
+                                    num_prefix_tokens=int(g[f"{case}_prefix"]), old_hw=None if old == (0, 0) else old)
+    np.testing.assert_allclose(got.numpy(), g[f"{case}_output"], atol=1e-6, rtol=0)
+
+
+def test_resample_abs_pos_embed_identity_and_errors():
+    pe = torch.randn(1, 1 + 16 * 16, 4)
+    assert sm.resample_abs_pos_embed(pe, (16, 16)) is pe                    # same grid: untouched
+    out = sm.resample_abs_pos_embed(pe.double(), (8, 8))
+    assert out.dtype == torch.float64 and torch.equal(out[:, :1], pe[:, :1].double())   # prefix kept
+    with pytest.raises(ValueError, match="square grid; pass old_hw"):
+        sm.resample_abs_pos_embed(torch.randn(1, 1 + 12, 4), (4, 4))
+    with pytest.raises(ValueError, match="grid 5x5"):
+        sm.resample_abs_pos_embed(pe, (4, 4), old_hw=(5, 5))
+
+
+def test_load_dinov2_resamples_pos_embed_once(monkeypatch):
+    """load_dinov2 resamples the 37x37 grid once to the token grid of the preprocessed images, so
+    DINOv2's per-call interpolate_pos_encoding (which returns pos_embed when the counts match) is a no-op."""
+    class FakeDINOv2(torch.nn.Module):
+        patch_size = 14
+
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.pos_embed = torch.nn.Parameter(torch.randn(1, 1 + 37 * 37, 8, generator=g))   # DINOv2: 518 px / 14
+
+    original = FakeDINOv2().pos_embed.detach().clone()
+    monkeypatch.setattr(torch.hub, "load", lambda *a, **k: FakeDINOv2())
+    for resolution, n in ((256, 16), (512, 32), (None, 16)):
+        enc = sm.load_dinov2() if resolution is None else sm.load_dinov2(resolution=resolution)
+        assert enc.pos_embed.shape == (1, 1 + n * n, 8) and not enc.pos_embed.requires_grad
+        torch.testing.assert_close(enc.pos_embed.data, sm.resample_abs_pos_embed(original, (n, n)), rtol=0, atol=0)
+        size = sm.preprocess_repa_images(torch.zeros(1, 3, resolution or 256, resolution or 256, dtype=torch.uint8),
+                                         resolution or 256).shape[-1]
+        assert (size // FakeDINOv2.patch_size) ** 2 == enc.pos_embed.shape[1] - 1   # tokens the encoder will see
+
+
 #################################################################################
 #           Evaluation: Inception, FID, IS, precision/recall, SWD, CLI          #
 #################################################################################
@@ -955,10 +1001,14 @@ GOLDEN_EVAL = Path(DATA) / "eval_goldens.npz"
 FD_CASES = ["full", "rankdef", "dead_one", "dead_same", "fallback", "shift"]
 
 
-@functools.lru_cache(maxsize=1)
-def _net():
-    """Random-weight FID Inception, built once per test session."""
-    return evaluate.load_inception(evaluate.random_inception_state_dict(0))
+GOLDEN_ADM = Path(DATA) / "adm_inception_golden.npz"
+ADM_CASES = ["s256", "s32", "s48x80"]
+
+
+@functools.lru_cache(maxsize=2)
+def _net(resize="adm"):
+    """Random-weight FID Inception, built once per test session and protocol."""
+    return evaluate.load_inception(evaluate.random_inception_state_dict(0), resize=resize)
 
 
 def _random_stats(d, seed, n=None):
@@ -1026,9 +1076,38 @@ def test_frechet_dimension_mismatch_errors():
 
 def test_inception_golden_features_match_pytorch_fid():
     g = np.load(GOLDEN_EVAL)
-    out = _net()(torch.from_numpy(g["images"]).permute(0, 3, 1, 2))     # uint8 NCHW
+    out = _net("pytorch-fid")(torch.from_numpy(g["images"]).permute(0, 3, 1, 2))     # uint8 NCHW
     for key in ("pool", "logits", "spatial"):
         np.testing.assert_allclose(out[key].numpy(), g[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ADM_CASES)
+def test_tf1_resize_matches_torch_fidelity(case):
+    """ADM's TF1 bilinear resize (src = dst * in / out): torch-fidelity's TF1-exact resize, same floats."""
+    g = np.load(GOLDEN_ADM)
+    x = torch.from_numpy(g[f"{case}_images"]).permute(0, 3, 1, 2).float()          # 0..255
+    r = evaluate.resize_bilinear_tf1(x, (299, 299))
+    assert r.shape == (x.shape[0], 3, 299, 299)
+    np.testing.assert_allclose(r[:, :, ::23, ::23].numpy(), g[f"{case}_resized_slice"], atol=3e-5, rtol=0)
+    np.testing.assert_allclose(r[:, :, 150].numpy(), g[f"{case}_resized_row"], atol=3e-5, rtol=0)
+    assert r.double().sum().item() == pytest.approx(float(g[f"{case}_resized_sum"]), rel=1e-9)
+    assert (r.double() ** 2).sum().item() == pytest.approx(float(g[f"{case}_resized_sqsum"]), rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ADM_CASES)
+def test_inception_adm_features_match_torch_fidelity(case):
+    """resize='adm' (default) = ADM's graph input: golden features of torch-fidelity's TF-compatible
+    Inception with the same weights. Tolerance 1e-5 of each feature's scale: float32 sums of 10^3-10^4
+    products through ~20 layers, summed in another order."""
+    g = np.load(GOLDEN_ADM)
+    x8 = torch.from_numpy(g[f"{case}_images"]).permute(0, 3, 1, 2)
+    out = _net()(x8)
+    for key in ("pool", "logits_unbiased", "logits", "spatial"):
+        ref = g[f"{case}_{key}"]
+        np.testing.assert_allclose(out[key].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=key)
+    assert (_net("pytorch-fid")(x8)["pool"] - out["pool"]).abs().max() > 1e-2       # the protocols differ
+    with pytest.raises(ValueError, match="resize must be one of"):
+        evaluate.load_inception(evaluate.random_inception_state_dict(0), resize="tf2")
 
 
 def test_inception_shapes_dtypes_determinism():
@@ -1096,6 +1175,19 @@ def test_inception_score_extremes():
     assert mean == pytest.approx(2.0, rel=1e-6) and std < 1e-6        # 2 images per split
 
 
+def test_inception_score_adm_split_size():
+    """ADM's splits: consecutive chunks of 5,000 (the last may be shorter), not a fixed number of splits."""
+    onehot = np.full((12, 20), -1e4)
+    onehot[np.arange(12), np.arange(12)] = 0.0                        # 12 distinct confident classes
+    mean, std = evaluate.inception_score(onehot, split_size=5)        # chunks of 5, 5, 2: IS 5, 5, 2
+    assert mean == pytest.approx(4.0, rel=1e-9) and std == pytest.approx(math.sqrt(2.0), rel=1e-9)
+    y = np.full((7000, 2), -1e4)
+    y[:5000, 0] = y[5000:, 1] = 0.0                                   # 5,000 of class 0, then 2,000 of class 1
+    assert evaluate.inception_score(y)[0] == pytest.approx(1.0, abs=1e-9)     # each 5,000-chunk is one class
+    h = -(1 / 7 * math.log(1 / 7) + 6 / 7 * math.log(6 / 7))          # 10 splits of 700: one mixes 100 + 600
+    assert evaluate.inception_score(y, splits=10)[0] == pytest.approx((9 + math.exp(h)) / 10, rel=1e-9)
+
+
 def test_knn_radii_and_precision_recall():
     from scipy.spatial.distance import cdist
     rng = np.random.RandomState(0)
@@ -1157,13 +1249,14 @@ def test_bad_inputs(tmp_path):
         evaluate.open_input(tmp_path / "nothing.npz")
 
 
-def test_mixed_image_sizes_are_resized_like_inception():
+@pytest.mark.parametrize("resize", evaluate.RESIZE_PROTOCOLS)
+def test_mixed_image_sizes_are_resized_like_inception(resize):
     rng = np.random.RandomState(0)
     ims = [torch.from_numpy(rng.randint(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((32, 32), (40, 24))]
-    batch = evaluate.collate_images(ims)
+    batch = evaluate.collate_images(ims, resize=resize)
     assert batch.shape == (2, 3, 299, 299)
-    feats = _net()(batch)["pool"]
-    each = torch.cat([_net()(im[None])["pool"] for im in ims])
+    feats = _net(resize)(batch)["pool"]
+    each = torch.cat([_net(resize)(im[None])["pool"] for im in ims])
     torch.testing.assert_close(feats, each, atol=1e-4, rtol=1e-4)
 
 
@@ -1179,13 +1272,13 @@ def test_cli_folder_vs_npz_and_cached_stats(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = evaluate.main([str(tmp_path / "samples"), str(tmp_path / "ref.npz"), "--swd",
-                             "--save-stats", str(tmp_path / "ref_stats.npz"),
+                             "--save-stats", str(tmp_path / "ref_stats.npz"), "--allow-small",
                              "--inception", str(tmp_path / "inc.pth"), "--batch-size", "5",
                              "--json", str(tmp_path / "r.json")])
-    for key in ("fid", "sfid", "inception_score", "precision", "recall", "swd_mean"):
+    for key in ("fid-5", "sfid-5", "inception_score", "precision-5", "recall-5", "swd_mean"):
         assert np.isfinite(res[key]), key
-    assert json.loads((tmp_path / "r.json").read_text())["fid"] == pytest.approx(res["fid"])
-    assert "fid" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["fid-5"] == pytest.approx(res["fid-5"])
+    assert "fid-5" in capsys.readouterr().out
     cached = evaluate.open_input(tmp_path / "ref_stats.npz")       # --save-stats output
     assert "images" not in cached and cached["stats"]["pool"].shape == (5, 2048)
     assert cached["stats"]["mu_s"].shape == (2023,)
@@ -1195,6 +1288,122 @@ def test_cli_bad_input_exits_with_message(tmp_path):
     np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(SystemExit, match="at least 2 images"):
         evaluate.main([str(tmp_path / "one.npz"), str(tmp_path / "one.npz")])
+
+
+def _biased_inception(tmp_path, images=None):
+    """Random Inception weights, saved to a .pth. With images: fc rows 0..N-1 make image i confidently
+    class i (W_c = 50 d_c' / |d_c'|^2, d_c' = pool_c - mean pool without its mean direction, so
+    pool_i @ W_i = 50), and the fc bias +1000 on class 0 would make every image class 0."""
+    state = evaluate.random_inception_state_dict(0)
+    if images is not None:
+        pool = _net()(torch.from_numpy(images).permute(0, 3, 1, 2))["pool"].double()   # fc does not change pool
+        u = pool.mean(0) / pool.mean(0).norm()
+        d = pool - pool.mean(0)
+        d = d - (d @ u)[:, None] * u                                       # (N, 2048), orthogonal to the mean
+        w = torch.zeros(1008, 2048, dtype=torch.float64)
+        w[:len(d)] = 50 * d / (d * d).sum(1, keepdim=True)
+        state["fc.weight"], state["fc.bias"] = w.float(), torch.zeros(1008)
+        state["fc.bias"][0] = 1000.0
+    torch.save(state, tmp_path / "inc.pth")
+    return state, str(tmp_path / "inc.pth")
+
+
+def test_metric_key_labels():
+    assert evaluate.metric_key("fid", 50000, 10000) == "fid"
+    assert evaluate.metric_key("fid", 2048, None) == "fid"
+    assert evaluate.metric_key("fid", 512, 10000) == "fid-512"
+    assert evaluate.metric_key("sfid", 512, 512) == "sfid-512"
+    assert evaluate.metric_key("fid", 50000, 1000) == "fid-50000-ref1000"
+    assert evaluate.metric_key("fid", 512, 1000) == "fid-512-ref1000"
+
+
+def test_cli_small_sample_refusal_labels_and_unbiased_is(tmp_path, capsys, monkeypatch):
+    """FID / sFID / P-R refused below 2,048 images unless --allow-small, then labelled with the size; the
+    Inception Score is ADM's: softmax(pool_3 @ W) without the fc bias."""
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
+    rng = np.random.RandomState(1)
+    x = rng.randint(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    state, inc = _biased_inception(tmp_path, x)
+    np.savez(tmp_path / "s.npz", arr_0=x)
+    np.savez(tmp_path / "r.npz", arr_0=rng.randint(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    base = [str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--inception", inc, "--json", str(tmp_path / "o.json")]
+    with pytest.raises(SystemExit, match=r"6 samples and 6 reference images.*--allow-small.*fid-6"):
+        evaluate.main(base)
+    assert not (tmp_path / "o.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = evaluate.main(base + ["--allow-small"])
+    assert {"fid-6", "sfid-6", "precision-6", "recall-6"} <= set(res) and "fid" not in res
+    assert set(json.loads((tmp_path / "o.json").read_text())) >= {"fid-6", "sfid-6", "protocol"}
+    assert "fid-6" in capsys.readouterr().out
+    pool = _net()(torch.from_numpy(x).permute(0, 3, 1, 2))["pool"].double()
+    unbiased = (pool @ state["fc.weight"].double().T).numpy()                # float64 reference, no bias
+    assert res["inception_score"] == pytest.approx(evaluate.inception_score(unbiased)[0], rel=1e-4)
+    assert res["inception_score"] > 3                                      # with the bias it would be ~1
+    assert evaluate.inception_score(unbiased + state["fc.bias"].double().numpy())[0] == pytest.approx(1.0)
+
+
+def test_cli_protocol_record_side_file_and_default_output(tmp_path, monkeypatch, capsys):
+    """The JSON (written next to SAMPLES by default, not in the cwd) carries the protocol: features, sizes,
+    sha256 of every input, code version and sample.py's side file; stdout shows it above the table."""
+    import hashlib
+    import re
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
+    _, inc = _biased_inception(tmp_path)
+    rng = np.random.RandomState(2)
+    np.savez(tmp_path / "s.npz", arr_0=rng.randint(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.randint(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    side = {"sampler": "ode", "steps": 50, "nfe": 99, "cfg_scale": 1.5, "guidance_interval": [0.0, 0.7],
+            "precision": "bf16", "num_samples": 5, "labels": "uniform", "seed": 0, "checkpoint": "dit.pt"}
+    (tmp_path / "s.json").write_text(json.dumps(side))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()       # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--inception", inc, "--allow-small",
+                       "--no-pr", "--save-stats", str(tmp_path / "ref_stats.npz")])
+    assert os.listdir(tmp_path / "cwd") == [] and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    prot = json.loads((tmp_path / "s.metrics.json").read_text())["protocol"]
+    assert prot["features"] == "adm" and prot["num_samples"] == 5 and prot["num_reference"] == 5
+    assert prot["reference_file"] == str(tmp_path / "ref.npz") and prot["reference_sha256"] == sha(tmp_path / "ref.npz")
+    assert prot["samples_sha256"] == sha(tmp_path / "s.npz") and prot["inception_sha256"] == sha(inc)
+    assert prot["samples"] == side and prot["is_split_size"] == 5000
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", prot["code_version"])
+    out = capsys.readouterr().out
+    assert out.index("protocol") < out.index("metric") and f"reference_sha256: {sha(tmp_path / 'ref.npz')}" in out
+    # a folder's digest is the sha256 of its sha256sum listing, and changes with any image
+    folder = tmp_path / "imgs"
+    _save_png_folder(folder, rng.randint(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    listing = "".join(f"{sha(folder / n)}  {n}\n" for n in ("000.png", "001.png"))
+    assert evaluate.sha256_input(folder) == hashlib.sha256(listing.encode()).hexdigest()
+    # cached statistics remember their protocol; mixing protocols is refused
+    with pytest.raises(SystemExit, match="not comparable"):
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref_stats.npz"), "--inception", inc,
+                       "--allow-small", "--resize", "pytorch-fid"])
+    (tmp_path / "s.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="side file"):
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--inception", inc, "--allow-small"])
+
+
+def test_json_and_stats_writes_are_atomic(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        evaluate._write_json(path, {"x": object()})                         # not serialisable: old file kept
+
+    def crash(f):
+        f.write("half a file")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluate._atomic_write(path, crash)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+    evaluate._write_json(path, {"a": np.float32(1.5)})
+    assert json.loads(path.read_text()) == {"a": 1.5}
+    evaluate.save_stats(tmp_path / "st", {"mu": np.zeros(3), "sigma": np.eye(3)})   # np.savez adds .npz
+    assert np.array_equal(np.load(tmp_path / "st.npz")["sigma"], np.eye(3))
+    assert evaluate.default_json_path(tmp_path / "x" / "samples.npz") == str(tmp_path / "x" / "samples.metrics.json")
+    assert evaluate.default_json_path(tmp_path) == str(tmp_path.parent / tmp_path.name) + ".metrics.json"
 
 
 def test_vae_and_spectrum_modes(tmp_path, monkeypatch):
@@ -1212,12 +1421,15 @@ def test_vae_and_spectrum_modes(tmp_path, monkeypatch):
             "--num-images", "8", "--batch-size", "4"]
     res = evaluate.main(base + ["--json", str(tmp_path / "vae.json")])
     assert {"psnr", "ssim", "dsm0_psnr", "dsm4_psnr", "dsm12_psnr"} <= set(res)
+    assert res["protocol"]["checkpoint_sha256"] == evaluate.sha256_file(tmp_path / "vae.pt")
+    assert res["protocol"]["num_images"] == 8 and res["protocol"]["features"] is None
     assert res["num_images"] == 8 and "rfid" not in res and "lpips" not in res
     assert res["dsm0_psnr"] == pytest.approx(res["psnr"], rel=1e-5)       # k = 0 is the plain reconstruction
-    spec = evaluate.main(base + ["--spectrum", "--json", str(tmp_path / "spec.json")])
+    spec = evaluate.main(base + ["--spectrum"])                             # default: next to the checkpoint
     assert len(spec["spectra"]["latent"]) == 16 and spec["kl_target_latent"] >= 0
     assert spec["directional_spectral_energy"] > 0
-    assert (tmp_path / "spec.png").is_file() and json.loads((tmp_path / "spec.json").read_text())["n_bins"] == 16
+    assert (tmp_path / "vae.spectrum.png").is_file()
+    assert json.loads((tmp_path / "vae.spectrum.json").read_text())["protocol"]["dataset"] == "deadleaves"
     with pytest.raises(SystemExit, match="is a 'dit' checkpoint, but a 'vae' checkpoint is needed"):
         sm.save_checkpoint({"kind": "dit"}, tmp_path / "dit.pt")
         evaluate.main(["--vae", str(tmp_path / "dit.pt"), "--dataset", "deadleaves"])
@@ -1610,6 +1822,21 @@ def test_whole_pipeline_stage_all(tiny_run, tmp_path):
     before = (tmp_path / "samples" / "samples.npz").stat().st_mtime_ns
     run_script(args)
     assert (tmp_path / "samples" / "samples.npz").stat().st_mtime_ns == before
+
+
+def test_pipeline_metrics_label_small_fid_and_protocol(tiny_run, tmp_path, monkeypatch):
+    """The quickstart's metrics (train.py --stage all) use --allow-small semantics: fid-<n> / rfid-<n>."""
+    monkeypatch.setattr(evaluate, "_try_inception", lambda *a, **k: _net())
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
+    args = train.get_args(["--stage", "all", "--out", str(tiny_run), "--num-fid-samples", "4"] + TINY)
+    np.savez(tmp_path / "samples.npz", arr_0=np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*biased")               # labelled: no small-sample warning
+        res = evaluate.pipeline_metrics(args, str(tmp_path / "samples.npz"), torch.device("cpu"))
+    assert res["fid-4"] == 1.0 and res["rfid-4"] == 1.0 and "fid" not in res and res["num_eval_images"] == 4
+    assert res["protocol"]["features"] == "adm" and res["protocol"]["num_samples"] == 4
+    assert res["protocol"]["samples_sha256"] == evaluate.sha256_file(tmp_path / "samples.npz")
+    json.dumps(res)                                                        # train.py writes it as JSON
 
 
 #################################################################################
