@@ -296,13 +296,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        try:
-            with Image.open(self.files[i]) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception as e:
-            raise EvalError(f"cannot read image {self.files[i]}: {e}") from None
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        arr = np.array(train.read_rgb(self.files[i]), dtype=np.uint8)        # every Pillow mode, as in training
+        return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 class ArrayDataset(torch.utils.data.Dataset):

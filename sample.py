@@ -164,6 +164,7 @@ def load_dit(ckpt_path, device, vae_ckpt=None, sd_vae=None):
     model = train.build_dit(ckpt["model_name"], ckpt["dit_config"])
     model.load_state_dict(ckpt["ema"])
     vae = train.vae_from_source(_vae_source(ckpt, vae_ckpt, sd_vae), device).eval()
+    train.check_latent_norm(vae, ckpt, ckpt_path)              # decode with the statistics it was trained on
     return model.to(device).eval(), vae, ckpt
 
 

@@ -1178,14 +1178,14 @@ class LatentData(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- stage 2: DiT
 
-def load_repa_encoder(name, device, seed=0):
+def load_repa_encoder(name, device, seed=0, resolution=256):
     """Frozen REPA target encoder: a torch.hub DINOv2 name, 'tiny' (random, for tests) or 'none'."""
     if name == "none":
         return None
     if name == "tiny":
         torch.manual_seed(seed + 99)
         return sm.TinyEncoder(patch_size=8, embed_dim=32).to(device).eval().requires_grad_(False)
-    return sm.load_dinov2(name, device=device)
+    return sm.load_dinov2(name, device=device, resolution=resolution)
 
 
 def dit_config(args, meta, enc_dim):
@@ -1292,7 +1292,8 @@ def train_dit(args, d, quickstart=False):
         log(d, f"stage dit: {out} is finished, skipping")
         return out
     log_configuration(d, args, "dit")
-    encoder = load_repa_encoder(args.repa_encoder if args.repa_lambda > 0 else "none", d.device, args.seed)
+    encoder = load_repa_encoder(args.repa_encoder if args.repa_lambda > 0 else "none", d.device, args.seed,
+                                args.image_size)
     data = LatentData(os.path.join(args.out, "latents"), encoder is not None)
     meta = data.meta
     if args.hflip and len(np.load(os.path.join(data.folder, "moments.npy"), mmap_mode="r")[0]) < 2:
@@ -1515,6 +1516,8 @@ def run_compare(args, d):
         with open(os.path.join(a.out, "metrics.json")) as f:
             rows[reg] = json.load(f)
     if d.main:
+        for r in rows.values():                                # fid-512 etc.: labelled with their sample size
+            r.update({k.split("-")[0]: v for k, v in r.items() if k.startswith(("fid-", "rfid-"))})
         cols = [(k, name) for k, name in COMPARE_METRICS if any(k in r for r in rows.values())]
         lines = ["| reg | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for reg, r in rows.items():
@@ -1534,7 +1537,7 @@ def preflight(args, d):
     if args.stage in ("all", "vae", "compare"):
         sm.VAE_CONFIGS[args.vae]                              # validated names (validate_args)
     if args.stage in ("all", "dit", "compare") and args.repa_lambda > 0:
-        load_repa_encoder(args.repa_encoder, "cpu", args.seed)   # offline hub / bad names fail now
+        load_repa_encoder(args.repa_encoder, "cpu", args.seed, args.image_size)   # offline hub fails now
     if args.dataset != "deadleaves" and args.data_path and args.stage != "dit":
         build_dataset(args.dataset, args.data_path, args.image_size)   # layout errors now
 
