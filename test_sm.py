@@ -2335,3 +2335,46 @@ def test_sample_repa_checkpoint(tmp_path, monkeypatch):
     assert "does not fit --model SiT-T/2" in _cli_error(repa[:-1] + ["16", "--num-samples", 1, "--out", tmp_path / "e"])
     assert "--repa-ckpt needs --sd-vae" in _cli_error(repa[:2] + ["--num-samples", 1, "--out", tmp_path / "e"])
     assert "REPA checkpoint not found" in _cli_error(["--repa-ckpt", tmp_path / "no.pt", "--sd-vae", tmp_path / "vae"])
+
+
+def test_keep_every_snapshots_and_grad_checkpoint(tiny_run, tmp_path):
+    """--keep-every 3 keeps dit-0000003.pt and dit-0000006.pt beside dit.pt; --grad-checkpoint recomputes the
+    blocks but gives the same gradient."""
+    import shutil
+    shutil.copytree(tiny_run / "latents", tmp_path / "latents")
+    train.main(["--stage", "dit", "--out", str(tmp_path), "--keep-every", "3"] + TINY)
+    assert sorted(p.name for p in tmp_path.glob("dit*.pt")) == ["dit-0000003.pt", "dit-0000006.pt", "dit.pt"]
+    assert sm.load_checkpoint(tmp_path / "dit-0000003.pt", "dit")["step"] == 3
+    m = perturb(tiny_dit()).train()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+    grads = []
+    for ckpt in (False, True):
+        m.grad_checkpointing = ckpt
+        m.zero_grad()
+        m(x, t, y, force_drop_ids=torch.zeros(3, dtype=torch.bool))[0].square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_official_vae_as_latents_source(tmp_path):
+    """--official-vae: the authors' weights encode the latents, with their scalar scale as the statistics."""
+    g = torch.load(os.path.join(DATA, "official_vae_golden.pt"), weights_only=False)
+    vae = sm.load_official_vae(g["state_dict"], g["sm_preset"], scale_factor=0.5)
+    assert torch.allclose(vae.latent_std, torch.full_like(vae.latent_std, 2.0)) and not vae.latent_mean.any()
+    args = train.get_args(TINY + ["--official-vae", str(tmp_path / "missing.safetensors")])
+    assert args.official_scale == pytest.approx(0.9515730)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        train.load_stage1_vae(args, FakeDist(0, 1))
+
+
+@pytest.mark.parametrize("config,steps,batch", [("quickstart", 600, 32), ("imagenet", 1000000, 128),
+                                                ("celebahq", 500000, 48)])
+def test_help_prints_the_defaults_of_the_chosen_config(capsys, config, steps, batch):
+    with pytest.raises(SystemExit):
+        train.get_args(["--config", config, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"--vae-steps VAE_STEPS default: {steps}" in out and f"--vae-batch VAE_BATCH global batch size " \
+                                                                f"(default: {batch})" in out
+    args = train.get_args(["--config", config] + ([] if config == "quickstart" else ["--data-path", "/data"]))
+    assert (args.vae_steps, args.vae_batch, args.config) == (steps, batch, config)

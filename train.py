@@ -44,7 +44,7 @@ CONFIGS["imagenet"] = dict(
     # stage 1: autoencoder (authors' f16d16; 8 GPUs x 16 images)
     vae="f16d16", reg="dsm", vae_batch=128, vae_steps=1_000_000, vae_lr=5e-5, warmup=2000,
     lpips_weight=0.5, disc_weight=0.5, disc_start=50_001, disc_lr=5e-5, disc_warmup=2000,
-    esm_delta=1.0, dsm_block=8, dsm_group=16, latent_norm="scalar", stats_samples=200_000,
+    esm_delta=1.0, dsm_block=8, dsm_group=16, latent_norm="scalar", stats_samples=200_000, official_scale=0.9515730,
     # stage 2: SiT-B/2 with REPA (REPA's B/2 setting)
     model="DiT-B/2", depth=None, width=None, dit_batch=256, dit_steps=400_000, dit_lr=1e-4, ema=0.9999,
     class_dropout=0.1, weighting="uniform", cos_weight=0.0, micro_batch=0, precision="fp32",
@@ -87,9 +87,16 @@ RUN_KEYS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the docstring as written and every flag's default under the chosen --config."""
+
+
 def build_parser(defaults):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+
+    def a(*names, **kw):
+        kw.setdefault("help", "default: %(default)s")
+        return p.add_argument(*names, **kw)
     a("--config", choices=list(CONFIGS), help="named configuration that sets the defaults (quickstart)")
     a("--stage", choices=["all", "vae", "latents", "dit", "compare"],
       help="all: the whole pipeline; compare: the pipeline once per --reg preset, one table")
@@ -134,6 +141,9 @@ def build_parser(defaults):
     # latents / stage 2
     a("--vae-ckpt", help="stage-1 checkpoint (default: OUT/vae.pt)")
     a("--sd-vae", help="diffusers AutoencoderKL weights (sd-vae-ft-ema) instead of a stage-1 checkpoint")
+    a("--official-vae", help="the authors' model.safetensors (or its folder) instead of a stage-1 checkpoint; its "
+                             "preset is --vae and its latent scale --official-scale")
+    a("--official-scale", type=float, help="the authors' latent scale (their configs/ldm_*.yaml: imagenet 0.9515730)")
     a("--model", help="DiT preset, e.g. DiT-B/2")
     a("--depth", type=int, help="override the preset's depth (small demos)")
     a("--width", type=int, help="override the preset's hidden size (small demos; 64 channels per head)")
@@ -361,10 +371,11 @@ def tqdm_bar(d, start, total, desc):
 
 def log_configuration(d, args, stage):
     """The resolved settings of this run, once at start (what --help would show, after every override)."""
-    keys = [k for k in vars(args) if k not in ("explicit",)]
-    log(d, f"stage {stage}: config {args.config}" + (f", overridden: {', '.join(args.explicit)}" if args.explicit
-                                                      else "") + " | " + " ".join(f"{k}={getattr(args, k)}"
-                                                                                  for k in keys))
+    import textwrap
+    given = f" (overridden: {', '.join(args.explicit)})" if args.explicit else ""
+    body = " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "explicit")
+    log(d, f"stage {stage}: config {args.config}{given}\n" + textwrap.fill(body, 118, initial_indent="  ",
+                                                                           subsequent_indent="  "))
 
 
 # ----------------------------------------------------------------------------- data
@@ -894,6 +905,9 @@ def train_vae(args, d, quickstart=False):
     runner, disc_ddp = d.wrap(vae_step), d.wrap(disc)
     loader = make_loader(ds, args.vae_batch, d, args.seed, step, args.num_workers)
     latent_shape = (vae.latent_channels, args.image_size // vae.factor, args.image_size // vae.factor)
+    local = args.vae_batch // d.world
+    log(d, f"batch: global {args.vae_batch}, per rank {local}, micro-batch {args.micro_batch or local}, "
+           f"{len(micro_batches(local, args.micro_batch))} accumulation steps")
     vis_x = torch.stack([ds[i][0] for i in range(min(16, len(ds)))]).to(d.device)
     last = min(args.vae_steps, step + args.max_steps) if args.max_steps else args.vae_steps
     bar = tqdm_bar(d, step, args.vae_steps, "stage vae")
@@ -1031,6 +1045,10 @@ def load_stage1_vae(args, d):
     if args.sd_vae:
         return sm.load_sd_vae(args.sd_vae, "f8d4").to(d.device), dict(kind="sd", path=os.path.abspath(args.sd_vae),
                                                                       preset="f8d4")
+    if args.official_vae:
+        src = dict(kind="official", path=os.path.abspath(args.official_vae), preset=args.vae,
+                   scale=args.official_scale)
+        return vae_from_source(src, d.device), src
     path = args.vae_ckpt or os.path.join(args.out, "vae.pt")
     ckpt = sm.load_checkpoint(path, "vae")
     if not ckpt.get("finished"):
@@ -1047,6 +1065,8 @@ def vae_from_source(src, device):
     """Rebuild the autoencoder recorded in a latents folder or DiT checkpoint."""
     if src["kind"] == "sd":
         return sm.load_sd_vae(src["path"], src["preset"]).to(device)
+    if src["kind"] == "official":
+        return sm.load_official_vae(src["path"], src["preset"], scale_factor=src["scale"]).to(device)
     return sm.build_vae_from_checkpoint(sm.load_checkpoint(src["path"], "vae")).to(device)
 
 
