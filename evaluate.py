@@ -1014,8 +1014,8 @@ def reconstruction_pairs(vae, x, ks):
 
 
 def _vae_and_loader(args, device):
-    ckpt = sm.load_checkpoint(args.vae, kind="vae", map_location="cpu")
-    vae = sm.build_vae_from_checkpoint(ckpt).to(device).eval()
+    ckpt = train.load_checkpoint(args.vae, kind="vae", map_location="cpu")
+    vae = train.build_vae_from_checkpoint(ckpt).to(device).eval()
     ds = build_eval_dataset(args.dataset, args.data_path, args.image_size)
     n = min(args.num_images, len(ds)) if args.num_images else len(ds)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
@@ -1214,7 +1214,7 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     below 2,048 images (`fid-512`, see metric_key), and a `protocol` record.
     """
     n = n_val or min(args.num_fid_samples, 1024)
-    vae = sm.build_vae_from_checkpoint(sm.load_checkpoint(os.path.join(args.out, "vae.pt"), "vae")).to(device)
+    vae = train.build_vae_from_checkpoint(train.load_checkpoint(os.path.join(args.out, "vae.pt"), "vae")).to(device)
     val = train.build_dataset(args.dataset, args.data_path, args.image_size, train=False, seed=args.seed,
                               length=args.dataset_size)
     n = min(n, len(val))
@@ -1235,8 +1235,8 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     res.update({f"dsm{k}_psnr": float(torch.cat(v).mean()) for k, v in dsm.items()})
     res["dsm_psnr"] = float(np.mean([res[f"dsm{k}_psnr"] for k in dsm]))
     # diffusion: validation flow-matching loss of the EMA model on normalised latents
-    ckpt = sm.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit")
-    model = train.build_dit(ckpt["model_name"], ckpt["dit_config"]).to(device)
+    ckpt = train.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit")
+    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(device)
     model.load_state_dict(ckpt["ema"])
     model.eval()
     z = vae.normalize(mean)

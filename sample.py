@@ -159,9 +159,9 @@ def _vae_source(ckpt, vae_ckpt=None, sd_vae=None):
 
 def load_dit(ckpt_path, device, vae_ckpt=None, sd_vae=None):
     """(EMA DiT in eval mode, autoencoder, checkpoint dict) from a 'dit' checkpoint."""
-    ckpt = sm.load_checkpoint(ckpt_path, "dit")
+    ckpt = train.load_checkpoint(ckpt_path, "dit")
     check_finite_weights(ckpt["ema"], ckpt_path)
-    model = train.build_dit(ckpt["model_name"], ckpt["dit_config"])
+    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"])
     model.load_state_dict(ckpt["ema"])
     vae = train.vae_from_source(_vae_source(ckpt, vae_ckpt, sd_vae), device).eval()
     train.check_latent_norm(vae, ckpt, ckpt_path)              # decode with the statistics it was trained on

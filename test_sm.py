@@ -308,13 +308,13 @@ def test_vae_padding_config_and_old_configs():
     vae = sm.build_vae("tiny")
     old = {k: v for k, v in vae.config.items() if k not in ("downsample_padding", "quant_conv", "post_quant_conv")}
     ckpt = dict(kind="vae", preset="tiny", vae_config=old, model=vae.state_dict())   # saved before the field
-    rebuilt = sm.build_vae_from_checkpoint(ckpt)
+    rebuilt = train.build_vae_from_checkpoint(ckpt)
     assert rebuilt.config["downsample_padding"] == "asymmetric"
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():                                      # same weights, other padding: other latents
         assert (rebuilt.encode(x)[0] - vae.encode(x)[0]).abs().max() > 1e-3
         assert torch.equal(rebuilt.decode(vae.encode(x)[0]), vae.eval().decode(vae.encode(x)[0]))
-    assert sm.build_vae_from_checkpoint(dict(ckpt, vae_config=vae.config)).config == vae.config
+    assert train.build_vae_from_checkpoint(dict(ckpt, vae_config=vae.config)).config == vae.config
     assert sm.load_sd_vae(sm.build_vae("tiny").state_dict(), "tiny").config["downsample_padding"] == "asymmetric"
     with pytest.raises(ValueError, match="downsample_padding must be one of"):
         sm.build_vae("tiny", downsample_padding="same")
@@ -651,20 +651,20 @@ def test_image_folder_center_crop(tmp_path):
 
 def test_checkpoint_atomic_and_typed(tmp_path):
     p = tmp_path / "c.pt"
-    sm.save_checkpoint({"kind": "vae", "x": 1}, p)
-    assert sm.load_checkpoint(p, "vae")["x"] == 1
+    train.save_checkpoint({"kind": "vae", "x": 1}, p)
+    assert train.load_checkpoint(p, "vae")["x"] == 1
     with pytest.raises(ValueError, match="is a 'vae' checkpoint, but a 'dit' checkpoint is needed"):
-        sm.load_checkpoint(p, "dit")
+        train.load_checkpoint(p, "dit")
 
     def boom(tmp):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        sm.save_checkpoint({"kind": "vae", "x": 2}, p, before_replace=boom)
-    assert sm.load_checkpoint(p, "vae")["x"] == 1                         # old file intact
+        train.save_checkpoint({"kind": "vae", "x": 2}, p, before_replace=boom)
+    assert train.load_checkpoint(p, "vae")["x"] == 1                         # old file intact
     assert os.listdir(tmp_path) == ["c.pt"]                               # no temporary left behind
     (tmp_path / "junk.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        sm.load_checkpoint(tmp_path / "junk.pt")
+        train.load_checkpoint(tmp_path / "junk.pt")
 
 
 #################################################################################
@@ -753,8 +753,8 @@ def test_ode_with_exact_velocity_recovers_data():
     out = sm.sample_ode(ExactVelocity(mu, 0.5), torch.randn(4000, 1, 4, 4, dtype=torch.float64), None, steps=40,
                         heun=True)
     assert abs(out.mean().item() - 0.7) < 0.02 and abs(out.std().item() - 0.5) < 0.02
-    out = sm.sample_sde(ExactVelocity(mu, 0.5), torch.randn(4000, 1, 4, 4, dtype=torch.float64), None, steps=100,
-                        generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    out = sm.sample_sde(ExactVelocity(mu, 0.5), torch.randn(4000, 1, 4, 4, dtype=torch.float64), None, steps=100)
     assert abs(out.mean().item() - 0.7) < 0.03 and abs(out.std().item() - 0.5) < 0.05
 
 
@@ -930,7 +930,7 @@ def test_tiny_dit_training_lowers_flow_loss():
 
 
 def test_encode_repa_target_with_tiny_encoder():
-    enc = sm.TinyEncoder(patch_size=8, embed_dim=16).eval()
+    enc = train.TinyEncoder(patch_size=8, embed_dim=16).eval()
     imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     Z = sm.encode_repa_target(enc, imgs, 32)                               # resized to 28 px -> 3x3 tokens
     assert Z.shape == (2, 9, 16)
@@ -1410,7 +1410,7 @@ def test_vae_and_spectrum_modes(tmp_path, monkeypatch):
     """--vae and --spectrum on a random tiny VAE checkpoint and dead leaves (Inception, LPIPS offline)."""
     torch.manual_seed(0)
     vae = sm.build_vae("tiny")
-    sm.save_checkpoint(dict(kind="vae", preset="tiny", vae_config=vae.config, model=vae.state_dict(),
+    train.save_checkpoint(dict(kind="vae", preset="tiny", vae_config=vae.config, model=vae.state_dict(),
                             args={"esm_delta": 1.0}), tmp_path / "vae.pt")
 
     def offline(*a, **k):
@@ -1431,7 +1431,7 @@ def test_vae_and_spectrum_modes(tmp_path, monkeypatch):
     assert (tmp_path / "vae.spectrum.png").is_file()
     assert json.loads((tmp_path / "vae.spectrum.json").read_text())["protocol"]["dataset"] == "deadleaves"
     with pytest.raises(SystemExit, match="is a 'dit' checkpoint, but a 'vae' checkpoint is needed"):
-        sm.save_checkpoint({"kind": "dit"}, tmp_path / "dit.pt")
+        train.save_checkpoint({"kind": "dit"}, tmp_path / "dit.pt")
         evaluate.main(["--vae", str(tmp_path / "dit.pt"), "--dataset", "deadleaves"])
 
 
@@ -1485,7 +1485,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_pipeline_outputs(tiny_run):
-    vae = sm.load_checkpoint(tiny_run / "vae.pt", "vae")
+    vae = train.load_checkpoint(tiny_run / "vae.pt", "vae")
     assert vae["finished"] and vae["step"] == 6 and len(vae["history"]) == 6
     assert torch.all(vae["model"]["latent_std"] > 0) and not torch.all(vae["model"]["latent_std"] == 1)
     for f in ("reconstructions.png", "spectrum.png", "samples.png", "latents/meta.json", "latents/moments.npy"):
@@ -1494,7 +1494,7 @@ def test_tiny_pipeline_outputs(tiny_run):
     assert meta["latent_shape"] == [4, 8, 8] and meta["num_images"] == 64 and meta["has_images"]
     mom = np.load(tiny_run / "latents" / "moments.npy")
     assert mom.shape == (64, 1, 2, 4, 8, 8) and (mom[:, :, 1] > 0).all()              # no flips: REPA
-    dit = sm.load_checkpoint(tiny_run / "dit.pt", "dit")
+    dit = train.load_checkpoint(tiny_run / "dit.pt", "dit")
     assert dit["finished"] and {"mse", "repa", "loss"} <= set(dit["history"][-1])
 
 
@@ -1558,7 +1558,7 @@ else:
     enc = train.load_repa_encoder("tiny", d.device, 0)
     cfg = train.dit_config(args, data.meta, enc.embed_dim)
     torch.manual_seed(0)
-    model, ema = train.build_dit(args.model, cfg), train.build_dit(args.model, cfg)
+    model, ema = sm.build_dit(args.model, **cfg), sm.build_dit(args.model, **cfg)
     runner, opt = d.wrap(model), torch.optim.AdamW(model.parameters(), lr=0.0)
     loader = train.make_loader(data, args.dit_batch, d, args.seed, 0, 0)
     rnd = [d.shard(a) for a in train.dit_batch_randomness(args, 0, args.dit_batch, data.meta["latent_shape"])]
@@ -1639,8 +1639,8 @@ def assert_params_within(path_a, path_b, bound):
 
 def check_latent_statistics(path):
     """Stored latent statistics equal those one process computes from the stored weights."""
-    ckpt = sm.load_checkpoint(path, "vae")
-    vae = sm.build_vae_from_checkpoint(ckpt)
+    ckpt = train.load_checkpoint(path, "vae")
+    vae = train.build_vae_from_checkpoint(ckpt)
     stored = vae.latent_mean.clone(), vae.latent_std.clone()
     args = argparse.Namespace(**ckpt["args"])
     ds = train.build_dataset(args.dataset, args.data_path, args.image_size, True, args.seed, args.dataset_size)
@@ -1661,7 +1661,7 @@ def test_ddp_latents_match_single_process(tiny_run, tmp_path):
 def test_resume_on_other_world_size(tiny_run, tmp_path):
     """3 steps on 2 processes, then --resume on 1 process: within the Adam drift bound of an uninterrupted run."""
     run_script(["--stage", "vae", "--out", str(tmp_path), "--max-steps", "3"] + TINY, nproc=2)
-    assert sm.load_checkpoint(tmp_path / "vae.pt")["step"] == 3
+    assert train.load_checkpoint(tmp_path / "vae.pt")["step"] == 3
     run_script(["--stage", "vae", "--out", str(tmp_path), "--resume"] + TINY)
     assert_params_within(tiny_run / "vae.pt", tmp_path / "vae.pt", adam_drift_bound(vae_lrs()))
     check_latent_statistics(tmp_path / "vae.pt")
@@ -1672,7 +1672,7 @@ def test_sigkill_and_resume(tiny_run, tmp_path, crash):
     """SIGKILL between steps or while the checkpoint is written; --resume ends as the uninterrupted run."""
     p = run_script(["--stage", "vae", "--out", str(tmp_path)] + TINY, env={"SM_CRASH_AT": crash}, check=False)
     assert p.returncode == -9
-    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")                  # never torn
+    ckpt = train.load_checkpoint(tmp_path / "vae.pt", "vae")                  # never torn
     assert ckpt["step"] == 3 and not ckpt["finished"]
     run_script(["--stage", "vae", "--out", str(tmp_path), "--resume"] + TINY)
     assert_same_params(params_of(tiny_run / "vae.pt"), params_of(tmp_path / "vae.pt"), 1e-6)
@@ -1683,7 +1683,7 @@ def test_sigkill_dit_and_resume(tiny_run, tmp_path):
     import shutil
     shutil.copytree(tiny_run / "latents", tmp_path / "latents")
     p = run_script(["--stage", "dit", "--out", str(tmp_path)] + TINY, env={"SM_CRASH_AT": "step:5"}, check=False)
-    assert p.returncode == -9 and sm.load_checkpoint(tmp_path / "dit.pt")["step"] == 3
+    assert p.returncode == -9 and train.load_checkpoint(tmp_path / "dit.pt")["step"] == 3
     run_script(["--stage", "dit", "--out", str(tmp_path), "--resume"] + TINY)
     for key in ("model", "ema"):
         assert_same_params(params_of(tiny_run / "dit.pt", key), params_of(tmp_path / "dit.pt", key), 1e-6)
@@ -1714,7 +1714,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(sm, "esm_loss", esm_then_nan)
     with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 4: .*esm=nan"):
         train.main(["--stage", "vae", "--out", str(tmp_path)] + TINY)
-    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")
+    ckpt = train.load_checkpoint(tmp_path / "vae.pt", "vae")
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -1781,7 +1781,7 @@ def test_every_regulariser_and_the_gan_train(tmp_path, reg):
     train.main(["--stage", "vae", "--out", str(tmp_path)] + TINY + ["--reg", reg, "--vae-steps", "5", "--disc-start",
                                                                     "1", "--disc-warmup", "1", "--stats-samples", "8"]
                + extra)                                                # D updates at lr 0 (warm-up), then full lr
-    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")
+    ckpt = train.load_checkpoint(tmp_path / "vae.pt", "vae")
     first, last = ckpt["history"][0], ckpt["history"][-1]
     preset = train.REG_PRESETS[reg]
     assert ("esm" in last) == (preset["esm_weight"] > 0) and ("kl" in last) == (preset["kl_weight"] > 0)
@@ -1800,7 +1800,7 @@ def initial_discriminator():
 
 
 def test_discriminator_untouched_before_disc_start(tiny_run):
-    ckpt = sm.load_checkpoint(tiny_run / "vae.pt", "vae")
+    ckpt = train.load_checkpoint(tiny_run / "vae.pt", "vae")
     init = initial_discriminator()
     assert all(torch.equal(init[k], ckpt["disc"][k]) for k in init)
 
@@ -1850,7 +1850,7 @@ def test_diverged_weights_never_replace_a_good_checkpoint(tmp_path, monkeypatch,
                                                                                                          warmup))
     with pytest.raises(FloatingPointError, match=r"non-finite before step 6 .*vae.pt \(step 3\) is kept"):
         train.main(["--stage", "vae", "--out", str(tmp_path)] + TINY)
-    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")
+    ckpt = train.load_checkpoint(tmp_path / "vae.pt", "vae")
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     monkeypatch.setattr(train, "lr_at", lambda step, base, warmup: float("inf") if step == 1 else real(step, base,
                                                                                                          warmup))
@@ -1872,7 +1872,7 @@ def test_non_finite_ema_is_not_saved(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "update_ema", poisoned)
     with pytest.raises(FloatingPointError, match=r"before step 6 .*dit.pt \(step 3\) is kept"):
         train.main(["--stage", "dit", "--out", str(tmp_path)] + TINY)
-    assert sm.load_checkpoint(tmp_path / "dit.pt", "dit")["step"] == 3
+    assert train.load_checkpoint(tmp_path / "dit.pt", "dit")["step"] == 3
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -1907,19 +1907,19 @@ def test_resume_refuses_changed_settings_and_extends_finished_runs(tiny_run, tmp
     main()                                                                  # finished: nothing to do
     assert "is finished, skipping" in capsys.readouterr().out
     main("--vae-steps", "8")                                                # extend a finished run
-    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")
+    ckpt = train.load_checkpoint(tmp_path / "vae.pt", "vae")
     assert ckpt["step"] == 8 and ckpt["finished"] and ckpt["opt"]["state"][0]["step"] == 8
     train.main(["--stage", "vae", "--out", str(tmp_path / "new"), "--resume"] + TINY + ["--vae-steps", "1"])
-    assert "there is no" in capsys.readouterr().out and sm.load_checkpoint(tmp_path / "new" / "vae.pt")["finished"]
+    assert "there is no" in capsys.readouterr().out and train.load_checkpoint(tmp_path / "new" / "vae.pt")["finished"]
 
 
 def test_unfinished_run_finishes_on_resume_at_its_step(tmp_path):
     train.main(["--stage", "vae", "--out", str(tmp_path), "--max-steps", "3"] + TINY)
-    assert not sm.load_checkpoint(tmp_path / "vae.pt")["finished"]
+    assert not train.load_checkpoint(tmp_path / "vae.pt")["finished"]
     with pytest.raises(ValueError, match=r"unfinished stage-1 run \(step 3 of 6\)"):
         train.main(["--stage", "latents", "--out", str(tmp_path)] + TINY)
     train.main(["--stage", "vae", "--out", str(tmp_path), "--resume"] + TINY + ["--vae-steps", "3"])
-    ckpt = sm.load_checkpoint(tmp_path / "vae.pt")
+    ckpt = train.load_checkpoint(tmp_path / "vae.pt")
     assert ckpt["finished"] and ckpt["step"] == 3 and not torch.all(ckpt["model"]["latent_std"] == 1)
 
 
@@ -2001,7 +2001,7 @@ def test_every_pillow_mode_arrives_as_8bit_rgb(tmp_path):
 def test_checkpoints_are_readable_by_the_group(tmp_path):
     old = os.umask(0o022)
     try:
-        sm.save_checkpoint({"kind": "vae"}, tmp_path / "c.pt")
+        train.save_checkpoint({"kind": "vae"}, tmp_path / "c.pt")
     finally:
         os.umask(old)
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
@@ -2016,7 +2016,7 @@ def test_gan_schedule_alternates_after_disc_start(tmp_path):
     steps 3, 5, 7, 9: 6 generator and 4 discriminator updates; the discriminator lr warms up per update."""
     train.main(["--stage", "vae", "--out", str(tmp_path)] + TINY + ["--disc-start", "3", "--vae-steps", "10",
                                                                     "--disc-warmup", "8", "--stats-samples", "8"])
-    ckpt = sm.load_checkpoint(tmp_path / "vae.pt", "vae")
+    ckpt = train.load_checkpoint(tmp_path / "vae.pt", "vae")
     assert ckpt["opt"]["state"][0]["step"] == 6 and ckpt["opt_d"]["state"][0]["step"] == 4
     assert ckpt["opt_d"]["param_groups"][0]["lr"] == pytest.approx(5e-5 * 3 / 8)   # 4th update: 3 before it
     kinds = [("disc" in h, "l1" in h) for h in ckpt["history"]]
@@ -2039,14 +2039,14 @@ def test_dsm_k_is_drawn_per_group(tmp_path):
 
 
 def test_scalar_latent_norm_round_trip(tiny_run):
-    ckpt = sm.load_checkpoint(tiny_run / "vae.pt", "vae")
-    vae = sm.build_vae_from_checkpoint(ckpt)
+    ckpt = train.load_checkpoint(tiny_run / "vae.pt", "vae")
+    vae = train.build_vae_from_checkpoint(ckpt)
     assert ckpt["latent_norm"] == "scalar" and vae.latent_norm == "scalar"
     assert torch.all(vae.latent_std == vae.latent_std[0]) and torch.all(vae.latent_mean == vae.latent_mean[0])
     meta = json.loads((tiny_run / "latents" / "meta.json").read_text())
     assert meta["latent_norm"] == "scalar" and meta["latent_std"] == vae.latent_std.tolist()
     z = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    v = sm.build_vae_from_checkpoint(ckpt).double()
+    v = train.build_vae_from_checkpoint(ckpt).double()
     torch.testing.assert_close(v.denormalize(v.normalize(z)), z, rtol=1e-12, atol=1e-12)
     other = dict(meta, latent_std=[s * 2 for s in meta["latent_std"]])
     with pytest.raises(ValueError, match="decode with the autoencoder they were encoded with"):
@@ -2064,15 +2064,15 @@ def _write_sample_ckpt(folder, ema_edit=None):
     vae = sm.build_vae("tiny")
     vae.latent_mean.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
     vae.latent_std.fill_(1.5)
-    sm.save_checkpoint(dict(kind="vae", vae_config=vae.config, model=vae.state_dict(), preset="tiny", step=1,
+    train.save_checkpoint(dict(kind="vae", vae_config=vae.config, model=vae.state_dict(), preset="tiny", step=1,
                             finished=True, args={}), folder / "vae.pt")
     cfg = dict(input_size=8, in_channels=4, num_classes=10, depth=2, hidden_size=32, num_heads=4, encoder_depth=1,
                z_dims=[], class_dropout_prob=0.1)
     torch.manual_seed(0)
-    ema = perturb(train.build_dit("DiT-S/2", cfg)).state_dict()
+    ema = perturb(sm.build_dit("DiT-S/2", **cfg)).state_dict()
     if ema_edit:
         ema_edit(ema)
-    sm.save_checkpoint(dict(kind="dit", model_name="DiT-S/2", dit_config=cfg, model=ema, ema=ema, step=7,
+    train.save_checkpoint(dict(kind="dit", model_name="DiT-S/2", dit_config=cfg, model=ema, ema=ema, step=7,
                             finished=True, vae=dict(kind="ckpt", path=str(folder / "vae.pt")),
                             latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist(), image_size=32),
                        folder / "dit.pt")
@@ -2344,7 +2344,7 @@ def test_keep_every_snapshots_and_grad_checkpoint(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "latents", tmp_path / "latents")
     train.main(["--stage", "dit", "--out", str(tmp_path), "--keep-every", "3"] + TINY)
     assert sorted(p.name for p in tmp_path.glob("dit*.pt")) == ["dit-0000003.pt", "dit-0000006.pt", "dit.pt"]
-    assert sm.load_checkpoint(tmp_path / "dit-0000003.pt", "dit")["step"] == 3
+    assert train.load_checkpoint(tmp_path / "dit-0000003.pt", "dit")["step"] == 3
     m = perturb(tiny_dit()).train()
     x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
     grads = []

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -634,6 +635,63 @@ def plot_spectra(rep, path, delta):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def save_checkpoint(obj, path, before_replace=None):
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    before_replace(tmp_path) is called between writing and renaming (crash tests).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):                                        # leftovers of a killed writer
+        if name.startswith(os.path.basename(path) + ".") and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)                                      # as open() would, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, kind=None, map_location="cpu"):
+    """Load a checkpoint written by train.py and check that it is of the expected `kind` ('vae', 'dit')."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by this project (no 'kind' entry)")
+    if kind is not None and ckpt["kind"] != kind:
+        raise ValueError(f"{path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
+    return ckpt
+
+
+def build_vae_from_checkpoint(ckpt):
+    """VAE in eval mode from a 'vae' checkpoint dict (EMA-free: the trained weights)."""
+    if ckpt.get("kind") != "vae":
+        raise ValueError(f"expected a 'vae' checkpoint, got {ckpt.get('kind')!r}")
+    vae = sm.VAE(**ckpt["vae_config"], preset=ckpt.get("preset"))
+    vae.load_state_dict(ckpt["model"])
+    vae.esm_delta = ckpt.get("args", {}).get("esm_delta", 1.0)
+    vae.latent_norm = ckpt.get("latent_norm", "channel")
+    return vae.eval()
+
+
 def checkpoint_state(d, step, **parts):
     return dict(step=step, rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
                                     cuda=torch.cuda.get_rng_state_all() if d.device.type == "cuda" else None),
@@ -676,10 +734,10 @@ def save_run(d, obj, path, modules, kept_msg, keep_every=0):
                                  f"{kept_msg}")
     if d.main:
         obj["args"] = {k: v for k, v in obj["args"].items() if k != "explicit"}
-        sm.save_checkpoint(obj, path, before_replace=lambda tmp: crash_point("checkpoint", step))
+        save_checkpoint(obj, path, before_replace=lambda tmp: crash_point("checkpoint", step))
         if keep_every and step % keep_every == 0:
             stem, ext = os.path.splitext(path)
-            sm.save_checkpoint(obj, f"{stem}-{step:07d}{ext}")
+            save_checkpoint(obj, f"{stem}-{step:07d}{ext}")
     d.barrier()
 
 
@@ -700,7 +758,7 @@ def resume_point(path, kind, args, d, total_steps, quickstart=False):
         if args.resume:
             log(d, f"stage {kind}: --resume, but there is no {path} yet: starting a new run")
         return None
-    ckpt = sm.load_checkpoint(path, kind)
+    ckpt = load_checkpoint(path, kind)
     same_run(ckpt.get("args", {}), args, kind, path)
     if total_steps < ckpt["step"]:
         raise ValueError(f"{path} is at step {ckpt['step']}, beyond --{kind}-steps {total_steps}: pass "
@@ -1050,7 +1108,7 @@ def load_stage1_vae(args, d):
                    scale=args.official_scale)
         return vae_from_source(src, d.device), src
     path = args.vae_ckpt or os.path.join(args.out, "vae.pt")
-    ckpt = sm.load_checkpoint(path, "vae")
+    ckpt = load_checkpoint(path, "vae")
     if not ckpt.get("finished"):
         raise ValueError(f"{path} is an unfinished stage-1 run (step {ckpt['step']} of "
                          f"{ckpt.get('args', {}).get('vae_steps', '?')}): finish it with --stage vae --resume first")
@@ -1058,7 +1116,7 @@ def load_stage1_vae(args, d):
         for k in ("dataset", "data_path", "image_size", "dataset_size"):
             if k in ckpt.get("args", {}) and k not in args.explicit:
                 setattr(args, k, ckpt["args"][k])
-    return sm.build_vae_from_checkpoint(ckpt).to(d.device), dict(kind="ckpt", path=os.path.abspath(path))
+    return build_vae_from_checkpoint(ckpt).to(d.device), dict(kind="ckpt", path=os.path.abspath(path))
 
 
 def vae_from_source(src, device):
@@ -1067,7 +1125,7 @@ def vae_from_source(src, device):
         return sm.load_sd_vae(src["path"], src["preset"]).to(device)
     if src["kind"] == "official":
         return sm.load_official_vae(src["path"], src["preset"], scale_factor=src["scale"]).to(device)
-    return sm.build_vae_from_checkpoint(sm.load_checkpoint(src["path"], "vae")).to(device)
+    return build_vae_from_checkpoint(load_checkpoint(src["path"], "vae")).to(device)
 
 
 def check_latent_norm(vae, meta, where):
@@ -1198,13 +1256,41 @@ class LatentData(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- stage 2: DiT
 
+class TinyEncoder(nn.Module):
+    """Small random ViT-like target encoder for tests and offline demos (DINOv2's output format)."""
+
+    def __init__(self, patch_size=14, embed_dim=32, depth=1, num_heads=2):
+        super().__init__()
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(embed_dim, num_heads, 2 * embed_dim, dropout=0.0,
+                                                                batch_first=True, norm_first=True)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)                                            # (N, C, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)                                   # (N, T, C)
+        x = x + torch.from_numpy(sm.get_2d_sincos_pos_embed(self.embed_dim, (h, w))).float().to(x.device)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return {"x_norm_clstoken": x[:, 0], "x_norm_patchtokens": x[:, 1:]}
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
 def load_repa_encoder(name, device, seed=0, resolution=256):
     """Frozen REPA target encoder: a torch.hub DINOv2 name, 'tiny' (random, for tests) or 'none'."""
     if name == "none":
         return None
     if name == "tiny":
         torch.manual_seed(seed + 99)
-        return sm.TinyEncoder(patch_size=8, embed_dim=32).to(device).eval().requires_grad_(False)
+        return TinyEncoder(patch_size=8, embed_dim=32).to(device).eval().requires_grad_(False)
     return sm.load_dinov2(name, device=device, resolution=resolution)
 
 
@@ -1225,15 +1311,9 @@ def dit_config(args, meta, enc_dim):
         cfg["projector_type"] = args.projector
     cfg.update({k: True for k in ("qk_norm", "rmsnorm", "swiglu", "rope") if getattr(args, k)})
     with torch.device("meta"):                                 # spell out the preset's sizes
-        m = build_dit(args.model, cfg)
+        m = sm.build_dit(args.model, **cfg)
     cfg.update(depth=len(m.blocks), hidden_size=m.hidden_size, num_heads=m.num_heads, encoder_depth=m.encoder_depth)
     return cfg
-
-
-def build_dit(name, cfg):
-    if name not in sm.DiT_MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sm.DiT_MODELS)}")
-    return sm.DiT_MODELS[name](**cfg)
 
 
 def dit_batch_randomness(args, step, B, latent_shape):
@@ -1324,9 +1404,9 @@ def train_dit(args, d, quickstart=False):
     log(d, f"latents {data.folder}: {len(data)} images of {meta.get('dataset')}, {meta['num_classes']} classes, "
            f"latent shape {tuple(latent_shape)}, {meta.get('latent_norm', 'channel')} normalisation")
     torch.manual_seed(args.seed)
-    model = build_dit(args.model, cfg).to(d.device)
+    model = sm.build_dit(args.model, **cfg).to(d.device)
     model.grad_checkpointing = args.grad_checkpoint
-    ema = build_dit(args.model, cfg).to(d.device).requires_grad_(False)
+    ema = sm.build_dit(args.model, **cfg).to(d.device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.0)
     step, history, saved = 0, [], None
@@ -1455,7 +1535,7 @@ def bench_dit(args, d, latent_shape):
     C, h, _ = latent_shape
     B = args.dit_batch // d.world
     cfg = dit_config(args, dict(latent_shape=latent_shape, num_classes=1000), 768 if args.repa_encoder != "none" else 0)
-    model = build_dit(args.model, cfg).to(d.device)
+    model = sm.build_dit(args.model, **cfg).to(d.device)
     runner = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     z = torch.randn(B, C, h, h, device=d.device)
