@@ -38,7 +38,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -201,19 +200,7 @@ def _find_weights(path=None):
         if not Path(path).is_file():
             raise FileNotFoundError(f"Inception weights not found: {path}")
         return str(path)
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = cache / FID_WEIGHTS_NAME
-    if cached.is_file():
-        return str(cached)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), progress=True)
-        return str(cached)
-    except Exception as e:  # offline, proxy, ...
-        raise RuntimeError(
-            f"FID Inception weights {FID_WEIGHTS_NAME} are not available ({e}). Download "
-            f"{FID_WEIGHTS_URL} and pass it with --inception PATH, or put it in {cache}/"
-        ) from None
+    return sm.fetch_weights(FID_WEIGHTS_URL, None, "FID Inception", flag="--inception PATH")
 
 
 def load_inception(path_or_state_dict=None, device="cpu", resize="adm"):
@@ -457,7 +444,7 @@ def compute_statistics(features):
 def save_stats(path, stats):
     """Write statistics (mu, sigma, optional mu_s, sigma_s, pool, num_images, resize) to .npz, atomically."""
     path = str(path) if str(path).endswith(".npz") else f"{path}.npz"     # np.savez's own rule
-    _atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in stats.items()}), "wb")
+    train.atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in stats.items()}))
 
 
 def load_stats(path):
@@ -746,28 +733,9 @@ def print_table(results, title="metric"):
         print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
 
 
-def _atomic_write(path, write, mode="w"):
-    """write(f) into a temporary file beside `path`, then rename it over `path` (readers never see a
-    half-written file; a crash leaves the old file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path, obj):
     """JSON of obj (tensors/arrays converted), written atomically."""
-    text = json.dumps(_jsonable(obj), indent=2)
-    _atomic_write(path, lambda f: f.write(text + "\n"))
+    train.write_json(_jsonable(obj), path)
 
 
 def default_json_path(src, suffix=".metrics.json"):

@@ -348,8 +348,7 @@ def generate(ckpt_path, num_samples, out, d, steps=50, cfg_scale=1.0, seed=0, sa
             images = _decode(model, vae, meta, idx, y, seed, proto, precision, d.device)
             for im, i in zip(images, idx):
                 p = os.path.join(img_dir, f"{i:06d}.png")
-                Image.fromarray(im).save(p + ".tmp.png")
-                os.replace(p + ".tmp.png", p)
+                train.atomic_write(p, lambda f: Image.fromarray(im).save(f, format="PNG"))
         bar.update(len(block) * d.world)
     bar.close()
     d.barrier()
@@ -357,9 +356,7 @@ def generate(ckpt_path, num_samples, out, d, steps=50, cfg_scale=1.0, seed=0, sa
     if d.main:
         arr = np.stack([np.array(Image.open(os.path.join(img_dir, f"{i:06d}.png")).convert("RGB"))
                         for i in range(num_samples)])
-        tmp = npz + ".tmp.npz"
-        np.savez(tmp, arr_0=arr)
-        os.replace(tmp, npz)
+        train.atomic_write(npz, lambda f: np.savez(f, arr_0=arr))
         ncol = nc if labels == "balanced" and 1 < nc <= 16 else 8     # balanced: one class per column
         train.save_grid(arr[:8 * ncol], os.path.join(out, "samples_grid.png"), ncol)
         low, high = proto["guidance_interval"]

@@ -1283,8 +1283,9 @@ class DeadLeaves(torch.utils.data.Dataset):
 #       Appendix: interop (pretrained weights and other codebases' files)       #
 #################################################################################
 
-def _fetch(url, path, what, filename=None):
-    """Return a local file for url: an explicit path, the torch hub cache, or a download."""
+def fetch_weights(url, path, what, filename=None, flag="its path"):
+    """A local weights file: an explicit path, else the torch hub cache, else a download into that cache.
+    Offline, the error names the URL, the cache file and the flag that passes a path."""
     if path is not None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{what} weights not found at {path}")
@@ -1296,7 +1297,7 @@ def _fetch(url, path, what, filename=None):
             torch.hub.download_url_to_file(url, cached, progress=False)
         except Exception as e:
             raise RuntimeError(f"could not download {what} weights from {url} ({type(e).__name__}: {e}). "
-                               f"Offline: put the file at {cached} or pass its path") from None
+                               f"Offline: put the file at {cached} or pass {flag}") from None
     return cached
 
 
@@ -1311,8 +1312,8 @@ def load_lpips(path=None, vgg_path=None):
     torch hub cache, else their public URLs. Offline without them: a RuntimeError saying how to
     provide them or to train with --lpips-weight 0."""
     try:
-        lin = _fetch(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth")
-        vgg = _fetch(VGG16_URL, vgg_path, "VGG16")
+        lin = fetch_weights(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth", "--lpips-path")
+        vgg = fetch_weights(VGG16_URL, vgg_path, "VGG16", flag="--vgg-path")
     except (RuntimeError, FileNotFoundError) as e:
         raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
     return LPIPS.from_state_dicts(torch.load(lin, map_location="cpu", weights_only=True),

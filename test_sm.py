@@ -1396,7 +1396,7 @@ def test_json_and_stats_writes_are_atomic(tmp_path):
         f.write("half a file")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        evaluate._atomic_write(path, crash)
+        train.atomic_write(path, crash, binary=False)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
     evaluate._write_json(path, {"a": np.float32(1.5)})
     assert json.loads(path.read_text()) == {"a": 1.5}

@@ -635,25 +635,19 @@ def plot_spectra(rep, path, delta):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(obj, path, before_replace=None):
-    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    before_replace(tmp_path) is called between writing and renaming (crash tests).
-    """
+def atomic_write(path, write, binary=True, before_replace=None):
+    """write(f) into a temporary file beside `path`, fsync, then rename it over `path`: a crash at any point
+    leaves the old file or the new one, never a torn file. before_replace(tmp) runs before the rename."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):                                        # leftovers of a killed writer
-        if name.startswith(os.path.basename(path) + ".") and name.endswith(".tmp"):
-            os.remove(os.path.join(folder, name))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)                                      # as open() would, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if before_replace is not None:
@@ -663,6 +657,31 @@ def save_checkpoint(obj, path, before_replace=None):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(obj, path, before_replace=None):
+    """torch.save(obj) to path atomically (see atomic_write), removing the temporaries of a killed writer."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for old in os.listdir(folder) if os.path.isdir(folder) else []:
+        if old.startswith(name + ".") and old.endswith(".tmp"):
+            os.remove(os.path.join(folder, old))
+    atomic_write(path, lambda f: torch.save(obj, f), before_replace=before_replace)
+
+
+def _json_default(v):
+    """Tensors, arrays, numpy scalars and paths as JSON values."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
+def write_json(obj, path):
+    """Write JSON atomically (tensors and arrays as lists)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=_json_default) + "\n"), binary=False)
 
 
 def load_checkpoint(path, kind=None, map_location="cpu"):
@@ -1212,14 +1231,6 @@ def encode_latents(args, d, quickstart=False):
         os.remove(partial)
     d.barrier()
     return folder
-
-
-def write_json(obj, path):
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class LatentData(torch.utils.data.Dataset):
