@@ -7,7 +7,8 @@ Train Spectrum Matching latent diffusion.
     torchrun --nproc_per_node=8 train.py --config imagenet --stage dit --model DiT-XL/2
 
 Stages: vae (stage 1), latents (encode the dataset once), dit (stage 2), all (vae, latents, dit,
-samples, metrics; each skipped when its finished output exists, resumed when interrupted), compare.
+samples, metrics; each skipped when its finished output exists, resumed when interrupted), probe (the
+diffusability probe of one autoencoder), compare (stage 1 and the probe per --reg preset and seed).
 
 Defaults come from one named configuration (--config, listed in CONFIGS below); every flag overrides
 it, and `--config NAME --help` prints the values that will really be used. The resolved configuration
