@@ -1168,6 +1168,91 @@ def _cpu_name():
 
 
 # ----------------------------------------------------------------------------------------
+# Diffusability probe (train.py --stage probe): decoder-free and decoder-cancelling distances
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def flow_val_loss(model, z, y=None, seed=1234, batch=64):
+    """Flow-matching MSE of `model` on normalised latents z (N, C, h, w) at a fixed stratified t grid and fixed
+    noise (both from `seed`), so that checkpoints and latent spaces are scored on the same draws."""
+    n = len(z)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z.shape, generator=g).to(z.device)
+    t = ((torch.arange(n) + 0.5) / n)[torch.randperm(n, generator=g)].to(z.device)   # stratified t grid
+    losses = [sm.flow_loss(model, z[i:i + batch], None if y is None else y[i:i + batch], t=t[i:i + batch],
+                           noise=noise[i:i + batch])["mse"] for i in range(0, n, batch)]
+    return float(torch.cat(losses).mean())
+
+
+def downsample2(x):
+    """x2 down: bilinear, align_corners=False, no antialiasing (F.interpolate, as sm.eq_vae_scale, EQ-VAE's
+    convention). At exactly half size it samples midway between pixel pairs, i.e. it is 2x2 average pooling."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise EvalError(f"x2 downsampling needs even sizes, got {tuple(x.shape[-2:])}")
+    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def equivariance_error(vae, x, batch=64):
+    """EQ-VAE's scale-equivariance error mean |D(down2(E(x))) - down2(x)| over pixels and images, with the
+    posterior mean, images in [-1, 1] (N, 3, H, W) and the decode clamped to [-1, 1] like reconstructions."""
+    err = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        mean, _ = vae.encode(xb)
+        err.append((vae.decode(downsample2(mean)).clamp(-1, 1) - downsample2(xb)).abs().flatten(1).mean(1))
+    return float(torch.cat(err).mean())
+
+
+def latent_features(z, dims=64, seed=0):
+    """Decoder-free per-image features of normalised latents (N, C, h, w) -> (N, min(D, dims)) float64: the
+    flat latents (D = C*h*w) projected on `dims` fixed orthonormal directions (QR of a Gaussian from `seed`,
+    the same for every run) when D > dims, so their covariance stays well conditioned with a few hundred images
+    (an orthonormal projection keeps isotropic noise isotropic); the flat latents themselves when D <= dims."""
+    flat = z.detach().reshape(len(z), -1).double().cpu()
+    D = flat.shape[1]
+    if D <= dims:
+        return flat.numpy()
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D, dims, generator=g, dtype=torch.float64))     # (D, dims) orthonormal
+    return (flat @ q).numpy()
+
+
+def latent_fd(a, b):
+    """Fréchet distance between the latent_features of two sets of normalised latents."""
+    with warnings.catch_warnings():                        # small sets by design: compared with their floor
+        warnings.simplefilter("ignore")
+        return frechet_distance(*compute_statistics(latent_features(a)), *compute_statistics(latent_features(b)))
+
+
+@torch.no_grad()
+def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
+    """Distance of generated to real latents with decoder blur cancelled, relative to the measurement's floor.
+
+    real_latents (2m, C, h, w) are split into halves A and B; the first m samples S are compared with A and
+    B with A, on the same footing (m images each, same SWD seed): gap_swd = SWD(D(S), D(A)) and floor_swd =
+    SWD(D(B), D(A)) on Laplacian-pyramid patches of images decoded by the same decode (normalised latents ->
+    [-1, 1]), and latent_fd / latent_fd_floor, the decoder-free Fréchet distances of latent_features.
+    A ratio near 1 means the samples are as close to A as other real images are.
+    """
+    m = len(real_latents) // 2
+    if m < 2 or len(sample_latents) < m:
+        raise EvalError(f"generation gap needs 2m >= 4 real latents and m samples, got {len(real_latents)} real "
+                        f"and {len(sample_latents)} samples")
+    if sample_latents.shape[1:] != real_latents.shape[1:]:
+        raise EvalError(f"samples {tuple(sample_latents.shape[1:])} and real latents "
+                        f"{tuple(real_latents.shape[1:])} differ in shape")
+    S, A, B = sample_latents[:m], real_latents[:m], real_latents[m:2 * m]
+    pics = lambda z: np.concatenate([train.to_uint8(decode(z[i:i + batch])) for i in range(0, m, batch)])  # noqa
+    dA = pics(A)
+    res = dict(gap_swd=swd(pics(S), dA, seed=seed)["mean"], floor_swd=swd(pics(B), dA, seed=seed)["mean"],
+               latent_fd=latent_fd(S, A), latent_fd_floor=latent_fd(B, A), num_images=m)
+    res["gap_ratio"] = res["gap_swd"] / max(res["floor_swd"], 1e-12)
+    res["latent_fd_ratio"] = res["latent_fd"] / max(res["latent_fd_floor"], 1e-12)
+    return res
+
+
+# ----------------------------------------------------------------------------------------
 # The quickstart's metrics.json (train.py --stage all)
 # ----------------------------------------------------------------------------------------
 
@@ -1207,14 +1292,7 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(device)
     model.load_state_dict(ckpt["ema"])
     model.eval()
-    z = vae.normalize(mean)
-    g = torch.Generator().manual_seed(1234)
-    noise = torch.randn(z.shape, generator=g).to(device)
-    t = ((torch.arange(n) + 0.5) / n)[torch.randperm(n, generator=g)].to(device)   # stratified t grid
-    labels = None if model.num_classes == 0 else y
-    losses = [sm.flow_loss(model, z[i:i + 64], None if labels is None else labels[i:i + 64], t=t[i:i + 64],
-                           noise=noise[i:i + 64])["mse"] for i in range(0, n, 64)]
-    res["dit_val_loss"] = float(torch.cat(losses).mean())
+    res["dit_val_loss"] = flow_val_loss(model, vae.normalize(mean), None if model.num_classes == 0 else y)
     # samples against real images
     samples = np.load(samples_npz)["arr_0"]
     real = train.to_uint8(x)

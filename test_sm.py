@@ -2378,3 +2378,131 @@ def test_help_prints_the_defaults_of_the_chosen_config(capsys, config, steps, ba
                                                                 f"(default: {batch})" in out
     args = train.get_args(["--config", config] + ([] if config == "quickstart" else ["--data-path", "/data"]))
     assert (args.vae_steps, args.vae_batch, args.config) == (steps, batch, config)
+
+
+#################################################################################
+#               Diffusability probe (issue 12): gap, floor, EQ error            #
+#################################################################################
+
+def test_probe_downsample2_is_average_pooling():
+    """Bilinear x0.5 with align_corners=False samples midway between pixel pairs: 2x2 average pooling."""
+    x = torch.randn(2, 3, 16, 12)
+    assert torch.allclose(evaluate.downsample2(x), F.avg_pool2d(x, 2), atol=1e-6)
+    with pytest.raises(evaluate.EvalError, match="even sizes"):
+        evaluate.downsample2(torch.randn(1, 3, 15, 16))
+
+
+class _PointwiseAE:
+    """Autoencoder-like object (factor 1): E(x) = f(A x), D(z) = A^-1 f^-1(z), A a 3x3 channel mix."""
+
+    def __init__(self, f=lambda v: v, f_inv=lambda v: v):
+        g = torch.Generator().manual_seed(0)
+        self.A = torch.eye(3) + 0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64).float()
+        self.A_inv, self.f, self.f_inv = torch.linalg.inv(self.A.double()).float(), f, f_inv
+
+    def encode(self, x):
+        z = self.f(torch.einsum("ij,njhw->nihw", self.A, x))
+        return z, torch.zeros_like(z)
+
+    def decode(self, z):
+        return torch.einsum("ij,njhw->nihw", self.A_inv, self.f_inv(z))
+
+
+def test_probe_equivariance_error_zero_for_equivariant_autoencoder():
+    """down2 acts on each channel alone and A mixes channels pixel by pixel, so they commute:
+    D(down2(E x)) = A^-1 down2(A x) = down2(x) exactly; only float32 rounding is left. A pointwise
+    nonlinearity (cube) does not commute with averaging: same perfect reconstruction, nonzero error."""
+    x = torch.rand(4, 3, 16, 16) * 1.6 - 0.8                           # inside [-1, 1]: the clamp is inactive
+    lin = _PointwiseAE()
+    assert torch.allclose(lin.decode(lin.encode(x)[0]), x, atol=1e-5)
+    assert evaluate.equivariance_error(lin, x) < 1e-5
+    cube = _PointwiseAE(lambda v: v ** 3, lambda v: torch.sign(v) * v.abs() ** (1 / 3))
+    assert torch.allclose(cube.decode(cube.encode(x)[0]), x, atol=1e-4)
+    assert evaluate.equivariance_error(cube, x) > 0.02
+
+
+def _deadleaves_latents(n, seed):
+    """Toy latents of dead-leaves images: 4x4 average pooling (3, 8, 8), normalised; decode: nearest x4."""
+    ds = sm.DeadLeaves(n, 32, seed=seed)
+    x = torch.stack([ds[i][0] for i in range(n)])
+    return F.avg_pool2d(x, 4) / 0.5
+
+
+def _toy_decode(z):
+    return F.interpolate(z * 0.5, scale_factor=4, mode="nearest").clamp(-1, 1)
+
+
+def test_probe_generation_gap_floor_and_noise():
+    m = 64
+    real = _deadleaves_latents(2 * m, seed=1)
+    # samples = the real latents of half A: the latent FD is exactly 0 (identical statistics); the SWD is not 0
+    # (it draws other random patches of the same images) but it lacks the image-sampling part of the floor
+    same = evaluate.generation_gap(real[:m], real, _toy_decode)
+    assert same["num_images"] == m and same["floor_swd"] > 0 and same["latent_fd_floor"] > 0
+    assert same["latent_fd"] < 1e-9 * same["latent_fd_floor"]
+    assert same["gap_ratio"] < 0.7
+    # samples = fresh real latents (another draw of the same distribution): at the floor
+    other = evaluate.generation_gap(_deadleaves_latents(m, seed=2), real, _toy_decode)
+    assert other["floor_swd"] == same["floor_swd"]                       # same halves, same SWD seed
+    assert 0.5 < other["gap_ratio"] < 2 and 0.3 < other["latent_fd_ratio"] < 3
+    # samples = Gaussian noise of the latents' shape: far above the floor in both spaces
+    noise = evaluate.generation_gap(torch.randn(m, *real.shape[1:], generator=torch.Generator().manual_seed(0)),
+                                    real, _toy_decode)
+    assert noise["gap_ratio"] > 3 and noise["latent_fd_ratio"] > 3
+    with pytest.raises(evaluate.EvalError, match="m samples"):
+        evaluate.generation_gap(real[:m - 1], real, _toy_decode)
+
+
+def test_probe_latent_features_projection():
+    z = torch.randn(10, 4, 8, 8)                                          # D = 256 > 64: projected
+    f = evaluate.latent_features(z)
+    assert f.shape == (10, 64) and np.array_equal(f, evaluate.latent_features(z))
+    # orthonormal directions keep lengths of vectors inside their span, and never lengthen any vector
+    assert (np.linalg.norm(f, axis=1) <= z.flatten(1).double().norm(dim=1).numpy() + 1e-9).all()
+    small = torch.randn(10, 2, 4, 4)                                     # D = 32 <= 64: the flat latents
+    assert np.allclose(evaluate.latent_features(small), small.flatten(1).double().numpy())
+
+
+def _probe_args(tiny_run, out, *extra):
+    return train.get_args(["--stage", "probe", "--vae-ckpt", str(tiny_run / "vae.pt"), "--out", str(out),
+                           "--probe-images", "32", "--probe-eval", "16", "--dit-steps", "5", "--depth", "2",
+                           "--width", "64", "--dit-batch", "8", "--sample-steps", "2", "--log-every", "1",
+                           "--num-workers", "0", "--vae-batch", "8"] + list(extra))
+
+
+def test_probe_deterministic_for_a_seed_and_seed_dependent(tiny_run, tmp_path):
+    d = train.Dist()
+    r = {name: train.run_probe(_probe_args(tiny_run, tmp_path / name, "--seed", seed), d)
+         for name, seed in (("a", "0"), ("b", "0"), ("c", "1"))}
+    keys = [k for k, _ in train.PROBE_METRICS]
+    assert all(math.isfinite(r["a"][k]) for k in keys)
+    assert all(r["a"][k] == r["b"][k] for k in keys) and r["a"]["val_curve"] == r["b"]["val_curve"]
+    assert r["a"]["gap_swd"] != r["c"]["gap_swd"] and r["a"]["dit_val_loss"] != r["c"]["dit_val_loss"]
+    for k in ("psnr", "ssim", "spectrum_kl", "equivariance_error", "floor_swd"):   # images fixed: seed-free
+        assert r["a"][k] == r["c"][k], k
+    assert [s for s, _ in r["a"]["val_curve"]] == [1, 2, 3, 4, 5] and len(r["a"]["train_curve"]) == 5
+    folder = tmp_path / "a" / "probe-seed0"
+    saved = json.loads((folder / "probe.json").read_text())
+    p = saved["protocol"]
+    assert (p["dit_steps"], p["probe_images"], p["eval_images"], p["seed"], p["dataset"]) == (5, 32, 16, 0,
+                                                                                              "deadleaves")
+    assert p["budget"] == "short" and p["code_version"] and (folder / "probe.png").is_file()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.run_probe(_probe_args(tiny_run, tmp_path / "a"), d)
+    assert train.run_probe(_probe_args(tiny_run, tmp_path / "a", "--resume"), d)["gap_swd"] == r["a"]["gap_swd"]
+
+
+def test_probe_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="--probe-eval must be even"):
+        train.get_args(["--stage", "probe", "--probe-eval", "7"])
+    with pytest.raises(FileNotFoundError, match="--vae-ckpt or --sd-vae"):
+        train.run_probe(train.get_args(["--stage", "probe", "--out", str(tmp_path)]), train.Dist())
+
+
+def test_compare_table_mean_and_sample_std():
+    runs = {"kl": {0: dict(gap_ratio=1.0, psnr=20.0), 1: dict(gap_ratio=2.0, psnr=22.0),
+                   2: dict(gap_ratio=3.0, psnr=24.0)}, "esm": {0: dict(gap_ratio=5.0, psnr=21.0)}}
+    table, summary = train.compare_table(runs)
+    assert summary["kl"]["gap_ratio"]["mean"] == 2.0 and summary["kl"]["gap_ratio"]["std"] == 1.0   # ddof 1
+    assert summary["kl"]["psnr"]["std"] == 2.0 and summary["esm"]["gap_ratio"]["std"] == 0.0
+    assert "| kl | 2 ± 1 | 22 ± 2 |" in table and "| esm | 5 ± 0 | 21 ± 0 |" in table

@@ -7,7 +7,8 @@ Train Spectrum Matching latent diffusion.
     torchrun --nproc_per_node=8 train.py --config imagenet --stage dit --model DiT-XL/2
 
 Stages: vae (stage 1), latents (encode the dataset once), dit (stage 2), all (vae, latents, dit,
-samples, metrics; each skipped when its finished output exists, resumed when interrupted), compare.
+samples, metrics; each skipped when its finished output exists, resumed when interrupted), probe (the
+diffusability probe of one autoencoder), compare (stage 1 and the probe per --reg preset and seed).
 
 Defaults come from one named configuration (--config, listed in CONFIGS below); every flag overrides
 it, and `--config NAME --help` prints the values that will really be used. The resolved configuration
@@ -21,6 +22,7 @@ noise on 1 or N processes (and with any --micro-batch), and a resume needs no RN
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -52,6 +54,8 @@ CONFIGS["imagenet"] = dict(
     repa_encoder="dinov2_vitb14", repa_target="dog", repa_lambda=None, zscore_alpha=0.6, dog_sigmas=(0.5, 2.0),
     projector="mlp", sample_steps=50, cfg_scale=1.0, num_fid_samples=50_000,
     log_every=100, ckpt_every=10_000, keep_every=50_000, vis_every=10_000,
+    # diffusability probe / comparison (None: from --budget, see PROBE_BUDGETS)
+    budget="short", seeds=(0, 1, 2), probe_images=None, probe_eval=None, probe_out=None,
 )
 CONFIGS["quickstart"] = dict(
     CONFIGS["imagenet"], out="runs/quickstart", dataset="deadleaves", image_size=32, dataset_size=4096,
@@ -99,8 +103,9 @@ def build_parser(defaults):
         kw.setdefault("help", "default: %(default)s")
         return p.add_argument(*names, **kw)
     a("--config", choices=list(CONFIGS), help="named configuration that sets the defaults (quickstart)")
-    a("--stage", choices=["all", "vae", "latents", "dit", "compare"],
-      help="all: the whole pipeline; compare: the pipeline once per --reg preset, one table")
+    a("--stage", choices=["all", "vae", "latents", "dit", "probe", "compare"],
+      help="all: the whole pipeline; probe: the diffusability probe of one autoencoder (--vae-ckpt or --sd-vae); "
+           "compare: stage 1 and the probe for every --reg preset and --seeds, mean +- std")
     a("--out", help="run folder: checkpoints, latents, pictures, metrics")
     a("--seed", type=int)
     a("--resume", action="store_true", help="continue from the run folder's checkpoint")
@@ -175,6 +180,13 @@ def build_parser(defaults):
     a("--sample-steps", type=int)
     a("--cfg-scale", type=float)
     a("--num-fid-samples", type=int, help="samples for the final metrics of --stage all")
+    # diffusability probe
+    a("--budget", choices=list(PROBE_BUDGETS), help="probe / compare steps and image counts (PROBE_BUDGETS); "
+                                                     "explicit flags override them")
+    a("--seeds", type=int, nargs="+", help="--stage compare: seeds per preset")
+    a("--probe-images", type=int, help="images encoded to train the probe's DiT (default: from --budget)")
+    a("--probe-eval", type=int, help="held-out images for the probe's metrics, split in two halves (even)")
+    a("--probe-out", help="probe folder (default OUT/probe-seed<seed>)")
     # logging
     a("--log-every", type=int)
     a("--ckpt-every", type=int)
@@ -187,7 +199,7 @@ def build_parser(defaults):
 
 POSITIVE = ("image_size", "vae_batch", "vae_steps", "dit_batch", "dit_steps", "log_every", "ckpt_every",
             "vis_every", "stats_samples", "dataset_size", "sample_steps", "num_fid_samples", "dsm_block",
-            "dsm_group", "depth", "width", "encoder_depth", "max_steps")
+            "dsm_group", "depth", "width", "encoder_depth", "max_steps", "probe_images", "probe_eval")
 NON_NEGATIVE = ("warmup", "disc_start", "disc_warmup", "keep_every", "micro_batch", "num_workers",
                 "lpips_weight", "disc_weight", "kl_weight", "esm_weight", "repa_lambda", "cos_weight")
 
@@ -237,13 +249,17 @@ def validate_args(args):
     if args.dataset == "deadleaves" and args.data_path:
         raise ValueError(f"--data-path {args.data_path} is given but the dataset is deadleaves (procedural, no "
                          "files): pass --dataset imagenet (class subfolders) or --dataset folder (flat)")
-    if args.dataset != "deadleaves" and not args.data_path and args.stage in ("all", "vae", "latents", "compare") \
-            and not (args.stage == "latents" and "dataset" not in args.explicit):
+    if args.dataset != "deadleaves" and not args.data_path \
+            and args.stage in ("all", "vae", "latents", "compare", "probe") and not (args.stage == "latents" and "dataset" not in args.explicit):
         raise ValueError(f"--dataset {args.dataset} needs --data-path")
     if args.skip_bad_images and args.dataset == "deadleaves":
         raise ValueError("--skip-bad-images applies to image files (--dataset imagenet or folder)")
     if args.cfg_scale <= 0:
         raise ValueError(f"--cfg-scale must be > 0, got {args.cfg_scale}")
+    if args.probe_eval is not None and (args.probe_eval < 4 or args.probe_eval % 2):
+        raise ValueError(f"--probe-eval must be even and at least 4 (two halves), got {args.probe_eval}")
+    if any(s < 0 for s in args.seeds):
+        raise ValueError(f"--seeds must be >= 0, got {list(args.seeds)}")
 
 
 def check_output_folder(out):
@@ -1611,33 +1627,208 @@ def run_all(args, d):
     return args.out
 
 
-COMPARE_METRICS = (("psnr", "PSNR"), ("ssim", "SSIM"), ("spectrum_kl", "spectrum KL"), ("dsm_psnr", "DSM PSNR"),
-                   ("dit_val_loss", "DiT val loss"), ("swd", "SWD"), ("fid", "FID"))
+# ----------------------------------------------------------------------------- the diffusability probe
+# Issue 12: how easy a latent space is to *generate*, with decoder blur cancelled. One fixed small DiT budget
+# on the latents of a fixed image set; samples are compared with decoded real latents through the same decoder.
+
+PROBE_BUDGETS = {   # short: 15 compare runs in about an hour on 2 CPU cores (README); long: more time
+    "short": dict(vae_steps=300, dit_steps=500, probe_images=2048, probe_eval=512, sample_steps=25),
+    "long": dict(vae_steps=600, dit_steps=3000, probe_images=4096, probe_eval=1024, sample_steps=50),
+}
+PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and autoencoder
+PROBE_VAL_POINTS = 5         # validation-loss checkpoints along the DiT budget
+PROBE_METRICS = (("gap_ratio", "gap / floor"), ("gap_swd", "gap SWD"), ("floor_swd", "floor SWD"),
+                 ("latent_fd_ratio", "latent FD / floor"), ("latent_fd", "latent FD"), ("psnr", "PSNR"),
+                 ("ssim", "SSIM"), ("spectrum_kl", "spectrum KL"), ("equivariance_error", "EQ error"),
+                 ("dit_val_loss", "DiT val loss"))
+
+
+def probe_settings(args):
+    """A copy of args with the --budget's numbers (explicit flags win) and the probe's fixed DiT recipe:
+    unconditional, no REPA, no flips, no label dropout, so only the latent space differs between runs."""
+    a = argparse.Namespace(**vars(args))
+    for k, v in PROBE_BUDGETS[args.budget].items():
+        if k not in args.explicit or getattr(args, k) is None:
+            setattr(a, k, v)
+    a.unconditional, a.repa_encoder, a.repa_lambda, a.hflip, a.class_dropout = True, "none", 0.0, False, 0.0
+    a.compile, a.keep_every, a.ckpt_every, a.vis_every, a.resume = False, 0, a.dit_steps, a.dit_steps, False
+    a.dataset_size = a.probe_images
+    a.explicit = sorted(set(args.explicit) | {"dataset_size"})          # load_stage1_vae keeps the probe's count
+    return a
+
+
+def probe_panel(real, rec, samples, curves, path):
+    """One PNG: rows of real images, reconstructions and decoded samples (uint8 (n, H, W, 3)), then the curves."""
+    from PIL import Image
+    n = min(8, len(real), len(rec), len(samples))
+    base = os.path.splitext(path)[0]
+    save_grid(np.concatenate([real[:n], rec[:n], samples[:n]]), base + "-grid.png", n)
+    plot_lines(curves, base + "-loss.png", title="DiT flow loss: rows above are real / reconstructed / sampled",
+               xlabel="training (start -> end of the budget)", ylabel="MSE")
+    grid, plot = Image.open(base + "-grid.png"), Image.open(base + "-loss.png")
+    scale = max(1, plot.width // (2 * grid.width))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    panel = Image.new("RGB", (max(grid.width, plot.width), grid.height + plot.height), "white")
+    panel.paste(grid, (0, 0))
+    panel.paste(plot, (0, grid.height))
+    panel.save(path)
+    for f in (base + "-grid.png", base + "-loss.png"):
+        os.remove(f)
+
+
+@torch.no_grad()
+def probe_heldout(vae, a, device):
+    """Held-out images (n, 3, H, W) in [-1, 1] (dead leaves: disjoint from training) and their normalised
+    posterior-mean latents."""
+    val = build_dataset(a.dataset, a.data_path, a.image_size, train=False, seed=PROBE_DATA_SEED,
+                        length=a.probe_eval)
+    if len(val) < a.probe_eval:
+        raise ValueError(f"--probe-eval {a.probe_eval} needs that many held-out images; the dataset has {len(val)}")
+    x = torch.stack([val[i][0] for i in range(a.probe_eval)]).to(device)
+    z = torch.cat([vae.normalize(vae.encode(x[i:i + 64])[0]) for i in range(0, len(x), 64)])
+    return x, z
+
+
+def run_probe(args, d, folder=None):
+    """The diffusability probe of one autoencoder (--vae-ckpt, default OUT/vae.pt, or --sd-vae): encode a fixed
+    image set, train the fixed DiT budget on it with the seed (validation loss at PROBE_VAL_POINTS checkpoints),
+    sample with the EMA model, and write probe.json (metrics + protocol) and probe.png. Resumes; skips a
+    finished probe.json when called by --stage compare."""
+    import evaluate
+    t0 = time.time()
+    a = probe_settings(args)
+    a.out = folder or args.probe_out or os.path.join(args.out, f"probe-seed{args.seed}")
+    result_path = os.path.join(a.out, "probe.json")
+    if os.path.exists(result_path):
+        if folder is not None or args.resume:
+            log(d, f"probe: {result_path} is finished, skipping")
+            with open(result_path) as f:
+                return json.load(f)
+        raise FileExistsError(f"{result_path} exists: pass --resume to keep it or choose another --probe-out")
+    if not args.sd_vae:
+        a.vae_ckpt = os.path.abspath(args.vae_ckpt or os.path.join(args.out, "vae.pt"))
+        if not os.path.exists(a.vae_ckpt):
+            raise FileNotFoundError(f"no autoencoder checkpoint {a.vae_ckpt}: pass --vae-ckpt or --sd-vae")
+    check_output_folder(a.out)
+    vae, source = load_stage1_vae(a, d)                    # also takes the dataset and image size of stage 1
+    vae.eval()
+    seed, a.seed = a.seed, PROBE_DATA_SEED                 # fixed images; the seed drives the DiT only
+    encode_latents(a, d, quickstart=True)
+    a.seed = seed
+    x, z_val = probe_heldout(vae, a, d.device)             # (n, 3, H, W), (n, C, h, w)
+    # the DiT budget in PROBE_VAL_POINTS pieces (a resumed run is exactly an uninterrupted one)
+    curve_path, dit_path = os.path.join(a.out, "val_curve.json"), os.path.join(a.out, "dit.pt")
+    curve = {}
+    if os.path.exists(curve_path):
+        with open(curve_path) as f:
+            curve = json.load(f)
+    for b in [round(a.dit_steps * (i + 1) / PROBE_VAL_POINTS) for i in range(PROBE_VAL_POINTS)]:
+        done = load_checkpoint(dit_path, "dit")["step"] if os.path.exists(dit_path) else 0
+        if done < b:
+            a.max_steps = b - done
+            train_dit(a, d, quickstart=True)
+        ckpt = load_checkpoint(dit_path, "dit")
+        if str(ckpt["step"]) not in curve and d.main:
+            ema = build_dit(ckpt["model_name"], ckpt["dit_config"]).to(d.device)
+            ema.load_state_dict(ckpt["ema"])
+            curve[str(ckpt["step"])] = evaluate.flow_val_loss(ema.eval(), z_val)
+            write_json(curve, curve_path)
+    if not d.main:
+        d.barrier()
+        return None
+    ema = build_dit(ckpt["model_name"], ckpt["dit_config"]).to(d.device).eval()
+    ema.load_state_dict(ckpt["ema"])
+    meta = dict(latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
+    m = a.probe_eval // 2
+    samples = torch.cat([sample_latents(ema, range(i, min(i + 64, m)), None, z_val.shape[1:], seed, d.device,
+                                        steps=a.sample_steps) for i in range(0, m, 64)])      # (m, C, h, w)
+    decode = functools.partial(decode_latents, vae, meta=meta)
+    res = evaluate.generation_gap(samples, z_val, decode)
+    with torch.no_grad():
+        rec = torch.cat([decode(z_val[i:i + 64]) for i in range(0, len(z_val), 64)])          # [-1, 1]
+        mean = vae.denormalize(z_val)
+    unit = lambda v: (v + 1) / 2                                                               # noqa: E731
+    res["psnr"] = float(evaluate.psnr(unit(x), unit(rec)).mean())
+    res["ssim"] = float(evaluate.ssim(unit(x), unit(rec)).mean())
+    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=float(getattr(vae, "esm_delta", 1.0)),
+                                           blur_sigma=vae.esm_blur))
+    res["equivariance_error"] = evaluate.equivariance_error(vae, x)
+    steps = sorted(int(k) for k in curve)
+    res["val_curve"] = [[s_, curve[str(s_)]] for s_ in steps]
+    res["dit_val_loss"] = curve[str(steps[-1])]
+    res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt["history"]]
+    res["protocol"] = dict(
+        budget=args.budget, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, ema=a.ema,
+        model=a.model, dit_config=ckpt["dit_config"], weighting=a.weighting, sample_steps=a.sample_steps,
+        sampler="ode", seed=seed, data_seed=PROBE_DATA_SEED, dataset=a.dataset, data_path=a.data_path,
+        image_size=a.image_size, probe_images=a.probe_images, eval_images=a.probe_eval,
+        eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
+        normalisation="the autoencoder's stored latent_mean / latent_std", vae=source,
+        latent_std_heldout=z_val.transpose(0, 1).flatten(1).std(1).tolist(),   # ~1 when the rule fits these images
+        latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
+        swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
+        equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
+        code_version=evaluate.code_version(), machine=evaluate._cpu_name(), torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
+    write_json(res, result_path)
+    train_mse = [v for _, v in res["train_curve"]] or [res["dit_val_loss"]]
+    probe_panel(to_uint8(x), to_uint8(rec), to_uint8(decode(samples)),
+                {"train (batch)": (train_mse, (150, 150, 150)),
+                 "validation (EMA)": ([v for _, v in res["val_curve"]], (220, 60, 30))},
+                os.path.join(a.out, "probe.png"))
+    log(d, "probe: " + ", ".join(f"{name} {res[k]:.4g}" for k, name in PROBE_METRICS) + f"  -> {result_path}")
+    d.barrier()
+    return res
+
+
+def compare_table(runs):
+    """runs {reg: {seed: probe result}} -> (markdown table of mean ± std (ddof 1) per metric, summary dict)."""
+    summary = {}
+    for reg, by_seed in runs.items():
+        summary[reg] = {}
+        for k, _ in PROBE_METRICS:
+            v = np.array([r[k] for r in by_seed.values() if k in r], float)
+            if len(v):
+                summary[reg][k] = dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                                       n=len(v), values=v.tolist())
+    cols = [(k, name) for k, name in PROBE_METRICS if any(k in s_ for s_ in summary.values())]
+    lines = ["| reg | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for reg, s_ in summary.items():
+        lines.append(f"| {reg} | " + " | ".join(f"{s_[k]['mean']:.4g} ± {s_[k]['std']:.2g}" if k in s_ else "-"
+                                                 for k, _ in cols) + " |")
+    return "\n".join(lines), summary
 
 
 def run_compare(args, d):
-    """The quickstart budget once per --reg preset, same seed; one table of diffusability metrics."""
-    root, rows = args.out, {}
+    """Every --reg preset x --seeds: stage 1 at the --budget's steps, then the probe; one table of mean ± std.
+    Each (reg, seed) has its own folder OUT/<reg>-seed<seed>, so an interrupted comparison resumes."""
+    root, runs, t0 = args.out, {}, time.time()
     for reg in REG_PRESETS:
-        a = argparse.Namespace(**vars(args))
-        for k, v in REG_PRESETS[reg].items():
-            setattr(a, k, v)
-        a.reg, a.out = reg, os.path.join(root, reg.replace("+", "_"))
-        run_all(a, d)
-        with open(os.path.join(a.out, "metrics.json")) as f:
-            rows[reg] = json.load(f)
+        runs[reg] = {}
+        for seed in args.seeds:
+            a = argparse.Namespace(**vars(args))
+            for k, v in REG_PRESETS[reg].items():
+                setattr(a, k, v)
+            a.reg, a.seed, a.out = reg, seed, os.path.join(root, f"{reg.replace('+', '_')}-seed{seed}")
+            if "vae_steps" not in args.explicit:
+                a.vae_steps = PROBE_BUDGETS[args.budget]["vae_steps"]
+            a.vae_ckpt, a.sd_vae, a.probe_out = None, None, None
+            train_vae(a, d, quickstart=True)
+            runs[reg][seed] = run_probe(a, d, folder=os.path.join(a.out, "probe"))
     if d.main:
-        for r in rows.values():                                # fid-512 etc.: labelled with their sample size
-            r.update({k.split("-")[0]: v for k, v in r.items() if k.startswith(("fid-", "rfid-"))})
-        cols = [(k, name) for k, name in COMPARE_METRICS if any(k in r for r in rows.values())]
-        lines = ["| reg | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for reg, r in rows.items():
-            lines.append(f"| {reg} | " + " | ".join(f"{r[k]:.4g}" if k in r else "-" for k, _ in cols) + " |")
-        table = "\n".join(lines)
+        table, summary = compare_table(runs)
+        p = runs[next(iter(runs))][args.seeds[0]]["protocol"]
+        head = (f"`python train.py --stage compare --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}`"
+                f", {p['date']}, {p['machine']}, {(time.time() - t0) / 60:.0f} min this invocation; mean ± std over "
+                f"{len(args.seeds)} seeds")
         with open(os.path.join(root, "compare.md"), "w") as f:
-            f.write(table + "\n")
-        print(table)
-    return rows
+            f.write(head + "\n\n" + table + "\n")
+        write_json(dict(summary=summary, budget=PROBE_BUDGETS[args.budget], seeds=list(args.seeds),
+                        protocol=p, runs={r: {str(s_): v for s_, v in v_.items()} for r, v_ in runs.items()}),
+                   os.path.join(root, "compare.json"))
+        print(head + "\n\n" + table)
+    d.barrier()
+    return runs
 
 
 # ----------------------------------------------------------------------------- before the first step
@@ -1665,6 +1856,8 @@ def main(argv=None):
             encode_latents(args, d)
         elif args.stage == "dit":
             train_dit(args, d)
+        elif args.stage == "probe":
+            run_probe(args, d)
         elif args.stage == "compare":
             run_compare(args, d)
         else:
