@@ -98,43 +98,42 @@ def test_esm_gradient_steps_lower_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def esm_reference(x_small, z, delta, n_bins=16):
-    """ESM from the issue's steps in numpy / scipy: DCT, radial bins, flattening, log, KL."""
-    from scipy.fft import dctn
-
-    def spectrum(a):                                                      # (B, C, H, W) -> (B, n_bins)
-        a = a - a.mean(axis=(2, 3), keepdims=True)
-        p = np.maximum(dctn(a, type=2, norm="ortho", axes=(2, 3)) ** 2, 0).mean(axis=1)
-        p = np.maximum(p, 1e-8)
-        p[:, 0, 0] = 0
-        H, W = p.shape[1:]
-        r = np.hypot(*np.meshgrid(np.arange(H), np.arange(W), indexing="ij"))
-        b = np.clip(np.floor(r / max(r.max(), 1) * n_bins), 0, n_bins - 1).astype(int)
-        out = np.zeros((p.shape[0], n_bins))
-        for k in range(n_bins):
-            out[:, k] = p[:, b == k].sum(1) / (max((b == k).sum(), 1) + 1e-8)
-        return out
-
-    def normalise(s):
-        s = np.maximum(np.log(s + 1e-8 + 1), 0)
-        return s / (s.sum(1, keepdims=True) + 1e-8)
-    sx = normalise(spectrum(x_small) * np.arange(1, n_bins + 1) ** delta)
-    sz = normalise(spectrum(z))
-    return (sx * (np.log(sx + 1e-8) - np.log(sz + 1e-8))).sum(1).mean()
+@pytest.mark.parametrize("h,w", [(16, 16), (16, 12), (5, 9)])
+def test_radial_bins_partition_the_plane_by_radius(h, w):
+    """Every coefficient is in exactly one bin, bins grow with the radius sqrt(u^2 + v^2), DC is in the first
+    bin and the farthest coefficient in the last."""
+    bins, counts = sm._radial_bins(h, w, 16, "cpu")
+    bins = bins.view(h, w)
+    r = torch.sqrt(torch.arange(h)[:, None].float() ** 2 + torch.arange(w)[None].float() ** 2)
+    order = torch.argsort(r.flatten())
+    assert torch.all(torch.diff(bins.flatten()[order]) >= 0)                      # monotone in the radius
+    assert bins[0, 0] == 0 and bins[-1, -1] == 15
+    assert torch.equal(counts, torch.bincount(bins.flatten(), minlength=16).clamp_min(1).float())
 
 
-@pytest.mark.parametrize("delta", [0.0, 1.0, 2.0])
-def test_esm_matches_numpy_reference(delta):
+def test_esm_properties():
+    """ESM is a KL (>= 0) that ignores the order of the latent channels and of the batch, and flattening
+    (delta > 0) moves the target's mass to high frequencies. Its values against the authors' code are in
+    test_official_vae_forward_scale_kl_esm_dsm."""
     torch.manual_seed(0)
     x = torch.rand(3, 3, 64, 64) * 2 - 1
-    z = torch.randn(3, 8, 16, 12)
-    x_small = F.interpolate(sm.gaussian_blur(x, 1.2, 7), size=(16, 12), mode="bicubic", align_corners=False)
-    ref = esm_reference(x_small.double().numpy(), z.double().numpy(), delta)
-    assert sm.esm_loss(x, z, delta=delta).item() == pytest.approx(ref, rel=1e-4)
-    from scipy.ndimage import convolve                                    # the blur: zero-padded Gaussian
+    z = torch.randn(3, 8, 16, 16)
+    base = sm.esm_loss(x, z)
+    assert base >= 0
+    torch.testing.assert_close(sm.esm_loss(x, z[:, torch.randperm(8)]), base, rtol=1e-5, atol=1e-7)
+    p = torch.randperm(3)
+    torch.testing.assert_close(sm.esm_loss(x[p], z[p]), base, rtol=1e-5, atol=1e-7)
+    targets = [sm.spectrum_profiles(x, z, delta=dl)[0].mean(0) for dl in (0.0, 1.0, 2.0)]
+    high = [float(t[8:].sum()) for t in targets]
+    assert high[0] < high[1] < high[2]
+
+
+def test_gaussian_blur_is_a_zero_padded_gaussian():
+    from scipy.ndimage import convolve
+    x = torch.rand(1, 2, 16, 16)
     g = np.exp(-(np.arange(-3, 4)[:, None] ** 2 + np.arange(-3, 4)[None] ** 2) / (2 * 1.2 ** 2))
-    blurred = convolve(x[0, 0].double().numpy(), g / g.sum(), mode="constant")
-    assert np.allclose(sm.gaussian_blur(x, 1.2, 7)[0, 0].numpy(), blurred, atol=1e-5)
+    blurred = convolve(x[0, 1].double().numpy(), g / g.sum(), mode="constant")
+    assert np.allclose(sm.gaussian_blur(x, 1.2, 7)[0, 1].numpy(), blurred, atol=1e-6)
 
 
 def test_esm_is_a_kl():
@@ -812,6 +811,34 @@ def test_lightningdit_options_forward_backward(opts):
     assert set(out) == {"mse", "cos", "repa", "t", "loss"} and torch.isfinite(out["loss"])
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_lightningdit_options_do_what_they_say():
+    """Each option changes the computation in its own way (an ignored option would fail here)."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 16, 64)
+    att = sm.Attention(64, 4, qk_norm=True)
+    base = att(h)
+    att.qkv.weight.data[:128] *= 10                                        # scale q and k: normalised away
+    att.qkv.bias.data[:128] *= 10
+    torch.testing.assert_close(att(h), base, rtol=0, atol=1e-4)          # up to LayerNorm's eps (1e-5) / var
+    plain = sm.Attention(64, 4)
+    before = plain(h)
+    plain.qkv.weight.data[:128] *= 10
+    plain.qkv.bias.data[:128] *= 10
+    assert (plain(h) - before).abs().max() > 1e-2
+    shifted = h + 3.0                                                      # LayerNorm ignores a common shift
+    torch.testing.assert_close(sm._block_norm(64, False)(shifted), sm._block_norm(64, False)(h), rtol=1e-4, atol=1e-4)
+    assert (sm._block_norm(64, True)(shifted) - sm._block_norm(64, True)(h)).abs().max() > 0.1   # RMSNorm does not
+    gelu, glu = sm.DiTBlock(64, 4).mlp, sm.DiTBlock(64, 4, swiglu=True).mlp
+    assert isinstance(glu, sm.SwiGLU) and abs(sum(p.numel() for p in glu.parameters()) /
+                                              sum(p.numel() for p in gelu.parameters()) - 1) < 0.01
+    a, b = perturb(tiny_dit()), tiny_dit(rope=True)                       # same weights, RoPE on
+    b.load_state_dict(a.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    assert (a.eval()(x, t, y)[0] - b.eval()(x, t, y)[0]).abs().max() > 1e-3
+    conv = tiny_dit(projector_type="conv")
+    assert isinstance(conv.projectors[0], sm.ConvProjector) and "projectors.0.conv.weight" in conv.state_dict()
 
 
 def test_rope_is_relative():

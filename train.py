@@ -968,39 +968,56 @@ def check_vae_sizes(vae, args):
                 raise ValueError(f"DSM: the {name} size {s} is not divisible by --dsm-block {args.dsm_block}")
 
 
+def vae_state(args, d, ckpt, out):
+    """VAE, discriminator and their optimisers (the authors' AdamW), restored from ckpt when resuming; a resumed
+    run keeps the architecture it recorded."""
+    torch.manual_seed(args.seed)
+    vae = sm.build_vae(args.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
+    vae = vae.to(d.device)
+    check_vae_sizes(vae, args)
+    disc = sm.PatchGAN().to(d.device)
+    if d.world > 1 and d.device.type == "cuda":
+        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.9, 0.999), weight_decay=0.005)
+    if ckpt is None:
+        return vae, disc, opt, opt_d, 0, []
+    vae.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"])
+    opt.load_state_dict(ckpt["opt"]), opt_d.load_state_dict(ckpt["opt_d"])
+    log(d, f"stage vae: resuming {out} at step {ckpt['step']}")
+    return vae, disc, opt, opt_d, ckpt["step"], ckpt["history"]
+
+
+def log_batch(d, global_batch, micro):
+    local = global_batch // d.world
+    log(d, f"batch: global {global_batch}, per rank {local}, micro-batch {micro or local}, "
+           f"{len(micro_batches(local, micro))} accumulation steps")
+
+
+def show_progress(bar, d, terms, step, s0, t0):
+    """Loss terms and steps/s in the rank-0 progress bar."""
+    if d.main:
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()},
+                         "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+
+
 def train_vae(args, d, quickstart=False):
+    """Stage 1 (§3): the autoencoder with the --reg regulariser, the authors' GAN schedule, atomic checkpoints."""
     out = os.path.join(args.out, "vae.pt")
     ckpt = resume_point(out, "vae", args, d, args.vae_steps, quickstart)
     if ckpt is not None and ckpt.get("finished") and ckpt["step"] == args.vae_steps:
         log(d, f"stage vae: {out} is finished, skipping")
         return out
-    if args.bench:
-        return bench_vae(args, d)
     log_configuration(d, args, "vae")
     ds = open_dataset(args, d)
-    torch.manual_seed(args.seed)
-    vae = sm.build_vae(args.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
-    vae = vae.to(d.device)                                     # a resumed run keeps its recorded architecture
-    check_vae_sizes(vae, args)
-    disc = sm.PatchGAN().to(d.device)
-    if d.world > 1 and d.device.type == "cuda":
-        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    vae, disc, opt, opt_d, step, history = vae_state(args, d, ckpt, out)
+    saved = step if ckpt is not None else None
     lpips = load_lpips_or_none(args, d, quickstart)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)   # authors'
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.9, 0.999), weight_decay=0.005)
-    step, history, saved = 0, [], None
-    if ckpt is not None:
-        vae.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"]), opt_d.load_state_dict(ckpt["opt_d"])
-        step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
-        log(d, f"stage vae: resuming {out} at step {step}")
     vae_step = VAEStep(vae)
     runner, disc_ddp = d.wrap(vae_step), d.wrap(disc)
     loader = make_loader(ds, args.vae_batch, d, args.seed, step, args.num_workers)
     latent_shape = (vae.latent_channels, args.image_size // vae.factor, args.image_size // vae.factor)
-    local = args.vae_batch // d.world
-    log(d, f"batch: global {args.vae_batch}, per rank {local}, micro-batch {args.micro_batch or local}, "
-           f"{len(micro_batches(local, args.micro_batch))} accumulation steps")
+    log_batch(d, args.vae_batch, args.micro_batch)
     vis_x = torch.stack([ds[i][0] for i in range(min(16, len(ds)))]).to(d.device)
     last = min(args.vae_steps, step + args.max_steps) if args.max_steps else args.vae_steps
     bar = tqdm_bar(d, step, args.vae_steps, "stage vae")
@@ -1008,18 +1025,16 @@ def train_vae(args, d, quickstart=False):
     while step < last:
         crash_point("step", step)
         x, eps, ks, eq = vae_batch(next(loader)[0], args, step, latent_shape, d)
-        msg = kept(out, saved)
         if generator_turn(step, args.disc_start):
-            terms = vae_generator_step(runner, vae, disc, lpips, opt, x, eps, ks, eq, args, step, d, msg)
+            terms = vae_generator_step(runner, vae, disc, lpips, opt, x, eps, ks, eq, args, step, d, kept(out, saved))
         else:
-            terms = discriminator_step(vae_step, disc_ddp, disc, opt_d, x, eps, ks, eq, args, step, d, msg)
+            terms = discriminator_step(vae_step, disc_ddp, disc, opt_d, x, eps, ks, eq, args, step, d,
+                                       kept(out, saved))
         step += 1
         bar.update(1)
         if step % args.log_every == 0:
             history.append(dict(step=step, k=float(np.mean(ks)), **terms))
-            if d.main:
-                bar.set_postfix({**{k_: f"{v:.4f}" for k_, v in terms.items()},
-                                 "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+            show_progress(bar, d, terms, step, s0, t0)
         if step % args.vis_every == 0 or step == args.vae_steps:
             vae_pictures(vae, vis_x, args, d, step)
         if (step % args.ckpt_every == 0 or step == last) and step < args.vae_steps:   # the last one comes below
@@ -1408,11 +1423,57 @@ def dit_step(runner, model, ema, encoder, opt, batch, rnd, lat, args, step, d, k
     return logged
 
 
+def open_latents(args, d, encoder):
+    """The latents folder of this run, checked against the settings, and the DiT's constructor arguments."""
+    data = LatentData(os.path.join(args.out, "latents"), encoder is not None)
+    meta = data.meta
+    if args.hflip and len(np.load(os.path.join(data.folder, "moments.npy"), mmap_mode="r")[0]) < 2:
+        raise ValueError(f"--hflip needs latents encoded with --hflip (both views); {data.folder} has one view")
+    cfg = dit_config(args, meta, encoder.embed_dim if encoder is not None else 0)
+    data.check_labels(cfg["num_classes"])
+    log(d, f"latents {data.folder}: {len(data)} images of {meta.get('dataset')}, {meta['num_classes']} classes, "
+           f"latent shape {tuple(meta['latent_shape'])}, {meta.get('latent_norm', 'channel')} normalisation")
+    return data, meta, cfg
+
+
+def dit_state(args, d, cfg, ckpt, out):
+    """DiT, its EMA and AdamW (REPA: lr 1e-4, no weight decay), restored from ckpt when resuming."""
+    torch.manual_seed(args.seed)
+    model = sm.build_dit(args.model, **cfg).to(d.device)
+    model.grad_checkpointing = args.grad_checkpoint
+    ema = sm.build_dit(args.model, **cfg).to(d.device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.0)
+    if ckpt is None:
+        return model, ema, opt, 0, []
+    if ckpt["model_name"] != args.model or ckpt["dit_config"] != cfg:
+        raise ValueError(f"{out} holds {ckpt['model_name']} {ckpt['dit_config']}, not {args.model} {cfg}")
+    model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
+    log(d, f"stage dit: resuming {out} at step {ckpt['step']}")
+    return model, ema, opt, ckpt["step"], ckpt["history"]
+
+
+def dit_checkpoint(args, d, cfg, meta, model, ema, opt, step, history):
+    return dict(kind="dit", model_name=args.model, dit_config=cfg, model=model.state_dict(), ema=ema.state_dict(),
+                finished=step == args.dit_steps, args=vars(args).copy(), history=history,
+                latent_mean=meta["latent_mean"], latent_std=meta["latent_std"],
+                latent_norm=meta.get("latent_norm", "channel"), vae=meta["vae"], image_size=meta["image_size"],
+                **checkpoint_state(d, step, opt=opt.state_dict()))
+
+
+@torch.no_grad()
+def dit_pictures(ema, vae, meta, cfg, args, d):
+    """A grid of 16 EMA samples (fixed keys, classes 0, 1, ...) on rank 0."""
+    if not d.main:
+        return
+    labels = None if cfg["num_classes"] == 0 else [i % cfg["num_classes"] for i in range(16)]
+    z0 = sample_latents(ema, range(16), labels, meta["latent_shape"], args.seed, d.device, steps=args.sample_steps,
+                        cfg_scale=args.cfg_scale)
+    save_grid(to_uint8(decode_latents(vae, z0, meta)), os.path.join(args.out, "samples.png"), 8)
+
+
 def train_dit(args, d, quickstart=False):
-    if args.bench:                                             # random latents of the --vae preset's shape
-        cfg = sm.VAE_CONFIGS[args.vae]
-        f = 2 ** (len(cfg["channels"]) - 1)
-        return bench_dit(args, d, (cfg["latent_channels"], args.image_size // f, args.image_size // f))
+    """Stage 2 (§4): flow matching with REPA on the encoded latents, EMA, atomic checkpoints."""
     out = os.path.join(args.out, "dit.pt")
     ckpt = resume_point(out, "dit", args, d, args.dit_steps, quickstart)
     if ckpt is not None and ckpt.get("finished") and ckpt["step"] == args.dit_steps:
@@ -1421,67 +1482,36 @@ def train_dit(args, d, quickstart=False):
     log_configuration(d, args, "dit")
     encoder = load_repa_encoder(args.repa_encoder if args.repa_lambda > 0 else "none", d.device, args.seed,
                                 args.image_size)
-    data = LatentData(os.path.join(args.out, "latents"), encoder is not None)
-    meta = data.meta
-    if args.hflip and len(np.load(os.path.join(data.folder, "moments.npy"), mmap_mode="r")[0]) < 2:
-        raise ValueError(f"--hflip needs latents encoded with --hflip (both views); {data.folder} has one view")
-    latent_shape = meta["latent_shape"]
-    cfg = dit_config(args, meta, encoder.embed_dim if encoder is not None else 0)
-    data.check_labels(cfg["num_classes"])
-    log(d, f"latents {data.folder}: {len(data)} images of {meta.get('dataset')}, {meta['num_classes']} classes, "
-           f"latent shape {tuple(latent_shape)}, {meta.get('latent_norm', 'channel')} normalisation")
-    torch.manual_seed(args.seed)
-    model = sm.build_dit(args.model, **cfg).to(d.device)
-    model.grad_checkpointing = args.grad_checkpoint
-    ema = sm.build_dit(args.model, **cfg).to(d.device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.0)
-    step, history, saved = 0, [], None
-    if ckpt is not None:
-        if ckpt["model_name"] != args.model or ckpt["dit_config"] != cfg:
-            raise ValueError(f"{out} holds {ckpt['model_name']} {ckpt['dit_config']}, not {args.model} {cfg}")
-        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
-        log(d, f"stage dit: resuming {out} at step {step}")
+    data, meta, cfg = open_latents(args, d, encoder)
+    model, ema, opt, step, history = dit_state(args, d, cfg, ckpt, out)
+    saved = step if ckpt is not None else None
     if encoder is not None:
         log_repa_target_energy(encoder, data, args, model.grid_size, d)
-    lat = (torch.tensor(meta["latent_mean"], device=d.device).view(1, -1, 1, 1),
-           torch.tensor(meta["latent_std"], device=d.device).view(1, -1, 1, 1))
+    lat = [torch.tensor(meta[k], device=d.device).view(1, -1, 1, 1) for k in ("latent_mean", "latent_std")]
     runner = d.wrap(model)
     runner = torch.compile(runner) if args.compile else runner
     loader = make_loader(data, args.dit_batch, d, args.seed, step, args.num_workers)
     vae = vae_from_source(meta["vae"], d.device).eval() if d.main else None
     if vae is not None:
         check_latent_norm(vae, meta, data.folder)
-    local = args.dit_batch // d.world
-    log(d, f"batch: global {args.dit_batch}, per rank {local}, micro-batch {args.micro_batch or local}, "
-           f"{len(micro_batches(local, args.micro_batch))} accumulation steps")
+    log_batch(d, args.dit_batch, args.micro_batch)
     last = min(args.dit_steps, step + args.max_steps) if args.max_steps else args.dit_steps
     bar = tqdm_bar(d, step, args.dit_steps, "stage dit")
     t0, s0 = time.time(), step
     while step < last:
         crash_point("step", step)
-        rnd = [d.shard(a) for a in dit_batch_randomness(args, step, args.dit_batch, latent_shape)]
-        logged = dit_step(runner, model, ema, encoder, opt, next(loader), rnd, lat, args, step, d, kept(out, saved))
+        rnd = [d.shard(a) for a in dit_batch_randomness(args, step, args.dit_batch, meta["latent_shape"])]
+        terms = dit_step(runner, model, ema, encoder, opt, next(loader), rnd, lat, args, step, d, kept(out, saved))
         step += 1
         bar.update(1)
         if step % args.log_every == 0:
-            history.append(dict(step=step, **logged))
-            if d.main:
-                bar.set_postfix({**{k_: f"{v:.4f}" for k_, v in logged.items()},
-                                 "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
-        if d.main and (step % args.vis_every == 0 or step == args.dit_steps):
-            labels = None if cfg["num_classes"] == 0 else [i % cfg["num_classes"] for i in range(16)]
-            z0 = sample_latents(ema, range(16), labels, latent_shape, args.seed, d.device,
-                                steps=args.sample_steps, cfg_scale=args.cfg_scale)
-            save_grid(to_uint8(decode_latents(vae, z0, meta)), os.path.join(args.out, "samples.png"), 8)
+            history.append(dict(step=step, **terms))
+            show_progress(bar, d, terms, step, s0, t0)
+        if step % args.vis_every == 0 or step == args.dit_steps:
+            dit_pictures(ema, vae, meta, cfg, args, d)
         if step % args.ckpt_every == 0 or step == last:
-            save_run(d, dict(kind="dit", model_name=args.model, dit_config=cfg, model=model.state_dict(),
-                             ema=ema.state_dict(), finished=step == args.dit_steps, args=vars(args).copy(),
-                             history=history, latent_mean=meta["latent_mean"], latent_std=meta["latent_std"],
-                             latent_norm=meta.get("latent_norm", "channel"), vae=meta["vae"],
-                             image_size=meta["image_size"], **checkpoint_state(d, step, opt=opt.state_dict())),
-                     out, (model, ema), kept(out, saved), args.keep_every)
+            save_run(d, dit_checkpoint(args, d, cfg, meta, model, ema, opt, step, history), out, (model, ema),
+                     kept(out, saved), args.keep_every)
             saved = step
     bar.close()
     return out
@@ -1555,6 +1585,18 @@ def samples_to_uint8(x):
     clamp(255 * (x + 1) / 2, 0, 255) truncated (to_uint8 rounds instead; it stores dataset images)."""
     x = torch.clamp(255.0 * ((x.float() + 1) / 2), 0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def bench(args, d):
+    """--bench: steps/s (and on CUDA MFU and memory) of stage vae, or of stage dit on random latents of the
+    --vae preset's shape; nothing is read or written."""
+    if args.stage == "vae":
+        return bench_vae(args, d)
+    if args.stage == "dit":
+        cfg = sm.VAE_CONFIGS[args.vae]
+        f = 2 ** (len(cfg["channels"]) - 1)
+        return bench_dit(args, d, (cfg["latent_channels"], args.image_size // f, args.image_size // f))
+    raise ValueError("--bench measures --stage vae or --stage dit")
 
 
 def bench_dit(args, d, latent_shape):
@@ -1729,14 +1771,14 @@ def run_probe(args, d, folder=None):
             train_dit(a, d, quickstart=True)
         ckpt = load_checkpoint(dit_path, "dit")
         if str(ckpt["step"]) not in curve and d.main:
-            ema = build_dit(ckpt["model_name"], ckpt["dit_config"]).to(d.device)
+            ema = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(d.device)
             ema.load_state_dict(ckpt["ema"])
             curve[str(ckpt["step"])] = evaluate.flow_val_loss(ema.eval(), z_val)
             write_json(curve, curve_path)
     if not d.main:
         d.barrier()
         return None
-    ema = build_dit(ckpt["model_name"], ckpt["dit_config"]).to(d.device).eval()
+    ema = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(d.device).eval()
     ema.load_state_dict(ckpt["ema"])
     meta = dict(latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
     m = a.probe_eval // 2
@@ -1848,8 +1890,9 @@ def main(argv=None):
     args = get_args(argv)
     d = Dist()
     try:
-        if not args.bench:
-            preflight(args, d)
+        if args.bench:
+            return bench(args, d)
+        preflight(args, d)
         if args.stage == "vae":
             train_vae(args, d)
         elif args.stage == "latents":
