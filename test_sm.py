@@ -2533,3 +2533,19 @@ def test_compare_table_mean_and_sample_std():
     assert summary["kl"]["gap_ratio"]["mean"] == 2.0 and summary["kl"]["gap_ratio"]["std"] == 1.0   # ddof 1
     assert summary["kl"]["psnr"]["std"] == 2.0 and summary["esm"]["gap_ratio"]["std"] == 0.0
     assert "| kl | 2 ± 1 | 22 ± 2 |" in table and "| esm | 5 ± 0 | 21 ± 0 |" in table
+
+
+#################################################################################
+#   `python -m pytest -q -k "not scripts"`: the specification of sm.py alone    #
+#################################################################################
+# Tests that run or import the scripts (train.py, sample.py, evaluate.py) carry the keyword "scripts", so
+# the fast subset above checks the library by itself in seconds; the full suite adds the pipelines.
+
+def _uses_scripts(f):
+    import inspect
+    return re.search(r"\b(train|evaluate|sample)\.|run_script|tiny_run|_cli_error", inspect.getsource(f)) is not None
+
+
+for _name, _f in list(globals().items()):
+    if _name.startswith("test_") and callable(_f) and _uses_scripts(_f):
+        _f.scripts = True

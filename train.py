@@ -783,6 +783,14 @@ def prepare_output(path, resume):
                               f"(nothing was overwritten)")
 
 
+def is_finished(ckpt, total_steps, path, d):
+    """True (and said) when the checkpoint is a finished run of exactly total_steps."""
+    done = ckpt is not None and ckpt.get("finished") and ckpt["step"] == total_steps
+    if done:
+        log(d, f"stage {ckpt['kind']}: {path} is finished, skipping")
+    return bool(done)
+
+
 def resume_point(path, kind, args, d, total_steps, quickstart=False):
     """The checkpoint to continue (None: start afresh), after checking it belongs to this run.
 
@@ -1005,8 +1013,7 @@ def train_vae(args, d, quickstart=False):
     """Stage 1 (§3): the autoencoder with the --reg regulariser, the authors' GAN schedule, atomic checkpoints."""
     out = os.path.join(args.out, "vae.pt")
     ckpt = resume_point(out, "vae", args, d, args.vae_steps, quickstart)
-    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == args.vae_steps:
-        log(d, f"stage vae: {out} is finished, skipping")
+    if is_finished(ckpt, args.vae_steps, out, d):
         return out
     log_configuration(d, args, "vae")
     ds = open_dataset(args, d)
@@ -1476,8 +1483,7 @@ def train_dit(args, d, quickstart=False):
     """Stage 2 (§4): flow matching with REPA on the encoded latents, EMA, atomic checkpoints."""
     out = os.path.join(args.out, "dit.pt")
     ckpt = resume_point(out, "dit", args, d, args.dit_steps, quickstart)
-    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == args.dit_steps:
-        log(d, f"stage dit: {out} is finished, skipping")
+    if is_finished(ckpt, args.dit_steps, out, d):
         return out
     log_configuration(d, args, "dit")
     encoder = load_repa_encoder(args.repa_encoder if args.repa_lambda > 0 else "none", d.device, args.seed,
