@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -258,12 +257,19 @@ def dist_setup():
 
 
 def _gather(arrays, world):
-    """Concatenate per-rank dicts of numpy arrays on every rank (rank order)."""
+    """Per-rank dicts of numpy arrays, rank r holding items r, r + world, ...: all items, in index order,
+    on every rank (so consecutive splits, e.g. the Inception Score's, match a single process)."""
     if world == 1:
         return arrays
     parts = [None] * world
     torch.distributed.all_gather_object(parts, arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+    out = {}
+    for k in arrays:
+        n = sum(len(p[k]) for p in parts)
+        out[k] = np.empty((n,) + parts[0][k].shape[1:], parts[0][k].dtype)
+        for r, p in enumerate(parts):
+            out[k][r::world] = p[k]
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -691,10 +697,8 @@ def psnr(x, y):
 def ssim(x, y, window=11, sigma=1.5):
     """Per-image SSIM (Wang et al. 2004, gaussian 11x11, sigma 1.5) of [0,1] images."""
     c = x.shape[1]
-    t = torch.arange(window, dtype=torch.float32) - window // 2
-    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    k = (g[:, None] * g[None, :]).expand(c, 1, window, window).to(x.device)
+    g = sm.gaussian_kernel1d(sigma, window // 2, x.device)
+    k = (g[:, None] * g[None, :]).expand(c, 1, window, window)
     blur = lambda v: F.conv2d(v, k, groups=c)                    # noqa: E731 (valid conv)
     x, y = x.float(), y.float()
     mx, my = blur(x), blur(y)
@@ -708,21 +712,6 @@ def ssim(x, y, window=11, sigma=1.5):
 # Report helpers: table, JSON, PNG plot
 # ----------------------------------------------------------------------------------------
 
-def _jsonable(v):
-    """Tensors/arrays/numpy scalars -> JSON types, recursively."""
-    if torch.is_tensor(v):
-        v = v.detach().cpu().numpy()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
 def print_table(results, title="metric"):
     """Two-column table of scalar results."""
     rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
@@ -731,11 +720,6 @@ def print_table(results, title="metric"):
     print("-" * (w + 14))
     for k, v in rows:
         print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
-
-
-def _write_json(path, obj):
-    """JSON of obj (tensors/arrays converted), written atomically."""
-    train.write_json(_jsonable(obj), path)
 
 
 def default_json_path(src, suffix=".metrics.json"):
@@ -769,20 +753,6 @@ def sha256_input(path):
         listing = "".join(f"{sha256_file(f)}  {f.relative_to(p).as_posix()}\n" for f in files)
         return hashlib.sha256(listing.encode()).hexdigest()
     return None
-
-
-def code_version():
-    """git commit of this project ('+dirty' with uncommitted changes to tracked files), else 'unknown'."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        run = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True, timeout=10)
-        head = run(["git", "rev-parse", "HEAD"])
-        if head.returncode != 0:
-            return "unknown"
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def side_file(samples_path):
@@ -891,7 +861,7 @@ def generative_protocol(model, samples, ref, n, n_ref, side):
         "inception_weights": weights,
         "inception_sha256": None if weights is None else sha256_file(weights),
         "is_split_size": IS_SPLIT_SIZE,
-        "code_version": code_version(),
+        "code_version": train.code_version(),
         "samples": side,                                             # sample.py's X.json, if present
     }
 
@@ -961,7 +931,7 @@ def run_generative(args, rank, device):
         out = args.json or default_json_path(args.samples)
         print_protocol(results["protocol"])
         print_table(results)
-        _write_json(out, results)
+        train.write_json(results, out)
         print(f"[evaluate] wrote {out}")
     return results
 
@@ -1005,7 +975,7 @@ def _vae_protocol(args, n, model=None):
            "checkpoint": args.vae, "checkpoint_sha256": sha256_input(args.vae)}
     if model is not None:
         out.update(inception_weights=weights, inception_sha256=None if weights is None else sha256_file(weights))
-    out["code_version"] = code_version()
+    out["code_version"] = train.code_version()
     return out
 
 
@@ -1055,7 +1025,7 @@ def run_vae(args, rank, world, device):
     out = args.json or default_json_path(args.vae)
     print_protocol(res["protocol"])
     print_table(res)
-    _write_json(out, res)
+    train.write_json(res, out)
     print(f"[evaluate] wrote {out}")
     return res
 
@@ -1066,51 +1036,36 @@ def run_spectrum(args, rank, world, device):
     vae, loader, _ = _vae_and_loader(args, device)
     delta = float(getattr(vae, "esm_delta", 1.0))
     blur = float(getattr(vae, "esm_blur", 1.2))
-    dse_fn = getattr(sm, "directional_spectral_energy", None)
-    prof = {"target": [], "latent": [], "image": []}
-    dse = []
+    prof = {"target": [], "latent": [], "image": [], "dse": []}
     for x in loader:
         x = x.to(device) * 2 - 1                             # (B,3,H,W) in [-1,1]
         z, _ = vae.encode(x)                                 # posterior mean (B,C,h,w)
         st, sl, si = sm.spectrum_profiles(x, z, delta=delta, n_bins=args.n_bins,
                                           blur_sigma=blur)
-        for k, v in zip(("target", "latent", "image"), (st, sl, si)):
+        tokens = z.flatten(2).transpose(1, 2)                # (B, h*w, C)
+        dse = sm.directional_spectral_energy(tokens, grid=tuple(z.shape[-2:]), reduction="none")
+        for k, v in zip(("target", "latent", "image", "dse"), (st, sl, si, dse)):
             prof[k].append(v.float().cpu())
-        if dse_fn is not None:                               # tokens (B, h*w, C)
-            dse.append(dse_fn(z.flatten(2).transpose(1, 2), grid=tuple(z.shape[-2:])))
     prof = _gather({k: torch.cat(v).numpy() for k, v in prof.items()}, world)
     if rank != 0:
         return None
-    mean = {k: v.mean(0) for k, v in prof.items()}
+    mean = {k: v.mean(0) for k, v in prof.items() if k != "dse"}
     t, lat = (torch.as_tensor(prof[k], dtype=torch.float64) for k in ("target", "latent"))
     # KL(target || latent) of the per-image normalised spectra, as sm.esm_loss
     kl = (t * (torch.log(t + 1e-8) - torch.log(lat + 1e-8))).sum(-1).mean().item()
     res = {"vae": args.vae, "delta": delta, "n_bins": args.n_bins,
            "num_images": int(prof["image"].shape[0]),
            "kl_target_latent": kl, "spectra": mean,
-           "directional_spectral_energy": _mean_nested(dse)}
+           "directional_spectral_energy": float(prof["dse"].mean())}
     res["protocol"] = _vae_protocol(args, res["num_images"])
     out = args.json or default_json_path(args.vae, ".spectrum.json")
     print_protocol(res["protocol"])
     print_table({k: v for k, v in res.items() if not isinstance(v, dict)}, "spectrum")
-    _write_json(out, res)
+    train.write_json(res, out)
     png = str(Path(out).with_suffix(".png"))
     train.plot_spectra(dict(image=mean["image"], latent=mean["latent"], target=mean["target"], kl=kl), png, delta)
     print(f"[evaluate] wrote {out} and {png}")
     return res
-
-
-def _mean_nested(items):
-    """Average a list of tensors / dicts of tensors returned per batch."""
-    if not items:
-        return None
-    if isinstance(items[0], dict):
-        return {k: _mean_nested([it[k] for it in items]) for k in items[0]}
-    try:
-        return _jsonable(torch.stack([torch.as_tensor(v, dtype=torch.float64)
-                                      for v in items]).mean(0))
-    except Exception:
-        return _jsonable(items)
 
 
 def run_bench(args, device):
@@ -1313,7 +1268,7 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     res["protocol"] = {"features": None if inception is None else inception.resize, "num_samples": m,
                        "samples_file": samples_npz, "samples_sha256": sha256_file(samples_npz),
                        "reference": f"{args.dataset} held-out images (seed {args.seed})",
-                       "code_version": code_version(), "samples": side_file(samples_npz)}
+                       "code_version": train.code_version(), "samples": side_file(samples_npz)}
     return res
 
 

@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -114,17 +113,6 @@ def precision_context(precision, device):
     if precision != "fp32":
         raise ValueError(f"--precision must be 'fp32' or 'bf16', got {precision!r}")
     return contextlib.nullcontext()
-
-
-def code_version():
-    """git commit of this project (with '-dirty' for uncommitted changes), or 'unknown'."""
-    try:
-        run = dict(cwd=HERE, capture_output=True, text=True, timeout=10, check=True)
-        head = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
-        return head + ("-dirty" if dirty else "") if head else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- models
@@ -366,7 +354,7 @@ def generate(ckpt_path, num_samples, out, d, steps=50, cfg_scale=1.0, seed=0, sa
                       tf32=precision == "fp32" and d.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
                       num_samples=num_samples, labels=label_mode, num_classes=nc, seed=seed,
                       checkpoint=dict(path=ck["path"], step=ck["step"], sha256=ck["sha256"], format=ck["format"]),
-                      vae=vae_src, pixels=PIXELS, image_shape=list(arr.shape[1:]), code_version=code_version())
+                      vae=vae_src, pixels=PIXELS, image_shape=list(arr.shape[1:]), code_version=train.code_version())
         train.write_json(record, os.path.join(out, "samples.json"))
         print(f"wrote {num_samples} samples to {img_dir}, {npz} (arr_0 {arr.shape} uint8) and samples.json")
     d.barrier()

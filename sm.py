@@ -1234,7 +1234,7 @@ DEADLEAVES_SHAPES = ("disk", "square")
 def deadleaves_image(index, size=64, seed=0, num_classes=10, r_min=None, r_max=0.5, n_shapes=300):
     """Deterministic dead-leaves image for (index, seed): (uint8 (size, size, 3), label).
 
-    Radii are fractions of the image side; r_min defaults to max(0.02, 1.5 / size), no sub-pixel leaves.
+    Radii are fractions of the image side; r_min defaults to max(0.02, 3 / size), no sub-pixel leaves.
     """
     r_min = max(0.02, 3.0 / size) if r_min is None else r_min
     label = index % num_classes

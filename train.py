@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,7 +84,7 @@ DSM_KS = (0, 8, 10, 12)
 
 # settings that define a training run: a resume must not change them (steps may grow)
 RUN_KEYS = {
-    "vae": ("dataset", "data_path", "image_size", "dataset_size", "hflip", "vae", "reg", "kl_weight", "esm_weight",
+    "vae": ("dataset", "data_path", "image_size", "dataset_size", "vae", "reg", "kl_weight", "esm_weight",
             "esm_delta", "dsm_block", "dsm_group", "eq_prob", "lpips_weight", "disc_weight", "disc_start", "disc_lr",
             "disc_warmup", "vae_batch", "vae_lr", "warmup", "seed", "latent_norm"),
     "dit": ("model", "depth", "width", "dit_batch", "dit_lr", "ema", "weighting", "cos_weight", "class_dropout",
@@ -174,9 +175,12 @@ def build_parser(defaults):
     a("--compile", action="store_true")
     a("--grad-checkpoint", action="store_true", help="recompute DiT blocks in the backward pass (saves memory)")
     a("--micro-batch", type=int,
-      help="images per forward on each rank; gradients are accumulated over the rank's share (0: no split)")
+      help="images per forward on each rank; gradients are accumulated over the rank's share (0: no split). "
+           "Equal to the unsplit step except in stage 1's GAN phase, where the adaptive weight and the "
+           "discriminator's BatchNorm see one micro-batch at a time")
     a("--precision", choices=["fp32", "bf16"],
-      help="stage 2 and latents: fp32 (TF32 allowed; REPA) or bf16 autocast on CUDA (stage 1 always uses bf16 there)")
+      help="encoding the latents and sampling: fp32 (TF32 allowed; REPA) or bf16 autocast on CUDA (training "
+           "always uses bf16 autocast on CUDA)")
     a("--sample-steps", type=int)
     a("--cfg-scale", type=float)
     a("--num-fid-samples", type=int, help="samples for the final metrics of --stage all")
@@ -254,8 +258,9 @@ def validate_args(args):
         raise ValueError(f"--dataset {args.dataset} needs --data-path")
     if args.skip_bad_images and args.dataset == "deadleaves":
         raise ValueError("--skip-bad-images applies to image files (--dataset imagenet or folder)")
-    if args.cfg_scale <= 0:
-        raise ValueError(f"--cfg-scale must be > 0, got {args.cfg_scale}")
+    if args.cfg_scale < 1 or (args.unconditional and args.cfg_scale != 1):
+        raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), and 1 for an unconditional model; got "
+                         f"{args.cfg_scale}")
     if args.probe_eval is not None and (args.probe_eval < 4 or args.probe_eval % 2):
         raise ValueError(f"--probe-eval must be even and at least 4 (two halves), got {args.probe_eval}")
     if any(s < 0 for s in args.seeds):
@@ -499,8 +504,11 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def drop(self, bad):
         """Remove the files in `bad` (paths) from the dataset."""
-        keep = [i for i, f in enumerate(self.files) if f not in set(bad)]
-        self.files, self.labels = [self.files[i] for i in keep], [self.labels[i] for i in keep]
+        self.select([i for i, f in enumerate(self.files) if f not in set(bad)])
+
+    def select(self, indices):
+        """Keep only the files at these indices, in this order."""
+        self.files, self.labels = [self.files[i] for i in indices], [self.labels[i] for i in indices]
 
     def __getitem__(self, i):
         for j in range(len(self.files)):
@@ -518,8 +526,10 @@ class ImageFiles(torch.utils.data.Dataset):
         raise ValueError(f"no image of {self.root} can be decoded")
 
 
-def build_dataset(name, path=None, image_size=256, train=True, seed=0, length=None, skip_bad=False):
-    """Dataset of (image in [-1, 1] (3, H, W), label). train=False draws dead leaves from another seed."""
+def build_dataset(name, path=None, image_size=256, train=True, seed=0, length=None, skip_bad=False, subset=None):
+    """Dataset of (image in [-1, 1] (3, H, W), label). train=False draws dead leaves from another seed and
+    ImageNet's val/ split. subset=(start, count): image files at positions start.. of a permutation seeded by
+    `seed` (disjoint subsets of one folder for the probe)."""
     if name == "deadleaves":
         ds = sm.DeadLeaves(length or 4096, image_size, seed=seed if train else seed + 10_000)
         ds.num_classes = 10
@@ -527,14 +537,21 @@ def build_dataset(name, path=None, image_size=256, train=True, seed=0, length=No
     if name in ("imagenet", "folder"):
         if name == "imagenet" and path is not None and os.path.isdir(os.path.join(path, "train" if train else "val")):
             path = os.path.join(path, "train" if train else "val")
-        return ImageFiles(path, image_size, classes=name == "imagenet", skip_bad=skip_bad)
+        ds = ImageFiles(path, image_size, classes=name == "imagenet", skip_bad=skip_bad)
+        if subset is not None:
+            start, count = subset
+            if start + count > len(ds):
+                raise ValueError(f"{path} has {len(ds)} images; {start + count} are needed here")
+            ds.select(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[start:start + count]
+                      .tolist())
+        return ds
     raise ValueError(f"unknown dataset {name!r}; choose deadleaves, imagenet or folder")
 
 
 def open_dataset(args, d, train=True):
     """The training dataset of these settings, scanned first with --scan-images, and described in the log."""
     ds = build_dataset(args.dataset, args.data_path, args.image_size, train, args.seed, args.dataset_size,
-                       args.skip_bad_images)
+                       args.skip_bad_images, getattr(args, "subset", None))
     if args.scan_images and isinstance(ds, ImageFiles):
         bad, mine = [], range(d.rank, len(ds.files), d.world)
         bar = tqdm_bar(d, 0, len(mine), "scanning images")
@@ -651,6 +668,20 @@ def plot_spectra(rep, path, delta):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def code_version():
+    """git commit of this project ('+dirty' with uncommitted changes to tracked files), else 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True, timeout=10)
+        head = run(["git", "rev-parse", "HEAD"])
+        if head.returncode != 0:
+            return "unknown"
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def atomic_write(path, write, binary=True, before_replace=None):
     """write(f) into a temporary file beside `path`, fsync, then rename it over `path`: a crash at any point
     leaves the old file or the new one, never a torn file. before_replace(tmp) runs before the rename."""
@@ -733,9 +764,11 @@ def checkpoint_state(d, step, **parts):
                 **parts)
 
 
-def host_values(terms, gnorm):
-    """Loss terms and the gradient norm as Python floats, with a single device sync."""
-    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()] + [gnorm.float()]).tolist()
+def host_values(terms, gnorm, d):
+    """Loss terms of the global batch (averaged over ranks) and the gradient norm as Python floats, with a
+    single device sync."""
+    vals = d.all_reduce_mean(torch.stack([v.detach().float().reshape(()) for v in terms.values()] +
+                                         [gnorm.float()])).tolist()
     return dict(zip(terms, vals[:-1])), vals[-1]
 
 
@@ -926,7 +959,7 @@ def vae_generator_step(runner, vae, disc, lpips, opt, x, eps, ks, eq, args, step
             (w * terms["loss"]).backward()
         parts.append((w, terms))
     gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-    terms, gnorm = host_values(averaged(parts), gnorm)
+    terms, gnorm = host_values(averaged(parts), gnorm, d)
     check_finite(step, terms, gnorm, kept_msg)
     opt.step()
     return terms
@@ -948,24 +981,32 @@ def discriminator_step(vae_step, disc_ddp, disc, opt_d, x, eps, ks, eq, args, st
             (w * d_loss).backward()
         parts.append((w, {"disc": d_loss}))
     gnorm = torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
-    terms, gnorm = host_values(averaged(parts), gnorm)
+    terms, gnorm = host_values(averaged(parts), gnorm, d)
     check_finite(step, terms, gnorm, kept_msg)
     opt_d.step()
     return terms
 
 
-def load_lpips_or_none(args, d, quickstart):
-    """LPIPS-VGG when --lpips-weight > 0; the quickstart trains without it when the weights are offline."""
+def load_lpips_or_none(args, d):
+    """LPIPS-VGG when --lpips-weight > 0 (its weights were found by preflight)."""
+    return sm.load_lpips(args.lpips_path, args.vgg_path).to(d.device) if args.lpips_weight > 0 else None
+
+
+def resolve_lpips(args, d):
+    """Before any checkpoint is compared or written: with the LPIPS / VGG weights offline, the quickstart
+    config trains without LPIPS (said, and recorded as --lpips-weight 0, so a rerun resumes); any other config
+    stops with the message that says how to provide them."""
     if args.lpips_weight <= 0:
-        return None
+        return
     try:
-        return sm.load_lpips(args.lpips_path, args.vgg_path).to(d.device)
-    except RuntimeError as e:
-        if not quickstart:
-            raise
-        log(d, f"LPIPS unavailable offline, training without it: {e}")
+        sm.fetch_weights(sm.LPIPS_URL, args.lpips_path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth",
+                         "--lpips-path")
+        sm.fetch_weights(sm.VGG16_URL, args.vgg_path, "VGG16", flag="--vgg-path")
+    except (RuntimeError, FileNotFoundError) as e:
+        if args.config != "quickstart" or "lpips_weight" in args.explicit:
+            raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
+        log(d, f"quickstart: LPIPS weights unavailable, training with --lpips-weight 0 ({e})")
         args.lpips_weight = 0.0
-        return None
 
 
 def check_vae_sizes(vae, args):
@@ -1019,7 +1060,7 @@ def train_vae(args, d, quickstart=False):
     ds = open_dataset(args, d)
     vae, disc, opt, opt_d, step, history = vae_state(args, d, ckpt, out)
     saved = step if ckpt is not None else None
-    lpips = load_lpips_or_none(args, d, quickstart)
+    lpips = load_lpips_or_none(args, d)
     vae_step = VAEStep(vae)
     runner, disc_ddp = d.wrap(vae_step), d.wrap(disc)
     loader = make_loader(ds, args.vae_batch, d, args.seed, step, args.num_workers)
@@ -1158,8 +1199,8 @@ def load_stage1_vae(args, d):
     """The autoencoder for latents: --sd-vae weights, or a finished stage-1 checkpoint (default OUT/vae.pt).
     Without an explicit --dataset, the dataset settings of the stage-1 run are used."""
     if args.sd_vae:
-        return sm.load_sd_vae(args.sd_vae, "f8d4").to(d.device), dict(kind="sd", path=os.path.abspath(args.sd_vae),
-                                                                      preset="f8d4")
+        src = dict(kind="sd", path=os.path.abspath(args.sd_vae), preset="f8d4")
+        return vae_from_source(src, d.device), src
     if args.official_vae:
         src = dict(kind="official", path=os.path.abspath(args.official_vae), preset=args.vae,
                    scale=args.official_scale)
@@ -1173,15 +1214,17 @@ def load_stage1_vae(args, d):
         for k in ("dataset", "data_path", "image_size", "dataset_size"):
             if k in ckpt.get("args", {}) and k not in args.explicit:
                 setattr(args, k, ckpt["args"][k])
-    return build_vae_from_checkpoint(ckpt).to(d.device), dict(kind="ckpt", path=os.path.abspath(path))
+    return build_vae_from_checkpoint(ckpt).to(d.device), dict(kind="ckpt", path=os.path.abspath(path),
+                                                               step=ckpt["step"])
 
 
 def vae_from_source(src, device):
     """Rebuild the autoencoder recorded in a latents folder or DiT checkpoint."""
-    if src["kind"] == "sd":
-        return sm.load_sd_vae(src["path"], src["preset"]).to(device)
-    if src["kind"] == "official":
-        return sm.load_official_vae(src["path"], src["preset"], scale_factor=src["scale"]).to(device)
+    if src["kind"] in ("sd", "official"):                     # one latent scale, no shift: scalar
+        vae = (sm.load_sd_vae(src["path"], src["preset"]) if src["kind"] == "sd" else
+               sm.load_official_vae(src["path"], src["preset"], scale_factor=src["scale"]))
+        vae.latent_norm = "scalar"
+        return vae.to(device)
     return build_vae_from_checkpoint(load_checkpoint(src["path"], "vae")).to(device)
 
 
@@ -1195,6 +1238,18 @@ def check_latent_norm(vae, meta, where):
                          f"{vae.latent_std.tolist()}: decode with the autoencoder they were encoded with")
 
 
+def check_up_to_date(record_path, key, ckpt_path, folder):
+    """Refuse to reuse an output made from an earlier step of a checkpoint that has since been extended."""
+    with open(record_path) as f:
+        made_from = json.load(f).get(key) or {}
+    if made_from.get("path") != os.path.abspath(ckpt_path) or not os.path.exists(ckpt_path):
+        return
+    now = load_checkpoint(ckpt_path)["step"]
+    if made_from.get("step") is not None and made_from["step"] != now:
+        raise ValueError(f"{folder} was made from {ckpt_path} at step {made_from['step']}, which is now at step "
+                         f"{now}: remove {folder} (and what was made from it) to redo it, or use another --out")
+
+
 def encode_latents(args, d, quickstart=False):
     """Encode the dataset once, in float32 (--precision bf16 to speed up): posterior (mean, std) of each image
     (and of its flip with --hflip), labels, and (for REPA) the center-cropped uint8 images, as memory-mapped
@@ -1203,6 +1258,7 @@ def encode_latents(args, d, quickstart=False):
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
         if quickstart or args.resume:
+            check_up_to_date(meta_path, "vae", os.path.join(args.out, "vae.pt"), folder)
             log(d, f"stage latents: {folder} is finished, skipping")
             return folder
         raise FileExistsError(f"{meta_path} exists: pass --resume to reuse it or choose another --out")
@@ -1359,10 +1415,8 @@ def dit_config(args, meta, enc_dim):
     if args.projector != "mlp":
         cfg["projector_type"] = args.projector
     cfg.update({k: True for k in ("qk_norm", "rmsnorm", "swiglu", "rope") if getattr(args, k)})
-    with torch.device("meta"):                                 # spell out the preset's sizes
-        m = sm.build_dit(args.model, **cfg)
-    cfg.update(depth=len(m.blocks), hidden_size=m.hidden_size, num_heads=m.num_heads, encoder_depth=m.encoder_depth)
-    return cfg
+    preset = sm.DiT_CONFIGS[args.model]                        # spell out the preset's sizes
+    return {**{k: preset[k] for k in ("depth", "hidden_size", "num_heads", "encoder_depth")}, **cfg}
 
 
 def dit_batch_randomness(args, step, B, latent_shape):
@@ -1423,11 +1477,24 @@ def dit_step(runner, model, ema, encoder, opt, batch, rnd, lat, args, step, d, k
             (w * terms["loss"]).backward()
         parts.append((w, {k: v.mean() for k, v in terms.items() if k != "t"}))
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    logged, gnorm = host_values(averaged(parts), gnorm)
+    logged, gnorm = host_values(averaged(parts), gnorm, d)
     check_finite(step, logged, gnorm, kept_msg)
     opt.step()
     update_ema(ema, model, args.ema)
     return logged
+
+
+def latents_image_size(args, d):
+    """The image size recorded with the latents (the REPA encoder's input size follows it)."""
+    meta_path = os.path.join(args.out, "latents", "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no finished latents in {os.path.dirname(meta_path)}: run --stage latents first")
+    with open(meta_path) as f:
+        size = json.load(f)["image_size"]
+    if size != args.image_size:
+        log(d, f"stage dit: the latents were encoded at {size} px; REPA uses that size (not --image-size "
+               f"{args.image_size})")
+    return size
 
 
 def open_latents(args, d, encoder):
@@ -1486,6 +1553,7 @@ def train_dit(args, d, quickstart=False):
     if is_finished(ckpt, args.dit_steps, out, d):
         return out
     log_configuration(d, args, "dit")
+    args.image_size = latents_image_size(args, d)               # REPA sees the images the latents came from
     encoder = load_repa_encoder(args.repa_encoder if args.repa_lambda > 0 else "none", d.device, args.seed,
                                 args.image_size)
     data, meta, cfg = open_latents(args, d, encoder)
@@ -1520,6 +1588,9 @@ def train_dit(args, d, quickstart=False):
                      kept(out, saved), args.keep_every)
             saved = step
     bar.close()
+    if ckpt is not None and step == ckpt["step"] == args.dit_steps:   # resumed at exactly --dit-steps: finish
+        save_run(d, dit_checkpoint(args, d, cfg, meta, model, ema, opt, step, history), out, (model, ema),
+                 kept(out, saved), args.keep_every)
     return out
 
 
@@ -1663,9 +1734,12 @@ def run_all(args, d):
     import evaluate
     import sample
     npz = os.path.join(args.out, "samples", "samples.npz")
-    if not os.path.exists(npz):
+    if os.path.exists(npz):
+        check_up_to_date(os.path.join(args.out, "samples", "samples.json"), "checkpoint",
+                         os.path.join(args.out, "dit.pt"), os.path.dirname(npz))
+    else:
         sample.generate(os.path.join(args.out, "dit.pt"), args.num_fid_samples, os.path.dirname(npz), d,
-                        steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed)
+                        steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed, precision=args.precision)
     if d.main:
         metrics = evaluate.pipeline_metrics(args, npz, d.device)
         metrics["minutes"] = (time.time() - t0) / 60
@@ -1701,6 +1775,7 @@ def probe_settings(args):
     a.unconditional, a.repa_encoder, a.repa_lambda, a.hflip, a.class_dropout = True, "none", 0.0, False, 0.0
     a.compile, a.keep_every, a.ckpt_every, a.vis_every, a.resume = False, 0, a.dit_steps, a.dit_steps, False
     a.dataset_size = a.probe_images
+    a.subset = None if a.dataset == "deadleaves" else (0, a.probe_images)   # image files: a seeded subset
     a.explicit = sorted(set(args.explicit) | {"dataset_size"})          # load_stage1_vae keeps the probe's count
     return a
 
@@ -1726,10 +1801,11 @@ def probe_panel(real, rec, samples, curves, path):
 
 @torch.no_grad()
 def probe_heldout(vae, a, device):
-    """Held-out images (n, 3, H, W) in [-1, 1] (dead leaves: disjoint from training) and their normalised
-    posterior-mean latents."""
-    val = build_dataset(a.dataset, a.data_path, a.image_size, train=False, seed=PROBE_DATA_SEED,
-                        length=a.probe_eval)
+    """Held-out images (n, 3, H, W) in [-1, 1], disjoint from the probe's training images (dead leaves: another
+    seed; image files: the next positions of the same permutation), and their normalised posterior-mean latents."""
+    held_out = None if a.dataset == "deadleaves" else (a.probe_images, a.probe_eval)
+    val = build_dataset(a.dataset, a.data_path, a.image_size, train=held_out is not None, seed=PROBE_DATA_SEED,
+                        length=a.probe_eval, subset=held_out)
     if len(val) < a.probe_eval:
         raise ValueError(f"--probe-eval {a.probe_eval} needs that many held-out images; the dataset has {len(val)}")
     x = torch.stack([val[i][0] for i in range(a.probe_eval)]).to(device)
@@ -1753,10 +1829,11 @@ def run_probe(args, d, folder=None):
             with open(result_path) as f:
                 return json.load(f)
         raise FileExistsError(f"{result_path} exists: pass --resume to keep it or choose another --probe-out")
-    if not args.sd_vae:
+    if not (args.sd_vae or args.official_vae):
         a.vae_ckpt = os.path.abspath(args.vae_ckpt or os.path.join(args.out, "vae.pt"))
         if not os.path.exists(a.vae_ckpt):
-            raise FileNotFoundError(f"no autoencoder checkpoint {a.vae_ckpt}: pass --vae-ckpt or --sd-vae")
+            raise FileNotFoundError(f"no autoencoder checkpoint {a.vae_ckpt}: pass --vae-ckpt, --sd-vae or "
+                                    "--official-vae")
     check_output_folder(a.out)
     vae, source = load_stage1_vae(a, d)                    # also takes the dataset and image size of stage 1
     vae.eval()
@@ -1816,11 +1893,11 @@ def run_probe(args, d, folder=None):
         latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
         swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
         equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
-        code_version=evaluate.code_version(), machine=evaluate._cpu_name(), torch=torch.__version__,
+        code_version=code_version(), machine=evaluate._cpu_name(), torch=torch.__version__,
         date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
     write_json(res, result_path)
     train_mse = [v for _, v in res["train_curve"]] or [res["dit_val_loss"]]
-    probe_panel(to_uint8(x), to_uint8(rec), to_uint8(decode(samples)),
+    probe_panel(to_uint8(x[:8]), to_uint8(rec[:8]), to_uint8(decode(samples[:8])),
                 {"train (batch)": (train_mse, (150, 150, 150)),
                  "validation (EMA)": ([v for _, v in res["val_curve"]], (220, 60, 30))},
                 os.path.join(a.out, "probe.png"))
@@ -1860,7 +1937,7 @@ def run_compare(args, d):
             a.reg, a.seed, a.out = reg, seed, os.path.join(root, f"{reg.replace('+', '_')}-seed{seed}")
             if "vae_steps" not in args.explicit:
                 a.vae_steps = PROBE_BUDGETS[args.budget]["vae_steps"]
-            a.vae_ckpt, a.sd_vae, a.probe_out = None, None, None
+            a.vae_ckpt, a.sd_vae, a.official_vae, a.probe_out = None, None, None, None
             train_vae(a, d, quickstart=True)
             runs[reg][seed] = run_probe(a, d, folder=os.path.join(a.out, "probe"))
     if d.main:
@@ -1885,8 +1962,8 @@ def preflight(args, d):
     """Check what can be checked before hours of work: the run folder, the model and the data source."""
     check_output_folder(args.out)
     if args.stage in ("all", "vae", "compare"):
-        sm.VAE_CONFIGS[args.vae]                              # validated names (validate_args)
-    if args.stage in ("all", "dit", "compare") and args.repa_lambda > 0:
+        resolve_lpips(args, d)
+    if args.stage in ("all", "dit") and args.repa_lambda > 0:
         load_repa_encoder(args.repa_encoder, "cpu", args.seed, args.image_size)   # offline hub fails now
     if args.dataset != "deadleaves" and args.data_path and args.stage != "dit":
         build_dataset(args.dataset, args.data_path, args.image_size)   # layout errors now
