@@ -276,20 +276,14 @@ def _gather(arrays, world):
 # Inputs: image folders, ADM .npz, statistics .npz, datasets
 # ----------------------------------------------------------------------------------------
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images of a folder (recursive) as uint8 (3,H,W) tensors; names a corrupt file."""
+class ImageFolderDataset(train.ImageFiles):
+    """The images of a folder and its subfolders, uncropped, as uint8 (3, H, W) tensors, decoded as in training."""
 
     def __init__(self, root):
-        self.files = sorted(p for p in Path(root).rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        if not self.files:
-            raise EvalError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in folder {root}")
-
-    def __len__(self):
-        return len(self.files)
+        super().__init__(root, None, classes=False, recursive=True)
 
     def __getitem__(self, i):
-        arr = np.array(train.read_rgb(self.files[i]), dtype=np.uint8)        # every Pillow mode, as in training
+        arr = np.array(train.read_rgb(self.files[i]), dtype=np.uint8)
         return torch.from_numpy(arr).permute(2, 0, 1)
 
 

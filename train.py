@@ -460,7 +460,7 @@ class ImageFiles(torch.utils.data.Dataset):
     (deterministic, so every rank and world size sees the same batch); drop() removes known-bad files.
     """
 
-    def __init__(self, root, image_size, classes=True, skip_bad=False):
+    def __init__(self, root, image_size, classes=True, skip_bad=False, recursive=False):
         if root is None or not os.path.isdir(root):
             raise FileNotFoundError(f"dataset folder not found: {root} (pass --data-path)")
         self.root, self.image_size, self.skip_bad, self.files, self.labels = root, image_size, skip_bad, [], []
@@ -489,9 +489,10 @@ class ImageFiles(torch.utils.data.Dataset):
                                  f"{', ...' if len(empty) > 5 else ''}): remove them or fix the layout")
         else:
             self.classes = []
-            self.files = [os.path.join(root, n) for n in top]
+            self.files = ([os.path.join(p, n) for p, dirs, names in sorted(os.walk(root)) for n in _images_in(p)]
+                          if recursive else [os.path.join(root, n) for n in top])
             self.labels = [0] * len(self.files)
-            if not self.files and subdirs:
+            if not self.files and subdirs and not recursive:
                 raise ValueError(f"{root} has no images at its top level but {len(subdirs)} subfolders: for class "
                                  "subfolders use --dataset imagenet")
         if not self.files:
