@@ -22,6 +22,7 @@ Only the standard library, torch and numpy are imported at module level; torchvi
 lazily where a pretrained network needs it. Copy this file into your project as it is.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -42,19 +43,14 @@ import torch.utils.checkpoint
 #                                   1. Spectra                                  #
 #################################################################################
 
-_DCT_CACHE = {}
-
-
+@functools.lru_cache(maxsize=None)
 def dct_matrix(n, device=None):
     """Orthonormal DCT-II matrix C (n, n), so that dct(x) = C @ x; cached per (n, device)."""
-    key = (n, str(device))
-    if key not in _DCT_CACHE:
-        k = torch.arange(n, dtype=torch.float64)[:, None]
-        i = torch.arange(n, dtype=torch.float64)[None, :]
-        c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-        c[0] /= math.sqrt(2.0)
-        _DCT_CACHE[key] = c.to(device=device, dtype=torch.float32)
-    return _DCT_CACHE[key]
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c.to(device=device, dtype=torch.float32)
 
 
 def dct2(x):
@@ -71,20 +67,15 @@ def idct2(X):
         return ch.T @ X.float() @ cw
 
 
-_BIN_CACHE = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _radial_bins(h, w, n_bins, device):
     """(bin index (h*w,), coefficients per bin (n_bins,)) by radius sqrt(u^2 + v^2), DC at (0, 0); cached."""
-    key = (h, w, n_bins, str(device))
-    if key not in _BIN_CACHE:
-        u = torch.arange(h, dtype=torch.float32)[:, None]
-        v = torch.arange(w, dtype=torch.float32)[None, :]
-        r_max = max(math.sqrt((h - 1) ** 2 + (w - 1) ** 2), 1.0)        # the largest radius
-        bins = torch.clamp(torch.floor(torch.sqrt(u ** 2 + v ** 2) / r_max * n_bins), 0, n_bins - 1).long()
-        counts = torch.bincount(bins.flatten(), minlength=n_bins).clamp_min(1).float()
-        _BIN_CACHE[key] = (bins.flatten().to(device), counts.to(device))
-    return _BIN_CACHE[key]
+    u = torch.arange(h, dtype=torch.float32)[:, None]
+    v = torch.arange(w, dtype=torch.float32)[None, :]
+    r_max = max(math.sqrt((h - 1) ** 2 + (w - 1) ** 2), 1.0)            # the largest radius
+    bins = torch.clamp(torch.floor(torch.sqrt(u ** 2 + v ** 2) / r_max * n_bins), 0, n_bins - 1).long().flatten()
+    counts = torch.bincount(bins, minlength=n_bins).clamp_min(1).float()
+    return bins.to(device), counts.to(device)
 
 
 def radial_spectrum(x, n_bins=16):
@@ -124,27 +115,22 @@ def spectrum_profiles(x, z, delta=1.0, n_bins=16, blur_sigma=1.2, blur_kernel=7)
     """Normalised log spectra (target, latent, image), each (B, n_bins), as compared by ESM (§3.2).
 
     target = image spectrum at the latent's resolution, flattened by f**delta;
-    image = the same without flattening (delta = 0), for plots.
+    image = the same without flattening (delta = 0), for plots. Float32, also under bf16 autocast.
     """
-    with torch.autocast(x.device.type, enabled=False):        # float32 math, also under bf16 autocast
-        return _spectrum_profiles(x.float(), z.float(), delta, n_bins, blur_sigma, blur_kernel)
+    with torch.autocast(x.device.type, enabled=False):
+        x, z = x.float(), z.float()
+        if blur_sigma > 0:
+            x = gaussian_blur(x, blur_sigma, blur_kernel)                # anti-alias before downsampling
+        x_small = F.interpolate(x, size=z.shape[-2:], mode="bicubic", align_corners=False)
+        s_img, s_lat = radial_spectrum(x_small, n_bins), radial_spectrum(z, n_bins)
+        f = torch.arange(1, n_bins + 1, device=x.device, dtype=torch.float32)
+        s_tgt = s_img * f ** delta                                       # flatten the power law by f^delta
 
+        def normalise(s):
+            s = torch.log(s + 1e-8 + 1).clamp_min(0)
+            return s / (s.sum(dim=-1, keepdim=True) + 1e-8)
 
-def _spectrum_profiles(x, z, delta, n_bins, blur_sigma, blur_kernel):
-    h, w = z.shape[-2:]
-    if blur_sigma > 0:
-        x = gaussian_blur(x, blur_sigma, blur_kernel)         # anti-alias before downsampling
-    x_small = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
-    s_img = radial_spectrum(x_small, n_bins)
-    s_lat = radial_spectrum(z, n_bins)
-    f = torch.arange(1, n_bins + 1, device=x.device, dtype=torch.float32)
-    s_tgt = s_img * f ** delta                                # flatten the power law by f^delta
-
-    def normalise(s):
-        s = torch.log(s + 1e-8 + 1).clamp_min(0)
-        return s / (s.sum(dim=-1, keepdim=True) + 1e-8)
-
-    return normalise(s_tgt), normalise(s_lat), normalise(s_img)
+        return normalise(s_tgt), normalise(s_lat), normalise(s_img)
 
 
 def esm_loss(x, z, delta=1.0, n_bins=16, blur_sigma=1.2, blur_kernel=7):
@@ -835,23 +821,18 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def _check_inputs(self, x, y):
-        """Raise ValueError for a wrong latent shape or out-of-range labels."""
+        """ValueError for a wrong latent shape or label tensor. Label values are checked where data enters
+        (train.py, the samplers), not here: no device sync per step."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected latents (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"latent size {H}x{W} is not divisible by patch_size {self.patch_size}")
-        if (H, W) != self.input_size:
-            raise ValueError(f"latent size {H}x{W} does not match the model's input_size {self.input_size}")
-        if self.y_embedder is None:
-            if y is not None:
-                raise ValueError("unconditional model (num_classes=0): pass y=None")
-            return
-        if y is None:
-            raise ValueError(f"class-conditional model (num_classes={self.num_classes}): labels y are required")
-        if y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (x.shape[0],):
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(f"latent size {x.shape[-2]}x{x.shape[-1]} does not match the model's input_size "
+                             f"{self.input_size}")
+        if (y is None) != (self.y_embedder is None):
+            raise ValueError("unconditional model (num_classes=0): pass y=None" if y is not None else
+                             f"class-conditional model (num_classes={self.num_classes}): labels y are required")
+        if y is not None and (y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (x.shape[0],)):
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-        # label values are checked where data enters (train.py, the samplers), not here: no device sync per step
 
     def forward(self, x, t, y=None, force_drop_ids=None):
         """x (N, C, H, W), t (N,) in [0, 1] (0 data, 1 noise), y (N,) int -> ((N, C, H, W), [(N, T, z)])."""
@@ -877,7 +858,6 @@ class DiT(nn.Module):
         return self.unpatchify(x), zs                                      # (N, C, H, W)
 
 
-# size: (depth, hidden, heads, REPA encoder_depth); S/1 .. XL/4 as DiT's registry
 # DiT's registry, S/1 .. XL/4: depth, width, heads, and REPA's alignment depth (encoder_depth)
 DiT_CONFIGS = {
     f"DiT-{size}/{patch}": dict(depth=depth, hidden_size=width, num_heads=heads, encoder_depth=enc, patch_size=patch)
@@ -923,22 +903,16 @@ class ConvProjector(nn.Module):
         return self.conv(x).flatten(2).transpose(1, 2)                     # (N, T, z)
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # torchvision's normalisation
 
 
 def preprocess_repa_images(images, resolution):
     """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        x = images.float() / 255.0
-    else:
-        x = images.float()
-        if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-            raise ValueError("float images must be in [0, 1] (or pass uint8 pixels in [0, 255])")
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if images.dtype != torch.uint8 and x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):   # one sync per batch
+        raise ValueError("float images must be in [0, 1] (or pass uint8 pixels in [0, 255])")
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
@@ -992,10 +966,8 @@ def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, 
     """REPA target from tokens Z (N, T, C): 'raw' (REPA), 'zscore' (iREPA) or 'dog' (REPA-DoG, §4).
 
     zscore: iREPA's spatial normalisation (Z - alpha * mean_T) / (std_T + 1e-6), unbiased std. alpha = 0.6
-      is what iREPA's latent-diffusion training uses (End2End-Diffusion/iREPA@99ad4ac ldm/train.py:
-      `--zscore-alpha` default 0.6, always passed to the normaliser; ldm/configs/irepa.yaml sets
-      spnorm_method zscore and no alpha). 1.0 is only the unused default of its helper (ldm/utils.py
-      spatial_zscore); its pixel-space JiT code uses 0.8 (jit/main_jit.py).
+      as iREPA's latent-diffusion training passes it (iREPA@99ad4ac ldm/train.py --zscore-alpha); 1.0 is
+      only its helper's unused default, 0.8 its pixel-space JiT's.
     dog: per channel on the token grid, G_sigma1 * Z - G_sigma2 * Z (Gaussian blurs, reflect padding),
       divided by the spatial std. The DoG has no DC response, but on a finite reflect-padded grid its
       output keeps a small spatial mean; we remove it before dividing, so the target has zero spatial
@@ -1034,10 +1006,7 @@ def directional_spectral_energy(Z, grid=None, reduction="mean"):
 
 def repa_loss(projected, targets):
     """REPA loss per sample (N,): minus the token-wise cosine, averaged over tokens and encoders."""
-    if torch.is_tensor(projected):
-        projected = [projected]
-    if torch.is_tensor(targets):
-        targets = [targets]
+    projected, targets = ([v] if torch.is_tensor(v) else list(v) for v in (projected, targets))   # one per encoder
     if len(projected) != len(targets) or not projected:
         raise ValueError(f"repa_loss: {len(projected)} projections vs {len(targets)} targets")
     total = 0.0
@@ -1107,17 +1076,14 @@ def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_id
 #          8. Samplers (REPA's euler_sampler / euler_maruyama_sampler)          #
 #################################################################################
 
-class _EvalMode:
-    """Context: the model in eval mode (no label dropout), its mode restored afterwards."""
-
-    def __init__(self, model):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode (no label dropout), its mode restored afterwards."""
+    was_training = model.training
+    try:
+        yield model.eval()
+    finally:
+        model.train(was_training)
 
 
 def _sampler_setup(model, y, cfg_scale):
@@ -1166,7 +1132,7 @@ def sample_ode(model, noise, y, steps=50, cfg_scale=1.0, guidance_interval=(0.0,
     dtype = noise.dtype
     t_steps = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     x_next = noise.to(torch.float64)
-    with _EvalMode(model):
+    with _eval_mode(model):
         for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
             x_cur = x_next
             use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
@@ -1197,7 +1163,7 @@ def sample_sde(model, noise, y, steps=250, cfg_scale=1.0, guidance_interval=(0.0
     dtype = noise.dtype
     t_steps = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     x_next = noise.to(torch.float64)
-    with _EvalMode(model):
+    with _eval_mode(model):
         for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
             dt = t_next - t_cur
             x_cur = x_next
@@ -1320,84 +1286,54 @@ def load_lpips(path=None, vgg_path=None):
                                   torch.load(vgg, map_location="cpu", weights_only=True))
 
 
-_SAFETENSORS_DTYPES = {name: dt for name, dt in (
-    ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
-    ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8),
-    ("U8", torch.uint8), ("BOOL", torch.bool), ("U16", getattr(torch, "uint16", None)),
-    ("U32", getattr(torch, "uint32", None)), ("U64", getattr(torch, "uint64", None)),
-    ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
-) if dt is not None}
+_SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16,
+                           I64=torch.int64, I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8,
+                           BOOL=torch.bool)
 
 
 def load_safetensors(path, with_metadata=False):
     """Read a .safetensors file without the safetensors package -> {name: tensor} on the CPU.
 
-    Format (huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional "__metadata__": {str: str}},
-    then the raw little-endian data; offsets count from the first byte after the header.
-    with_metadata=True returns (tensors, metadata dict).
+    Format (huggingface/safetensors): a u64 little-endian header length N, N bytes of JSON {name: {"dtype",
+    "shape", "data_offsets": [begin, end]}, optional "__metadata__": {str: str}}, then little-endian data,
+    offsets counted from its first byte. with_metadata=True returns (tensors, metadata dict).
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
         raw = f.read()
-
-    def bad(msg):
-        return ValueError(f"{path}: {msg}")
-
-    if len(raw) < 8:
-        raise bad(f"not a safetensors file ({len(raw)} bytes; the 8-byte header length is missing)")
     n = int.from_bytes(raw[:8], "little")
-    if n > len(raw) - 8:
-        raise bad(f"truncated or not a safetensors file (header of {n} bytes, but only {len(raw) - 8} follow)")
+    if len(raw) < 8 or n > len(raw) - 8:
+        raise ValueError(f"{path}: truncated or not a safetensors file ({len(raw)} bytes, header length {n})")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"the safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise bad("the safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data = memoryview(raw)[8 + n:]                             # the byte buffer
-    out = {}
+        header = json.loads(raw[8:8 + n])
+        metadata = header.pop("__metadata__", None) or {}
+    except (ValueError, TypeError, AttributeError) as e:      # also UnicodeDecodeError, or not an object
+        raise ValueError(f"{path}: the safetensors header is not a valid JSON object ({e})") from None
+    data, out = memoryview(raw)[8 + n:], {}
     for name, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-            begin, end = int(begin), int(end)
+            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], map(int, info["data_offsets"])
         except (TypeError, KeyError, ValueError):
-            raise bad(f"tensor {name!r} has a malformed header entry {info!r}") from None
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
         if dtype not in _SAFETENSORS_DTYPES:
-            raise bad(f"tensor {name!r} has unsupported dtype {dtype!r} (supported: {sorted(_SAFETENSORS_DTYPES)})")
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
+                             f"(supported: {sorted(_SAFETENSORS_DTYPES)})")
         dt = _SAFETENSORS_DTYPES[dtype]
-        if min(shape, default=0) < 0 or not 0 <= begin <= end:
-            raise bad(f"tensor {name!r} has a bad shape {shape} or data_offsets {[begin, end]}")
         if end > len(data):
-            raise bad(f"truncated: tensor {name!r} ends at byte {end} of a {len(data)}-byte data section")
-        itemsize = torch.empty((), dtype=dt).element_size()
-        if end - begin != math.prod(shape) * itemsize:
-            raise bad(f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} "
-                      f"(expected {math.prod(shape) * itemsize})")
-        if end == begin:
-            t = torch.empty(shape, dtype=dt)
-        else:
-            t = torch.frombuffer(bytearray(data[begin:end]), dtype=dt)  # own, writable copy
-            if sys.byteorder == "big" and itemsize > 1:       # the file is little-endian
-                t = t.view(torch.uint8).view(-1, itemsize).flip(1).contiguous().view(dt)
-            t = t.reshape(shape)
-        out[name] = t
+            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} of a {len(data)}-byte data section")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
+            raise ValueError(f"{path}: tensor {name!r}: bytes {begin}..{end} ({end - begin}) for shape {shape} "
+                             f"of {dtype} (expected {nbytes})")
+        t = torch.frombuffer(bytearray(data[begin:end]), dtype=dt) if nbytes else torch.empty(0, dtype=dt)
+        if sys.byteorder == "big":                             # the file is little-endian
+            t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous().view(dt)
+        out[name] = t.reshape(shape)                           # an own, writable copy
     return (out, dict(metadata)) if with_metadata else out
 
 
-def _read_state_dict(path):
-    """Read a .bin / .pt / .pth / .safetensors file into a state dict."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        return load_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _weights_in(path_or_state_dict, names):
-    """A state dict: the given one, or read from a file or from the first of `names` in a folder."""
+    """A state dict: the given one, or read from a .safetensors / torch file, or the first of `names` in a folder."""
     if isinstance(path_or_state_dict, dict):
         return path_or_state_dict
     p = os.fspath(path_or_state_dict)
@@ -1406,7 +1342,9 @@ def _weights_in(path_or_state_dict, names):
         if not found:
             raise FileNotFoundError(f"no {' or '.join(names)} in {p}")
         p = found[0]
-    return _read_state_dict(p)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"weights file not found: {p}")
+    return load_safetensors(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
 
 
 def _check_fit(sd, expected, what, preset, hint=""):
@@ -1501,18 +1439,14 @@ def _official_config_guess(sd):
 def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
     """Load the authors' VAE weights (forever208/SpectrumMatching) into a VAE that reproduces theirs.
 
-    path_or_state_dict: their model.safetensors (written by accelerate's save_state; in a
-    checkpoint_<step> folder model_1 / model_2.safetensors hold LPIPS / the discriminator), the
-    folder holding it, or a state dict with their key names (encoder.encoder_blocks.*,
-    post_encoder_conv, pre_decoder_conv, ...). preset: a VAE_CONFIGS name, a dict of VAE kwargs,
-    or None to read channels, ResNets per level and latent channels off the weights (32 norm
-    groups, as in all their configs). The VAE always gets their symmetric downsampling padding.
-    encode(x) -> (mean, logvar) and decode(z) then equal their encode's mu / logvar and forward_dec.
+    path_or_state_dict: their model.safetensors (accelerate's save_state; model_1 / model_2 are LPIPS and
+    the discriminator), its folder, or a state dict with their key names. preset: a VAE_CONFIGS name, a
+    dict of VAE kwargs, or None to read the layout off the weights. Downsampling is always symmetric.
+    encode / decode then equal their encode's mu / logvar and forward_dec.
 
-    The latent scale is in neither the weights nor LDMConfig: their stage 2 multiplies z by a
-    constant from the `scaling_constants` of configs/ldm_*.yaml (e.g. imagenet: 0.9515730,
-    celeba256: 0.9010), printed as 1/std by extract_VAE_latents.py, with no shift. Pass it as
-    scale_factor to store latent_std = 1 / scale_factor (latent_mean stays 0); else latent_std = 1.
+    The latent scale is not in the weights: their stage 2 multiplies z by `scaling_constants` from
+    configs/ldm_*.yaml (imagenet 0.9515730, celeba256 0.9010), no shift. Pass it as scale_factor to
+    store latent_std = 1 / scale_factor (latent_mean stays 0); else latent_std = 1.
     """
     sd = _weights_in(path_or_state_dict, ("model.safetensors", "pytorch_model.bin"))
     if sd and all(k.startswith("module.") for k in sd):        # saved from a DDP-wrapped model
@@ -1523,13 +1457,11 @@ def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
             raise ValueError("load_official_vae: cannot read the VAE layout off these weights "
                              "(no encoder.encoder_blocks.*); pass preset=")
         preset = guess
-    if isinstance(preset, str):
-        vae = build_vae(preset, downsample_padding="symmetric")
-    else:
-        if preset.get("downsample_padding", "symmetric") != "symmetric":
-            raise ValueError("load_official_vae: the authors' VAE pads its downsampling symmetrically; "
-                             f"got downsample_padding={preset['downsample_padding']!r}")
-        vae = VAE(**{**preset, "downsample_padding": "symmetric"})
+    if isinstance(preset, dict) and preset.get("downsample_padding", "symmetric") != "symmetric":
+        raise ValueError("load_official_vae: the authors' VAE pads its downsampling symmetrically; "
+                         f"got downsample_padding={preset['downsample_padding']!r}")
+    vae = build_vae(preset, downsample_padding="symmetric") if isinstance(preset, str) else \
+        VAE(**{**preset, "downsample_padding": "symmetric"})
     own = vae.state_dict()
     ours = {_official_vae_key(k): k for k in own if k not in ("latent_mean", "latent_std")}  # theirs -> ours
     hint = f"; these weights look like {guess}" if guess else ""
@@ -1568,12 +1500,10 @@ def load_repa_sit(state_dict, which="ema", **repa_kwargs):
             k = k[len(prefix):] if k.startswith(prefix) else k
         k = k.replace(".projection_layer.", ".conv." if kw["projection_layer_type"] == "conv" else ".")
         sd[k] = v
-    model = DiT(input_size=kw["input_size"], patch_size=kw["patch_size"], in_channels=kw["in_channels"],
-                hidden_size=kw["hidden_size"], depth=kw["depth"], num_heads=kw["num_heads"],
-                mlp_ratio=kw["mlp_ratio"], class_dropout_prob=kw["class_dropout_prob"],
-                num_classes=kw["num_classes"], encoder_depth=kw["encoder_depth"], z_dims=kw["z_dims"],
-                projector_dim=kw["projector_dim"], projector_type=kw["projection_layer_type"],
-                projector_kernel_size=kw["proj_kwargs_kernel_size"], qk_norm=kw["qk_norm"])
+    same = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+            "class_dropout_prob", "num_classes", "encoder_depth", "z_dims", "projector_dim", "qk_norm")
+    model = DiT(**{k: kw[k] for k in same}, projector_type=kw["projection_layer_type"],
+                projector_kernel_size=kw["proj_kwargs_kernel_size"])
     key = "y_embedder.embedding_table.weight"
     if key in sd and model.y_embedder is not None and sd[key].shape[0] == model.num_classes:
         # REPA with class_dropout_prob=0 has no null row; append an (unused) zero row

@@ -264,7 +264,7 @@ def test_load_sd_vae_from_file_and_errors(tmp_path):
     vae3 = sm.load_sd_vae(st, preset=dict(vae.config))
     assert all(torch.equal(a, b) for a, b in zip(vae3.state_dict().values(), vae.state_dict().values()))
     (tmp_path / "w.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="w.safetensors: not a safetensors file"):
+    with pytest.raises(ValueError, match="w.safetensors: truncated or not a safetensors file"):
         sm.load_sd_vae(tmp_path / "w.safetensors")
 
 
@@ -461,9 +461,10 @@ def test_safetensors_reader_errors(tmp_path):
         raw[:5]: "not a safetensors file",
         raw[:-3]: r"truncated: tensor 'b' ends at byte 88 of a 85-byte data section",
         raw[:8 + n - 4]: "truncated or not a safetensors file",
-        raw[:8] + b"{" * n + raw[8 + n:]: "header is not valid JSON",
+        raw[:8] + b"{" * n + raw[8 + n:]: "header is not a valid JSON object",
+        raw[:8] + b"[]" + b" " * (n - 2) + raw[8 + n:]: "header is not a valid JSON object",
         raw.replace(b'"F32"', b'"C64"'): "unsupported dtype 'C64'",
-        raw.replace(b'[4, 4]', b'[4, 5]'): r"tensor 'a': 64 bytes for shape \[4, 5\] of F32 \(expected 80\)",
+        raw.replace(b'[4, 4]', b'[4, 5]'): r"tensor 'a': bytes 0..64 \(64\) for shape \[4, 5\] of F32 \(expected 80\)",
         raw.replace(b'"shape"', b'"shapf"'): "tensor 'a' has a malformed header entry",
     }
     for bad, msg in cases.items():
@@ -871,8 +872,10 @@ def test_bad_labels_and_sizes():
         sm.sample_ode(m, x, torch.tensor([0, 10]), steps=2)                # but not as a user label
     with pytest.raises(ValueError, match="does not match the model's input_size"):
         m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="not divisible by patch_size 2"):
-        m(torch.randn(2, 4, 7, 7), torch.rand(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"expected latents \(N, 4, H, W\)"):
+        m(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels must be an integer tensor of shape"):
+        m(x, torch.rand(2), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         sm.DiT(input_size=9, patch_size=2)
 
