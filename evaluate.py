@@ -1267,6 +1267,212 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
 
 
 # ----------------------------------------------------------------------------------------
+# The diffusability probe and the preset comparison (train.py --stage probe / compare)
+# ----------------------------------------------------------------------------------------
+# Issue 12: how easy a latent space is to *generate*, with decoder blur cancelled. One fixed small DiT budget
+# on the latents of a fixed image set; samples are compared with decoded real latents through the same decoder.
+
+PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and autoencoder
+PROBE_VAL_POINTS = 5         # validation-loss checkpoints along the DiT budget
+PROBE_METRICS = (("gap_ratio", "gap / floor"), ("gap_swd", "gap SWD"), ("floor_swd", "floor SWD"),
+                 ("latent_fd_ratio", "latent FD / floor"), ("latent_fd", "latent FD"), ("psnr", "PSNR"),
+                 ("ssim", "SSIM"), ("spectrum_kl", "spectrum KL"), ("equivariance_error", "EQ error"),
+                 ("dit_val_loss", "DiT val loss"))
+
+
+def probe_settings(args):
+    """A copy of args with the --budget's numbers (explicit flags win) and the probe's fixed DiT recipe:
+    unconditional, no REPA, no flips, no label dropout, so only the latent space differs between runs."""
+    a = argparse.Namespace(**vars(args))
+    for k, v in train.PROBE_BUDGETS[args.budget].items():
+        if k not in args.explicit or getattr(args, k) is None:
+            setattr(a, k, v)
+    a.unconditional, a.repa_encoder, a.repa_lambda, a.hflip, a.class_dropout = True, "none", 0.0, False, 0.0
+    a.compile, a.keep_every, a.ckpt_every, a.vis_every, a.resume = False, 0, a.dit_steps, a.dit_steps, False
+    a.dataset_size = a.probe_images
+    a.subset = None if a.dataset == "deadleaves" else (0, a.probe_images)   # image files: a seeded subset
+    a.explicit = sorted(set(args.explicit) | {"dataset_size"})          # load_stage1_vae keeps the probe's count
+    return a
+
+
+def probe_panel(real, rec, samples, curves, path):
+    """One PNG: rows of real images, reconstructions and decoded samples (uint8 (n, H, W, 3)), then the curves."""
+    from PIL import Image
+    n = min(8, len(real), len(rec), len(samples))
+    base = os.path.splitext(path)[0]
+    train.save_grid(np.concatenate([real[:n], rec[:n], samples[:n]]), base + "-grid.png", n)
+    train.plot_lines(curves, base + "-loss.png",
+                     title="DiT flow loss: rows above are real / reconstructed / sampled",
+                     xlabel="training (start -> end of the budget)", ylabel="MSE")
+    grid, plot = Image.open(base + "-grid.png"), Image.open(base + "-loss.png")
+    scale = max(1, plot.width // (2 * grid.width))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    panel = Image.new("RGB", (max(grid.width, plot.width), grid.height + plot.height), "white")
+    panel.paste(grid, (0, 0))
+    panel.paste(plot, (0, grid.height))
+    panel.save(path)
+    for f in (base + "-grid.png", base + "-loss.png"):
+        os.remove(f)
+
+
+@torch.no_grad()
+def probe_heldout(vae, a, device):
+    """Held-out images (n, 3, H, W) in [-1, 1], disjoint from the probe's training images (dead leaves: another
+    seed; image files: the next positions of the same permutation), and their normalised posterior-mean latents."""
+    held_out = None if a.dataset == "deadleaves" else (a.probe_images, a.probe_eval)
+    val = train.build_dataset(a.dataset, a.data_path, a.image_size, train=held_out is not None,
+                              seed=PROBE_DATA_SEED, length=a.probe_eval, subset=held_out)
+    if len(val) < a.probe_eval:
+        raise ValueError(f"--probe-eval {a.probe_eval} needs that many held-out images; the dataset has {len(val)}")
+    x = torch.stack([val[i][0] for i in range(a.probe_eval)]).to(device)
+    z = torch.cat([vae.normalize(vae.encode(x[i:i + 64])[0]) for i in range(0, len(x), 64)])
+    return x, z
+
+
+def run_probe(args, d, folder=None):
+    """The diffusability probe of one autoencoder (--vae-ckpt, default OUT/vae.pt, or --sd-vae): encode a fixed
+    image set, train the fixed DiT budget on it with the seed (validation loss at PROBE_VAL_POINTS checkpoints),
+    sample with the EMA model, and write probe.json (metrics + protocol) and probe.png. Resumes; skips a
+    finished probe.json when called by --stage compare."""
+    t0 = time.time()
+    a = probe_settings(args)
+    a.out = folder or args.probe_out or os.path.join(args.out, f"probe-seed{args.seed}")
+    result_path = os.path.join(a.out, "probe.json")
+    if os.path.exists(result_path):
+        if folder is not None or args.resume:
+            train.log(d, f"probe: {result_path} is finished, skipping")
+            with open(result_path) as f:
+                return json.load(f)
+        raise FileExistsError(f"{result_path} exists: pass --resume to keep it or choose another --probe-out")
+    if not (args.sd_vae or args.official_vae):
+        a.vae_ckpt = os.path.abspath(args.vae_ckpt or os.path.join(args.out, "vae.pt"))
+        if not os.path.exists(a.vae_ckpt):
+            raise FileNotFoundError(f"no autoencoder checkpoint {a.vae_ckpt}: pass --vae-ckpt, --sd-vae or "
+                                    "--official-vae")
+    train.check_output_folder(a.out)
+    vae, source = train.load_stage1_vae(a, d)              # also takes the dataset and image size of stage 1
+    vae.eval()
+    seed, a.seed = a.seed, PROBE_DATA_SEED                 # fixed images; the seed drives the DiT only
+    train.encode_latents(a, d, quickstart=True)
+    a.seed = seed
+    x, z_val = probe_heldout(vae, a, d.device)             # (n, 3, H, W), (n, C, h, w)
+    # the DiT budget in PROBE_VAL_POINTS pieces (a resumed run is exactly an uninterrupted one)
+    curve_path, dit_path = os.path.join(a.out, "val_curve.json"), os.path.join(a.out, "dit.pt")
+    curve = {}
+    if os.path.exists(curve_path):
+        with open(curve_path) as f:
+            curve = json.load(f)
+    for b in [round(a.dit_steps * (i + 1) / PROBE_VAL_POINTS) for i in range(PROBE_VAL_POINTS)]:
+        done = train.load_checkpoint(dit_path, "dit")["step"] if os.path.exists(dit_path) else 0
+        if done < b:
+            a.max_steps = b - done
+            train.train_dit(a, d, quickstart=True)
+        ckpt = train.load_checkpoint(dit_path, "dit")
+        if str(ckpt["step"]) not in curve and d.main:
+            ema = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(d.device)
+            ema.load_state_dict(ckpt["ema"])
+            curve[str(ckpt["step"])] = flow_val_loss(ema.eval(), z_val)
+            train.write_json(curve, curve_path)
+    if not d.main:
+        d.barrier()
+        return None
+    ema = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(d.device).eval()
+    ema.load_state_dict(ckpt["ema"])
+    meta = dict(latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
+    m = a.probe_eval // 2
+    samples = torch.cat([train.sample_latents(ema, range(i, min(i + 64, m)), None, z_val.shape[1:], seed,
+                                              d.device, steps=a.sample_steps)
+                         for i in range(0, m, 64)])                                           # (m, C, h, w)
+    decode = functools.partial(train.decode_latents, vae, meta=meta)
+    res = generation_gap(samples, z_val, decode)
+    with torch.no_grad():
+        rec = torch.cat([decode(z_val[i:i + 64]) for i in range(0, len(z_val), 64)])          # [-1, 1]
+        mean = vae.denormalize(z_val)
+    unit = lambda v: (v + 1) / 2                                                               # noqa: E731
+    res["psnr"] = float(psnr(unit(x), unit(rec)).mean())
+    res["ssim"] = float(ssim(unit(x), unit(rec)).mean())
+    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=float(getattr(vae, "esm_delta", 1.0)),
+                                           blur_sigma=vae.esm_blur))
+    res["equivariance_error"] = equivariance_error(vae, x)
+    steps = sorted(int(k) for k in curve)
+    res["val_curve"] = [[s_, curve[str(s_)]] for s_ in steps]
+    res["dit_val_loss"] = curve[str(steps[-1])]
+    res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt["history"]]
+    res["protocol"] = dict(
+        budget=args.budget, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, ema=a.ema,
+        model=a.model, dit_config=ckpt["dit_config"], weighting=a.weighting, sample_steps=a.sample_steps,
+        sampler="ode", seed=seed, data_seed=PROBE_DATA_SEED, dataset=a.dataset, data_path=a.data_path,
+        image_size=a.image_size, probe_images=a.probe_images, eval_images=a.probe_eval,
+        eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
+        normalisation="the autoencoder's stored latent_mean / latent_std", vae=source,
+        latent_std_heldout=z_val.transpose(0, 1).flatten(1).std(1).tolist(),   # ~1 when the rule fits these images
+        latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
+        swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
+        equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
+        code_version=train.code_version(), machine=_cpu_name(), torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
+    train.write_json(res, result_path)
+    train_mse = [v for _, v in res["train_curve"]] or [res["dit_val_loss"]]
+    probe_panel(train.to_uint8(x[:8]), train.to_uint8(rec[:8]), train.to_uint8(decode(samples[:8])),
+                {"train (batch)": (train_mse, (150, 150, 150)),
+                 "validation (EMA)": ([v for _, v in res["val_curve"]], (220, 60, 30))},
+                os.path.join(a.out, "probe.png"))
+    train.log(d, "probe: " + ", ".join(f"{name} {res[k]:.4g}" for k, name in PROBE_METRICS) + f"  -> {result_path}")
+    d.barrier()
+    return res
+
+
+def compare_table(runs):
+    """runs {reg: {seed: probe result}} -> (markdown table of mean ± std (ddof 1) per metric, summary dict)."""
+    summary = {}
+    for reg, by_seed in runs.items():
+        summary[reg] = {}
+        for k, _ in PROBE_METRICS:
+            v = np.array([r[k] for r in by_seed.values() if k in r], float)
+            if len(v):
+                summary[reg][k] = dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                                       n=len(v), values=v.tolist())
+    cols = [(k, name) for k, name in PROBE_METRICS if any(k in s_ for s_ in summary.values())]
+    lines = ["| reg | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for reg, s_ in summary.items():
+        lines.append(f"| {reg} | " + " | ".join(f"{s_[k]['mean']:.4g} ± {s_[k]['std']:.2g}" if k in s_ else "-"
+                                                 for k, _ in cols) + " |")
+    return "\n".join(lines), summary
+
+
+def run_compare(args, d):
+    """Every --reg preset x --seeds: stage 1 at the --budget's steps, then the probe; one table of mean ± std.
+    Each (reg, seed) has its own folder OUT/<reg>-seed<seed>, so an interrupted comparison resumes."""
+    root, runs, t0 = args.out, {}, time.time()
+    for reg in train.REG_PRESETS:
+        runs[reg] = {}
+        for seed in args.seeds:
+            a = argparse.Namespace(**vars(args))
+            for k, v in train.REG_PRESETS[reg].items():
+                setattr(a, k, v)
+            a.reg, a.seed, a.out = reg, seed, os.path.join(root, f"{reg.replace('+', '_')}-seed{seed}")
+            if "vae_steps" not in args.explicit:
+                a.vae_steps = train.PROBE_BUDGETS[args.budget]["vae_steps"]
+            a.vae_ckpt, a.sd_vae, a.official_vae, a.probe_out = None, None, None, None
+            train.train_vae(a, d, quickstart=True)
+            runs[reg][seed] = run_probe(a, d, folder=os.path.join(a.out, "probe"))
+    if d.main:
+        table, summary = compare_table(runs)
+        p = runs[next(iter(runs))][args.seeds[0]]["protocol"]
+        head = (f"`python train.py --stage compare --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}`"
+                f", {p['date']}, {p['machine']}, {(time.time() - t0) / 60:.0f} min this invocation; mean ± std over "
+                f"{len(args.seeds)} seeds")
+        with open(os.path.join(root, "compare.md"), "w") as f:
+            f.write(head + "\n\n" + table + "\n")
+        train.write_json(dict(summary=summary, budget=train.PROBE_BUDGETS[args.budget], seeds=list(args.seeds),
+                              protocol=p, runs={r: {str(s_): v for s_, v in v_.items()} for r, v_ in runs.items()}),
+                         os.path.join(root, "compare.json"))
+        print(head + "\n\n" + table)
+    d.barrier()
+    return runs
+
+
+# ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
 

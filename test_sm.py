@@ -2508,9 +2508,9 @@ def _probe_args(tiny_run, out, *extra):
 
 def test_probe_deterministic_for_a_seed_and_seed_dependent(tiny_run, tmp_path):
     d = train.Dist()
-    r = {name: train.run_probe(_probe_args(tiny_run, tmp_path / name, "--seed", seed), d)
+    r = {name: evaluate.run_probe(_probe_args(tiny_run, tmp_path / name, "--seed", seed), d)
          for name, seed in (("a", "0"), ("b", "0"), ("c", "1"))}
-    keys = [k for k, _ in train.PROBE_METRICS]
+    keys = [k for k, _ in evaluate.PROBE_METRICS]
     assert all(math.isfinite(r["a"][k]) for k in keys)
     assert all(r["a"][k] == r["b"][k] for k in keys) and r["a"]["val_curve"] == r["b"]["val_curve"]
     assert r["a"]["gap_swd"] != r["c"]["gap_swd"] and r["a"]["dit_val_loss"] != r["c"]["dit_val_loss"]
@@ -2524,21 +2524,21 @@ def test_probe_deterministic_for_a_seed_and_seed_dependent(tiny_run, tmp_path):
                                                                                               "deadleaves")
     assert p["budget"] == "short" and p["code_version"] and (folder / "probe.png").is_file()
     with pytest.raises(FileExistsError, match="--resume"):
-        train.run_probe(_probe_args(tiny_run, tmp_path / "a"), d)
-    assert train.run_probe(_probe_args(tiny_run, tmp_path / "a", "--resume"), d)["gap_swd"] == r["a"]["gap_swd"]
+        evaluate.run_probe(_probe_args(tiny_run, tmp_path / "a"), d)
+    assert evaluate.run_probe(_probe_args(tiny_run, tmp_path / "a", "--resume"), d)["gap_swd"] == r["a"]["gap_swd"]
 
 
 def test_probe_bad_input(tmp_path):
     with pytest.raises(ValueError, match="--probe-eval must be even"):
         train.get_args(["--stage", "probe", "--probe-eval", "7"])
     with pytest.raises(FileNotFoundError, match="--vae-ckpt, --sd-vae or --official-vae"):
-        train.run_probe(train.get_args(["--stage", "probe", "--out", str(tmp_path)]), train.Dist())
+        evaluate.run_probe(train.get_args(["--stage", "probe", "--out", str(tmp_path)]), train.Dist())
 
 
 def test_compare_table_mean_and_sample_std():
     runs = {"kl": {0: dict(gap_ratio=1.0, psnr=20.0), 1: dict(gap_ratio=2.0, psnr=22.0),
                    2: dict(gap_ratio=3.0, psnr=24.0)}, "esm": {0: dict(gap_ratio=5.0, psnr=21.0)}}
-    table, summary = train.compare_table(runs)
+    table, summary = evaluate.compare_table(runs)
     assert summary["kl"]["gap_ratio"]["mean"] == 2.0 and summary["kl"]["gap_ratio"]["std"] == 1.0   # ddof 1
     assert summary["kl"]["psnr"]["std"] == 2.0 and summary["esm"]["gap_ratio"]["std"] == 0.0
     assert "| kl | 2 ± 1 | 22 ± 2 |" in table and "| esm | 5 ± 0 | 21 ± 0 |" in table
