@@ -595,10 +595,7 @@ class TimestepEmbedder(nn.Module):
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)           # (N, dim), dim even
 
     def forward(self, t):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(t.dtype))
@@ -1268,8 +1265,6 @@ def fetch_weights(url, path, what, filename=None, flag="its path"):
 
 
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
-
-
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
@@ -1570,10 +1565,9 @@ def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
             enc = torch.hub.load("facebookresearch/dinov2", name, trust_repo=True, skip_validation=True)
     except Exception as e:                                                 # offline, missing cache, bad name
         raise RuntimeError(
-            f"could not load the REPA target encoder {name!r} ({type(e).__name__}: {e}). torch.hub needs network "
-            f"access or a filled cache: on a machine with network run `python -c \"import torch; "
-            f"torch.hub.load('facebookresearch/dinov2', '{name}')\"` and copy $TORCH_HOME/hub (default "
-            "~/.cache/torch/hub) here, or pass path=<local clone of facebookresearch/dinov2>, or train without "
-            "alignment (--repa-encoder none).") from None
+            f"could not load the REPA target encoder {name!r} ({type(e).__name__}: {e}). Offline: run torch.hub.load("
+            f"'facebookresearch/dinov2', '{name}') on a machine with network and copy $TORCH_HOME/hub (default "
+            "~/.cache/torch/hub) here, pass path=<a clone of facebookresearch/dinov2>, or train without alignment "
+            "(--repa-encoder none).") from None
     enc = resample_encoder_pos_embed(enc, resolution)
     return enc.to(device).eval().requires_grad_(False)
