@@ -706,6 +706,14 @@ def ssim(x, y, window=11, sigma=1.5):
 # Report helpers: table, JSON, PNG plot
 # ----------------------------------------------------------------------------------------
 
+def report(results, out, title="metric"):
+    """Print the protocol and the table of scalar results; write all of it to the JSON file `out`."""
+    print_protocol(results["protocol"])
+    print_table(results, title)
+    train.write_json(results, out)
+    print(f"[evaluate] wrote {out}")
+
+
 def print_table(results, title="metric"):
     """Two-column table of scalar results."""
     rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
@@ -923,10 +931,7 @@ def run_generative(args, rank, device):
     if rank == 0:
         results["protocol"] = generative_protocol(model, samples, ref, n, n_ref, side)
         out = args.json or default_json_path(args.samples)
-        print_protocol(results["protocol"])
-        print_table(results)
-        train.write_json(results, out)
-        print(f"[evaluate] wrote {out}")
+        report(results, out)
     return results
 
 
@@ -1017,10 +1022,7 @@ def run_vae(args, rank, world, device):
             res[key(f"dsm{k}_rfid")] = fid(f"x{k}", f"d{k}")
     res["protocol"] = _vae_protocol(args, res["num_images"], model)
     out = args.json or default_json_path(args.vae)
-    print_protocol(res["protocol"])
-    print_table(res)
-    train.write_json(res, out)
-    print(f"[evaluate] wrote {out}")
+    report(res, out)
     return res
 
 
@@ -1053,12 +1055,10 @@ def run_spectrum(args, rank, world, device):
            "directional_spectral_energy": float(prof["dse"].mean())}
     res["protocol"] = _vae_protocol(args, res["num_images"])
     out = args.json or default_json_path(args.vae, ".spectrum.json")
-    print_protocol(res["protocol"])
-    print_table({k: v for k, v in res.items() if not isinstance(v, dict)}, "spectrum")
-    train.write_json(res, out)
+    report(res, out, "spectrum")
     png = str(Path(out).with_suffix(".png"))
     train.plot_spectra(dict(image=mean["image"], latent=mean["latent"], target=mean["target"], kl=kl), png, delta)
-    print(f"[evaluate] wrote {out} and {png}")
+    print(f"[evaluate] wrote {png}")
     return res
 
 
