@@ -2544,34 +2544,6 @@ def test_compare_table_mean_and_sample_std():
     assert "| kl | 2 ± 1 | 22 ± 2 |" in table and "| esm | 5 ± 0 | 21 ± 0 |" in table
 
 
-#################################################################################
-#   `python -m pytest -q -k "not scripts"`: the specification of sm.py alone    #
-#################################################################################
-# Tests that run or import the scripts (train.py, sample.py, evaluate.py) carry the keyword "scripts", so
-# the fast subset above checks the library by itself in seconds; the full suite adds the pipelines.
-
-def _script_users():
-    """Names of the module's functions (tests, fixtures, helpers) that reach the scripts, directly or through
-    another such function: a fixed point over their sources."""
-    import inspect
-    funcs = {n: f._get_wrapped_function() if hasattr(f, "_get_wrapped_function") else f   # fixtures unwrapped
-             for n, f in globals().items() if callable(f)}
-    src = {n: inspect.getsource(f) for n, f in funcs.items()
-           if inspect.isfunction(f) and f.__module__ == __name__ and not n.startswith("_script")}
-    users = {n for n, s in src.items() if re.search(r"\b(train|evaluate|sample)\.|run_script", s)}
-    while True:
-        more = {n for n, s in src.items() if n not in users and any(re.search(rf"\b{u}\b", s) for u in users)}
-        if not more:
-            return users
-        users |= more
-
-
-for _name in _script_users():
-    if _name.startswith("test_"):
-        globals()[_name].scripts = True
-
-
-
 def test_quickstart_lpips_fallback_is_recorded_and_resumes(tmp_path, monkeypatch, capsys):
     """Offline, the quickstart trains without LPIPS, records --lpips-weight 0 and a rerun resumes; any other
     config stops before any work with the way out."""
@@ -2628,3 +2600,31 @@ def test_image_file_subsets_are_disjoint(tmp_path):
     assert a.files == train.build_dataset("folder", str(data), 32, seed=0, subset=(0, 10)).files   # seeded
     with pytest.raises(ValueError, match="has 16 images; 17 are needed"):
         train.build_dataset("folder", str(data), 32, subset=(10, 7))
+
+
+#################################################################################
+#   `python -m pytest -q -k "not scripts"`: the specification of sm.py alone    #
+#################################################################################
+# Tests that run or import the scripts (train.py, sample.py, evaluate.py) carry the keyword "scripts", so
+# the fast subset checks the library by itself in seconds; the full suite adds the pipelines.
+# This block stays at the end of the file: it tags the tests defined above it.
+
+def _script_users():
+    """Names of the module's functions (tests, fixtures, helpers) that reach the scripts, directly or through
+    another such function: a fixed point over their sources."""
+    import inspect
+    funcs = {n: inspect.unwrap(f._get_wrapped_function() if hasattr(f, "_get_wrapped_function") else f)
+             for n, f in globals().items() if callable(f)}             # fixtures and lru_cache helpers unwrapped
+    src = {n: inspect.getsource(f) for n, f in funcs.items()
+           if inspect.isfunction(f) and f.__module__ == __name__ and not n.startswith("_script")}
+    users = {n for n, s in src.items() if re.search(r"\b(train|evaluate|sample)\.|run_script", s)}
+    while True:
+        more = {n for n, s in src.items() if n not in users and any(re.search(rf"\b{u}\b", s) for u in users)}
+        if not more:
+            return users
+        users |= more
+
+
+for _name in _script_users():
+    if _name.startswith("test_"):
+        globals()[_name].scripts = True
