@@ -185,22 +185,17 @@ def dsm_mask(x, z, k, block=8):
 # Parameter names follow diffusers' AutoencoderKL, so SD-VAE weights load as they are; the
 # authors' VAE has the same layout with symmetric downsampling padding (load_official_vae).
 
+# name: channels per level, ResNet blocks per level, latent channels, ESM blur sigma (0 for f8, §3.2),
+# downsampling padding ("asymmetric": diffusers' SD-VAE; "symmetric": the authors' VAE, configs/ldm_*.yaml)
+_AUTHORS = dict(layers_per_block=2, esm_blur=1.2, downsample_padding="symmetric")
 VAE_CONFIGS = {
-    # name: channels per level, ResNet blocks per level, latent channels, ESM blur sigma (0 for f8, §3.2),
-    # downsampling padding ("asymmetric": diffusers' SD-VAE; "symmetric": the authors' VAE, configs/ldm_*.yaml)
     "f8d4":    dict(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, esm_blur=0.0,
-                    downsample_padding="asymmetric"),
-    "f16d16":  dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=16, esm_blur=1.2,
-                    downsample_padding="symmetric"),
-    "f16d32":  dict(channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=32, esm_blur=1.2,
-                    downsample_padding="symmetric"),
-    "f32d64":  dict(channels=(128, 128, 256, 256, 512, 512), layers_per_block=2, latent_channels=64,
-                    esm_blur=1.2, downsample_padding="symmetric"),
-    "f64d256": dict(channels=(128, 128, 256, 256, 512, 512, 1024), layers_per_block=2, latent_channels=256,
-                    esm_blur=1.2, downsample_padding="symmetric"),
-    # f4, small enough for tests and the CPU quickstart
-    "tiny":    dict(channels=(32, 64, 64), layers_per_block=1, latent_channels=4, esm_blur=1.2, norm_groups=8,
-                    downsample_padding="symmetric"),
+                    downsample_padding="asymmetric"),                             # SD-VAE
+    "f16d16":  dict(_AUTHORS, channels=(128, 128, 256, 256, 512), latent_channels=16),  # the authors' presets
+    "f16d32":  dict(_AUTHORS, channels=(128, 128, 256, 256, 512), latent_channels=32),
+    "f32d64":  dict(_AUTHORS, channels=(128, 128, 256, 256, 512, 512), latent_channels=64),
+    "f64d256": dict(_AUTHORS, channels=(128, 128, 256, 256, 512, 512, 1024), latent_channels=256),
+    "tiny":    dict(_AUTHORS, channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8),  # f4, CPU
 }
 
 
@@ -362,10 +357,8 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """KL autoencoder with the SD-VAE layout; latents are normalised with latent_mean / latent_std.
 
-    downsample_padding: "asymmetric" (diffusers' SD-VAE; the default, so configs saved before this
-    field existed rebuild as they were trained) or "symmetric" (the authors' VAE). quant_conv /
-    post_quant_conv: the 1x1 convs around the latent (the authors' post_encoder_latent_proj /
-    pre_decoder_latent_proj; identity when False).
+    downsample_padding: "asymmetric" (SD-VAE; the default, as configs saved before the field) or
+    "symmetric" (the authors'). quant_conv / post_quant_conv: the 1x1 convs around the latent.
     """
 
     def __init__(self, channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -513,11 +506,9 @@ def hinge_d_loss(logits_real, logits_fake):
 
 
 def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None, eps=1e-8):
-    """VQGAN's adaptive weight as the authors': ||grad L_rec|| / max(||grad L_gen||, eps) at the
-    decoder's last layer, clamped at max_weight, times scale (their disc_weight 0.5); detached.
-
-    reduce(g) may average the gradients over data-parallel ranks first, so that every rank (and a
-    single process on the same global batch) uses the same weight.
+    """VQGAN's adaptive weight as the authors': ||grad L_rec|| / max(||grad L_gen||, eps) at the decoder's
+    last layer, clamped at max_weight, times scale (their disc_weight 0.5); detached. reduce(g) may average
+    the gradients over ranks first, so every rank (and one process on the global batch) uses the same weight.
     """
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
@@ -829,7 +820,8 @@ class DiT(nn.Module):
             raise ValueError("unconditional model (num_classes=0): pass y=None" if y is not None else
                              f"class-conditional model (num_classes={self.num_classes}): labels y are required")
         if y is not None and (y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (x.shape[0],)):
-            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), "
+                             f"got {y.dtype} {tuple(y.shape)}")
 
     def forward(self, x, t, y=None, force_drop_ids=None):
         """x (N, C, H, W), t (N,) in [0, 1] (0 data, 1 noise), y (N,) int -> ((N, C, H, W), [(N, T, z)])."""
@@ -1315,7 +1307,8 @@ def load_safetensors(path, with_metadata=False):
                              f"(supported: {sorted(_SAFETENSORS_DTYPES)})")
         dt = _SAFETENSORS_DTYPES[dtype]
         if end > len(data):
-            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} of a {len(data)}-byte data section")
+            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} "
+                             f"of a {len(data)}-byte data section")
         nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
         if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
             raise ValueError(f"{path}: tensor {name!r}: bytes {begin}..{end} ({end - begin}) for shape {shape} "
@@ -1373,10 +1366,8 @@ def convert_diffusers_vae_keys(state_dict):
 def load_sd_vae(path_or_state_dict, preset="f8d4"):
     """Load diffusers-format AutoencoderKL weights (e.g. stabilityai/sd-vae-ft-ema) into a VAE.
 
-    path_or_state_dict: a diffusion_pytorch_model.bin / .safetensors file, the folder holding it,
-    or a state dict; old and new attention key names are accepted. The VAE gets diffusers' layout
-    (asymmetric downsampling padding) for a preset name. SD's latent scale 0.18215 is stored as
-    latent_std = 1 / 0.18215 for the f8d4 preset.
+    path_or_state_dict: a diffusion_pytorch_model.bin / .safetensors file, its folder, or a state dict (old
+    or new attention key names); asymmetric downsampling padding. f8d4 stores SD's scale as latent_std = 1 / 0.18215.
     """
     sd = _weights_in(path_or_state_dict, ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"))
     sd = convert_diffusers_vae_keys(sd)

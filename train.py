@@ -260,8 +260,9 @@ def validate_args(args):
     if args.dataset == "deadleaves" and args.data_path:
         raise ValueError(f"--data-path {args.data_path} is given but the dataset is deadleaves (procedural, no "
                          "files): pass --dataset imagenet (class subfolders) or --dataset folder (flat)")
-    if args.dataset != "deadleaves" and not args.data_path \
-            and args.stage in ("all", "vae", "latents", "compare", "probe") and not (args.stage == "latents" and "dataset" not in args.explicit):
+    latents_from_stage1 = args.stage == "latents" and "dataset" not in args.explicit   # takes stage 1's dataset
+    if args.dataset != "deadleaves" and not args.data_path and not latents_from_stage1 \
+            and args.stage in ("all", "vae", "latents", "compare", "probe"):
         raise ValueError(f"--dataset {args.dataset} needs --data-path")
     if args.skip_bad_images and args.dataset == "deadleaves":
         raise ValueError("--skip-bad-images applies to image files (--dataset imagenet or folder)")
