@@ -82,7 +82,7 @@ REG_PRESETS = {  # stage-1 regularisers; every weight can be overridden by its f
     "eq":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.5),   # EQ-VAE baseline
 }
 # --budget: flag defaults of the diffusability probe and comparison (evaluate.run_probe / run_compare);
-# short: 15 compare runs in about an hour on 2 CPU cores (README); long: more time
+# short: a compare run (stage 1 + probe) in ~5.5 min on 2 idle CPU cores, 15 runs in ~80 min (README); long: more
 PROBE_BUDGETS = {
     "short": dict(vae_steps=300, dit_steps=500, probe_images=2048, probe_eval=512, sample_steps=25),
     "long": dict(vae_steps=600, dit_steps=3000, probe_images=4096, probe_eval=1024, sample_steps=50),
