@@ -2528,6 +2528,28 @@ def test_probe_deterministic_for_a_seed_and_seed_dependent(tiny_run, tmp_path):
     assert evaluate.run_probe(_probe_args(tiny_run, tmp_path / "a", "--resume"), d)["gap_swd"] == r["a"]["gap_swd"]
 
 
+def test_probe_through_the_cli_on_one_and_two_processes(tiny_run, tmp_path):
+    """`train.py --stage probe` under torchrun: one probe.json from rank 0, the same protocol and, for what does
+    not depend on the DiT (fixed images, the autoencoder), the same numbers as one process; the DiT-dependent
+    ones differ only by float summation order (DDP invariance is tested exactly elsewhere), so they are checked
+    for their curve steps and finiteness."""
+    args = ["--stage", "probe", "--vae-ckpt", str(tiny_run / "vae.pt"), "--probe-images", "32", "--probe-eval",
+            "16", "--dit-steps", "5", "--dit-batch", "8", "--depth", "2", "--width", "64", "--sample-steps", "2",
+            "--num-workers", "0"]
+    r = {}
+    for n in (1, 2):
+        run_script(args + ["--out", str(tmp_path / str(n))], nproc=n)
+        files = sorted(p.name for p in (tmp_path / str(n) / "probe-seed0").iterdir())
+        assert "probe.json" in files and "probe.png" in files and not [f for f in files if ".tmp" in f]
+        r[n] = json.loads((tmp_path / str(n) / "probe-seed0" / "probe.json").read_text())
+    for k in ("psnr", "ssim", "spectrum_kl", "equivariance_error", "floor_swd"):
+        assert r[1][k] == r[2][k], k
+    assert [s for s, _ in r[2]["val_curve"]] == [1, 2, 3, 4, 5] == [s for s, _ in r[1]["val_curve"]]
+    assert all(math.isfinite(r[2][k]) for k, _ in evaluate.PROBE_METRICS)
+    p1, p2 = ({k: v for k, v in r[n]["protocol"].items() if k not in ("minutes", "date")} for n in (1, 2))
+    assert p1 == p2
+
+
 def test_probe_bad_input(tmp_path):
     with pytest.raises(ValueError, match="--probe-eval must be even"):
         train.get_args(["--stage", "probe", "--probe-eval", "7"])
