@@ -24,6 +24,7 @@ lazily where a pretrained network needs it. Copy this file into your project as 
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import operator
@@ -473,10 +474,9 @@ class LPIPS(nn.Module):
 class PatchGAN(nn.Module):
     """PatchGAN discriminator (Isola et al., 2017) as the authors' (modules/discriminator.py).
 
-    A stride-2 conv, then n_layers convs doubling the width (stride 2, the last stride 1) with
-    BatchNorm, then a 1-channel conv; kernel 4, padding 1, LeakyReLU. Initialised as their
-    init_weights: conv weights N(0, init_std^2) with init_std = 0.2 (VQGAN / DCGAN use 0.02), conv
-    biases left at PyTorch's default, BatchNorm weights N(1, 0.02^2) and biases 0.
+    A stride-2 conv, n_layers convs doubling the width (stride 2, the last 1) with BatchNorm, a 1-channel
+    conv; kernel 4, padding 1, LeakyReLU. Their init_weights: conv weights N(0, 0.2^2) (VQGAN uses 0.02),
+    conv biases PyTorch's default, BatchNorm weights N(1, 0.02^2) and biases 0.
     """
 
     def __init__(self, in_channels=3, ndf=64, n_layers=3, kernel_size=4, slope=0.2, init_std=0.2):
@@ -767,10 +767,9 @@ class DiT(nn.Module):
         self.rope = RoPE2D(hidden_size // num_heads, self.grid_size) if rope else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, rmsnorm, swiglu)
                                      for _ in range(depth)])
-        if projector_type == "mlp":
-            self.projectors = nn.ModuleList([build_mlp_projector(hidden_size, projector_dim, z) for z in self.z_dims])
-        else:
-            self.projectors = nn.ModuleList([ConvProjector(hidden_size, z, projector_kernel_size) for z in self.z_dims])
+        self.projectors = nn.ModuleList([                                  # (N, T, D) -> (N, T, z) each
+            build_mlp_projector(hidden_size, projector_dim, z) if projector_type == "mlp" else
+            ConvProjector(hidden_size, z, projector_kernel_size, self.grid_size) for z in self.z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rmsnorm)
         self.grad_checkpointing = False                                    # recompute blocks in backward
         self.initialize_weights()
@@ -826,9 +825,7 @@ class DiT(nn.Module):
     def forward(self, x, t, y=None, force_drop_ids=None):
         """x (N, C, H, W), t (N,) in [0, 1] (0 data, 1 noise), y (N,) int -> ((N, C, H, W), [(N, T, z)])."""
         self._check_inputs(x, y)
-        N = x.shape[0]
         x = self.x_embedder(x) + self.pos_embed                            # (N, T, D)
-        _, T, D = x.shape
         c = self.t_embedder(t)                                             # (N, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training, force_drop_ids)      # (N, D)
@@ -838,11 +835,8 @@ class DiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c, self.rope, use_reentrant=False)  # recomputed
             else:
                 x = block(x, c, self.rope)                                 # (N, T, D)
-            if i + 1 == self.encoder_depth and len(self.projectors):
-                if self.projector_type == "conv":
-                    zs = [p(x, self.grid_size) for p in self.projectors]   # (N, T, z)
-                else:
-                    zs = [p(x.reshape(-1, D)).reshape(N, T, -1) for p in self.projectors]
+            if i + 1 == self.encoder_depth:
+                zs = [p(x) for p in self.projectors]                       # [(N, T, z)] REPA projections
         x = self.final_layer(x, c)                                         # (N, T, p*p*C)
         return self.unpatchify(x), zs                                      # (N, C, H, W)
 
@@ -880,15 +874,16 @@ def build_mlp_projector(hidden_size, projector_dim, z_dim):
 
 
 class ConvProjector(nn.Module):
-    """iREPA's projector: one k x k conv on the token grid (keeps spatial structure)."""
+    """iREPA's projector: one k x k conv on the (h, w) token grid (keeps spatial structure)."""
 
-    def __init__(self, hidden_size, z_dim, kernel_size=3):
+    def __init__(self, hidden_size, z_dim, kernel_size=3, grid_hw=(16, 16)):
         super().__init__()
         self.conv = nn.Conv2d(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
+        self.grid_hw = tuple(grid_hw)
 
-    def forward(self, x, grid_hw):                                         # (N, T, D)
+    def forward(self, x):                                                  # (N, T, D)
         N, T, D = x.shape
-        x = x.transpose(1, 2).reshape(N, D, *grid_hw)
+        x = x.transpose(1, 2).reshape(N, D, *self.grid_hw)
         return self.conv(x).flatten(2).transpose(1, 2)                     # (N, T, z)
 
 
@@ -1408,18 +1403,12 @@ def _official_vae_key(key):
 
 def _official_config_guess(sd):
     """VAE kwargs read off the authors' weights (channels, ResNets per level, latent channels), or None."""
-    try:
-        channels, i = [], 0
-        while f"encoder.encoder_blocks.{i}.blocks.0.conv1.weight" in sd:
-            channels.append(int(sd[f"encoder.encoder_blocks.{i}.blocks.0.conv1.weight"].shape[0]))
-            i += 1
-        layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.encoder_blocks.0.blocks.")})
-        latent = int(sd["decoder.conv_in.weight"].shape[1])
-    except (KeyError, IndexError):
+    first_convs = (sd.get(f"encoder.encoder_blocks.{i}.blocks.0.conv1.weight") for i in range(len(sd)))
+    channels = tuple(int(w.shape[0]) for w in itertools.takewhile(torch.is_tensor, first_convs))
+    if not channels or "decoder.conv_in.weight" not in sd:
         return None
-    if not channels:
-        return None
-    return dict(channels=tuple(channels), layers_per_block=layers, latent_channels=latent)
+    layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.encoder_blocks.0.blocks.")})
+    return dict(channels=channels, layers_per_block=layers, latent_channels=int(sd["decoder.conv_in.weight"].shape[1]))
 
 
 def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
