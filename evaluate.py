@@ -1530,12 +1530,10 @@ def main(argv=None):
         if not args.samples:
             build_parser().error("SAMPLES is required")
         return run_generative(args, rank, device)
-    except (ValueError, FileNotFoundError) as e:                 # EvalError and bad checkpoints
-        sys.exit(f"evaluate.py: error: {e}")
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    train.cli(main, "evaluate.py")

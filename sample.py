@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -462,12 +461,10 @@ def main(argv=None):
             out = args.out or os.path.dirname(os.path.abspath(ckpt))
             print(f"sample.py: {describe(proto, 'one class per row', args.precision, args.seed)}", flush=True)
             grid(ckpt, os.path.join(out, "sample_grid.png"), d, classes=args.classes, **kw)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        sys.exit(f"sample.py: error: {e}")
     finally:
         if d.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    train.cli(main, "sample.py")

@@ -1316,7 +1316,7 @@ def test_cli_folder_vs_npz_and_cached_stats(tmp_path, capsys):
 
 def test_cli_bad_input_exits_with_message(tmp_path):
     np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
-    with pytest.raises(SystemExit, match="at least 2 images"):
+    with pytest.raises(train.USER_ERRORS, match="at least 2 images"):
         evaluate.main([str(tmp_path / "one.npz"), str(tmp_path / "one.npz")])
 
 
@@ -1357,7 +1357,7 @@ def test_cli_small_sample_refusal_labels_and_unbiased_is(tmp_path, capsys, monke
     np.savez(tmp_path / "s.npz", arr_0=x)
     np.savez(tmp_path / "r.npz", arr_0=rng.randint(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     base = [str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--inception", inc, "--json", str(tmp_path / "o.json")]
-    with pytest.raises(SystemExit, match=r"6 samples and 6 reference images.*--allow-small.*fid-6"):
+    with pytest.raises(train.USER_ERRORS, match=r"6 samples and 6 reference images.*--allow-small.*fid-6"):
         evaluate.main(base)
     assert not (tmp_path / "o.json").exists()
     with warnings.catch_warnings():
@@ -1408,11 +1408,11 @@ def test_cli_protocol_record_side_file_and_default_output(tmp_path, monkeypatch,
     listing = "".join(f"{sha(folder / n)}  {n}\n" for n in ("000.png", "001.png"))
     assert evaluate.sha256_input(folder) == hashlib.sha256(listing.encode()).hexdigest()
     # cached statistics remember their protocol; mixing protocols is refused
-    with pytest.raises(SystemExit, match="not comparable"):
+    with pytest.raises(train.USER_ERRORS, match="not comparable"):
         evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref_stats.npz"), "--inception", inc,
                        "--allow-small", "--resize", "pytorch-fid"])
     (tmp_path / "s.json").write_text("{not json")
-    with pytest.raises(SystemExit, match="side file"):
+    with pytest.raises(train.USER_ERRORS, match="side file"):
         evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--inception", inc, "--allow-small"])
 
 
@@ -1460,7 +1460,7 @@ def test_vae_and_spectrum_modes(tmp_path, monkeypatch):
     assert spec["directional_spectral_energy"] > 0
     assert (tmp_path / "vae.spectrum.png").is_file()
     assert json.loads((tmp_path / "vae.spectrum.json").read_text())["protocol"]["dataset"] == "deadleaves"
-    with pytest.raises(SystemExit, match="is a 'dit' checkpoint, but a 'vae' checkpoint is needed"):
+    with pytest.raises(train.USER_ERRORS, match="is a 'dit' checkpoint, but a 'vae' checkpoint is needed"):
         train.save_checkpoint({"kind": "dit"}, tmp_path / "dit.pt")
         evaluate.main(["--vae", str(tmp_path / "dit.pt"), "--dataset", "deadleaves"])
 
@@ -1930,6 +1930,12 @@ def test_user_errors_are_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     p = run_script(["--stage", "all", "--out", str(tmp_path / "file" / "run")] + TINY, check=False)
     assert p.returncode == 2 and "cannot be written" in p.stderr and "Traceback" not in p.stderr
+    p = run_script(["--ckpt", str(tmp_path / "no.pt"), "--num-samples", "2"], check=False, script="sample.py")
+    assert p.returncode == 2 and p.stderr.strip().startswith("sample.py: error: ") and "no.pt" in p.stderr \
+        and len(p.stderr.strip().splitlines()) == 1
+    p = run_script([str(tmp_path / "file"), str(tmp_path / "file")], check=False, script="evaluate.py")
+    assert p.returncode == 2 and p.stderr.strip().startswith("evaluate.py: error: ") \
+        and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_resume_refuses_changed_settings_and_extends_finished_runs(tiny_run, tmp_path, capsys):
@@ -2126,11 +2132,11 @@ def _generate(ckpt, out, n=4, **kw):
 
 
 def _cli_error(argv):
-    """The one-line message sample.py exits with."""
-    with pytest.raises(SystemExit) as e:
+    """The user error sample.py stops with (train.cli prints it as one line `sample.py: error: ...`)."""
+    with pytest.raises(train.USER_ERRORS) as e:
         sample.main([str(a) for a in argv])
-    msg = str(e.value.code)
-    assert msg.startswith("sample.py: error: ") and "\n" not in msg, msg
+    msg = str(e.value)
+    assert "\n" not in msg, msg
     return msg
 
 

@@ -1797,11 +1797,14 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)   # bad input, not bugs
+
+
 def cli(main_fn, name):
     """Run a script's main: user errors print one line `name: error: ...` and exit 2, as argparse does."""
     try:
         main_fn()
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except USER_ERRORS as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
