@@ -393,7 +393,8 @@ def _check_counts(num_samples, batch_size, seed, labels, precision):
         raise ValueError(f"--precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
-def main(argv=None):
+def build_parser():
+    """sample.py's flags; the sampler settings default to the chosen --protocol's."""
     table = "; ".join(f"{n}: {p['sampler']}, {p['steps']} steps, cfg {p['cfg_scale']}, interval "
                       f"{list(p['guidance_interval'])}" for n, p in PROTOCOLS.items())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -430,7 +431,11 @@ def main(argv=None):
     r.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="(default off)")
     r.add_argument("--projection-layer-type", choices=["mlp", "conv"], default=None, help="iREPA (default mlp)")
     r.add_argument("--proj-kernel-size", type=int, default=None, help="iREPA conv projector (default 3)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     d = train.Dist()
     try:
         repa = {k: getattr(args, k) for k in REPA_DEFAULTS}
