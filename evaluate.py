@@ -868,8 +868,8 @@ def generative_protocol(model, samples, ref, n, n_ref, side):
     }
 
 
-def run_generative(args, rank, device):
-    """SAMPLES vs REFERENCE: FID, sFID, IS, precision/recall (Inception) and optional SWD."""
+def open_generative_inputs(args):
+    """SAMPLES (images) and REFERENCE (images or statistics, or --ref-dataset) as open_input dicts."""
     samples = open_input(args.samples)
     if "images" not in samples:
         raise EvalError(f"{args.samples}: SAMPLES must be images (folder or arr_0 .npz)")
@@ -883,46 +883,54 @@ def run_generative(args, rank, device):
     for src in (samples, ref):
         if "images" in src and len(src["images"]) < 2:
             raise EvalError(f"{src['path']}: need at least 2 images, got {len(src['images'])}")
+    return samples, ref
+
+
+def inception_metrics(model, samples, ref, n, n_ref, args, rank, device):
+    """FID, sFID, IS and precision/recall of n SAMPLES vs n_ref REFERENCE images (keys labelled by metric_key);
+    every rank extracts features, rank 0 computes the metrics (and saves --save-stats)."""
+    check_sample_sizes(n, n_ref, args.allow_small)
+    tag = ref.get("stats", {}).get("resize")
+    if tag is not None and str(tag) != model.resize:
+        raise EvalError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use "
+                        f"--resize {model.resize}; FIDs across protocols are not comparable")
+    key = functools.partial(metric_key, n=n, n_ref=n_ref)
+    fs, s_stats = _features_and_stats(model, samples["images"], args, device)
+    if "stats" in ref:
+        r_stats = ref["stats"]
+        r_pool = r_stats.get("pool")
+        if r_pool is None and "images" in ref and not args.no_pr:
+            r_pool = extract_features(model, ref["images"], args.batch_size,
+                                      args.workers, device, keys=("pool",))["pool"]
+    else:
+        _, r_stats = _features_and_stats(model, ref["images"], args, device)
+        r_pool = r_stats["pool"]
+    if args.save_stats and rank == 0:
+        save_stats(args.save_stats, r_stats)
+        print(f"[evaluate] reference statistics -> {args.save_stats}")
+    if rank != 0:
+        return {}
+    res = {key("fid"): frechet_distance(s_stats["mu"], s_stats["sigma"], r_stats["mu"], r_stats["sigma"])}
+    if "mu_s" in r_stats:
+        res[key("sfid")] = frechet_distance(s_stats["mu_s"], s_stats["sigma_s"], r_stats["mu_s"], r_stats["sigma_s"])
+    res["inception_score"], res["inception_score_std"] = inception_score(fs["logits_unbiased"])
+    if r_pool is not None and not args.no_pr:
+        res[key("precision")], res[key("recall")] = precision_recall(r_pool, fs["pool"], k=3, device=device)
+    return res
+
+
+def run_generative(args, rank, device):
+    """SAMPLES vs REFERENCE: FID, sFID, IS, precision/recall (Inception) and optional SWD."""
+    samples, ref = open_generative_inputs(args)
     side = side_file(args.samples)
     n, n_ref = len(samples["images"]), _input_size(ref)
     if side is not None and side.get("num_samples") not in (None, n):
         warnings.warn(f"{args.samples} holds {n} images but its side file says num_samples="
                       f"{side['num_samples']}", stacklevel=2)
     model = _try_inception(args, device)
-    if model is not None:
-        check_sample_sizes(n, n_ref, args.allow_small)
-        tag = ref.get("stats", {}).get("resize")
-        if tag is not None and str(tag) != model.resize:
-            raise EvalError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use "
-                            f"--resize {model.resize}; FIDs across protocols are not comparable")
-    key = functools.partial(metric_key, n=n, n_ref=n_ref)
-
     results = {"samples": samples["path"], "reference": ref["path"], "num_samples": n}
     if model is not None:
-        fs, s_stats = _features_and_stats(model, samples["images"], args, device)
-        if "stats" in ref:
-            r_stats = ref["stats"]
-            r_pool = r_stats.get("pool")
-            if r_pool is None and "images" in ref and not args.no_pr:
-                r_pool = extract_features(model, ref["images"], args.batch_size,
-                                          args.workers, device, keys=("pool",))["pool"]
-        else:
-            _, r_stats = _features_and_stats(model, ref["images"], args, device)
-            r_pool = r_stats["pool"]
-        if args.save_stats and rank == 0:
-            save_stats(args.save_stats, r_stats)
-            print(f"[evaluate] reference statistics -> {args.save_stats}")
-        if rank == 0:
-            results[key("fid")] = frechet_distance(s_stats["mu"], s_stats["sigma"],
-                                                   r_stats["mu"], r_stats["sigma"])
-            if "mu_s" in r_stats:
-                results[key("sfid")] = frechet_distance(s_stats["mu_s"], s_stats["sigma_s"],
-                                                        r_stats["mu_s"], r_stats["sigma_s"])
-            results["inception_score"], results["inception_score_std"] = \
-                inception_score(fs["logits_unbiased"])
-            if r_pool is not None and not args.no_pr:
-                results[key("precision")], results[key("recall")] = precision_recall(
-                    r_pool, fs["pool"], k=3, device=device)
+        results.update(inception_metrics(model, samples, ref, n, n_ref, args, rank, device))
     if (args.swd or model is None) and "images" in ref and rank == 0:
         s = swd(_all_images(samples["images"], args.swd_images),
                 _all_images(ref["images"], args.swd_images))
@@ -930,8 +938,7 @@ def run_generative(args, rank, device):
         results.update({f"swd_{r}px": v for r, v in s["levels"].items()})
     if rank == 0:
         results["protocol"] = generative_protocol(model, samples, ref, n, n_ref, side)
-        out = args.json or default_json_path(args.samples)
-        report(results, out)
+        report(results, args.json or default_json_path(args.samples))
     return results
 
 
@@ -1133,6 +1140,13 @@ def flow_val_loss(model, z, y=None, seed=1234, batch=64):
     return float(torch.cat(losses).mean())
 
 
+def ema_dit(ckpt, device):
+    """The EMA DiT of a 'dit' checkpoint, in eval mode."""
+    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    return model.eval()
+
+
 def downsample2(x):
     """x2 down: bilinear, align_corners=False, no antialiasing (F.interpolate, as sm.eq_vae_scale, EQ-VAE's
     convention). At exactly half size it samples midway between pixel pairs, i.e. it is 2x2 average pooling."""
@@ -1206,6 +1220,42 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
 # ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def reconstruction_metrics(vae, x, ks=(8, 10, 12)):
+    """PSNR / SSIM of the reconstructions of x (n, 3, H, W) in [-1, 1], KL(delta target || latent spectrum) and
+    the PSNR of decoded DSM low-passed latents (k in ks) -> (metrics, posterior means, reconstructions in [0, 1])."""
+    means, recs, dsm = [], [], {k: [] for k in ks}
+    for i in range(0, len(x), 64):
+        mean, pairs = reconstruction_pairs(vae, x[i:i + 64], ks)
+        means.append(mean)
+        recs.append(pairs["rec"])
+        for k in ks:
+            dsm[k].append(psnr(pairs[f"x{k}"], pairs[f"d{k}"]))
+    mean, rec = torch.cat(means), torch.cat(recs)                          # (n, C, h, w), (n, 3, H, W)
+    res = {"psnr": float(psnr(_from_signed(x), rec).mean()), "ssim": float(ssim(_from_signed(x), rec).mean())}
+    delta = float(getattr(vae, "esm_delta", 1.0))
+    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=delta, blur_sigma=vae.esm_blur))
+    res.update({f"dsm{k}_psnr": float(torch.cat(v).mean()) for k, v in dsm.items()})
+    res["dsm_psnr"] = float(np.mean([res[f"dsm{k}_psnr"] for k in ks]))
+    return res, mean, rec
+
+
+@torch.no_grad()
+def small_fids(inception, samples, real, rec, device):
+    """FID of samples and rFID of reconstructions rec ([0, 1]) against m real images (uint8 (m, H, W, 3)),
+    labelled with their size (`fid-<m>`, see metric_key) as with --allow-small."""
+    m = len(real)
+    feats = functools.partial(extract_features, inception, device=device, progress=False, shard=False,
+                              keys=("pool",))
+    fs, fr = feats(ArrayDataset(samples))["pool"], feats(ArrayDataset(real))["pool"]
+    fx = feats(ArrayDataset(train.to_uint8(rec * 2 - 1)))["pool"]
+    with warnings.catch_warnings():                        # the label says it is a small-sample FID
+        warnings.simplefilter("ignore")
+        s_fs, s_fr, s_fx = compute_statistics(fs), compute_statistics(fr), compute_statistics(fx)
+    return {metric_key("fid", m, m): frechet_distance(*s_fs, *s_fr),
+            metric_key("rfid", m, m): frechet_distance(*s_fx, *s_fr)}
+
+
+@torch.no_grad()
 def pipeline_metrics(args, samples_npz, device, n_val=None):
     """Metrics of one quickstart run: reconstructions, latent spectrum, DSM, diffusion loss, samples.
 
@@ -1222,25 +1272,9 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     n = min(n, len(val))
     x = torch.stack([val[i][0] for i in range(n)]).to(device)               # (n, 3, H, W) in [-1, 1]
     y = torch.tensor([val[i][1] for i in range(n)], device=device)
-    res, means, recs, dsm = {}, [], [], {8: [], 10: [], 12: []}
-    for i in range(0, n, 64):
-        mean, pairs = reconstruction_pairs(vae, x[i:i + 64], dsm)
-        means.append(mean)
-        recs.append(pairs["rec"])
-        for k in dsm:
-            dsm[k].append(psnr(pairs[f"x{k}"], pairs[f"d{k}"]))
-    mean, rec = torch.cat(means), torch.cat(recs)                          # rec in [0, 1]
-    res["psnr"] = float(psnr(_from_signed(x), rec).mean())
-    res["ssim"] = float(ssim(_from_signed(x), rec).mean())
-    delta = float(getattr(vae, "esm_delta", 1.0))
-    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=delta, blur_sigma=vae.esm_blur))
-    res.update({f"dsm{k}_psnr": float(torch.cat(v).mean()) for k, v in dsm.items()})
-    res["dsm_psnr"] = float(np.mean([res[f"dsm{k}_psnr"] for k in dsm]))
+    res, mean, rec = reconstruction_metrics(vae, x)
     # diffusion: validation flow-matching loss of the EMA model on normalised latents
-    ckpt = train.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit")
-    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(device)
-    model.load_state_dict(ckpt["ema"])
-    model.eval()
+    model = ema_dit(train.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit"), device)
     res["dit_val_loss"] = flow_val_loss(model, vae.normalize(mean), None if model.num_classes == 0 else y)
     # samples against real images
     samples = np.load(samples_npz)["arr_0"]
@@ -1249,16 +1283,8 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     res["swd"] = swd(samples[:m], real[:m])["mean"]
     res["num_eval_images"] = m
     inception = _try_inception(argparse.Namespace(inception=None, require_inception=False), device)
-    if inception is not None:                              # --allow-small semantics: labelled fid-<m>
-        feats = functools.partial(extract_features, inception, device=device, progress=False, shard=False,
-                                  keys=("pool",))
-        fs, fr = feats(ArrayDataset(samples[:m]))["pool"], feats(ArrayDataset(real[:m]))["pool"]
-        fx = feats(ArrayDataset(train.to_uint8(rec * 2 - 1)))["pool"]
-        with warnings.catch_warnings():                    # the label says it is a small-sample FID
-            warnings.simplefilter("ignore")
-            s_fs, s_fr, s_fx = compute_statistics(fs), compute_statistics(fr), compute_statistics(fx)
-        res[metric_key("fid", m, m)] = frechet_distance(*s_fs, *s_fr)
-        res[metric_key("rfid", m, m)] = frechet_distance(*s_fx, *s_fr)
+    if inception is not None:
+        res.update(small_fids(inception, samples[:m], real[:m], rec, device))
     res["protocol"] = {"features": None if inception is None else inception.resize, "num_samples": m,
                        "samples_file": samples_npz, "samples_sha256": sha256_file(samples_npz),
                        "reference": f"{args.dataset} held-out images (seed {args.seed})",
@@ -1329,6 +1355,72 @@ def probe_heldout(vae, a, device):
     return x, z
 
 
+def probe_dit_budget(a, d, z_val):
+    """Train the probe's DiT budget in PROBE_VAL_POINTS pieces, each followed (on rank 0) by the EMA model's
+    validation loss on z_val into val_curve.json; a resumed run is exactly an uninterrupted one.
+    -> (the final 'dit' checkpoint, {str(step): validation loss})."""
+    curve_path, dit_path = os.path.join(a.out, "val_curve.json"), os.path.join(a.out, "dit.pt")
+    curve = {}
+    if os.path.exists(curve_path):
+        with open(curve_path) as f:
+            curve = json.load(f)
+    for b in [round(a.dit_steps * (i + 1) / PROBE_VAL_POINTS) for i in range(PROBE_VAL_POINTS)]:
+        done = train.load_checkpoint(dit_path, "dit")["step"] if os.path.exists(dit_path) else 0
+        if done < b:
+            a.max_steps = b - done
+            train.train_dit(a, d, quickstart=True)
+        ckpt = train.load_checkpoint(dit_path, "dit")
+        if str(ckpt["step"]) not in curve and d.main:
+            curve[str(ckpt["step"])] = flow_val_loss(ema_dit(ckpt, d.device), z_val)
+            train.write_json(curve, curve_path)
+    return ckpt, curve
+
+
+def probe_metrics(vae, ckpt, curve, x, z_val, a, device):
+    """Metrics of the finished probe: the generation gap of EMA samples (seed a.seed), reconstruction, spectrum
+    and equivariance of the autoencoder on the held-out images x / z_val, and the loss curves.
+    -> (metrics, reconstructions in [-1, 1], decoded samples[:8] in [-1, 1])."""
+    ema = ema_dit(ckpt, device)
+    meta = dict(latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
+    m = a.probe_eval // 2
+    samples = torch.cat([train.sample_latents(ema, range(i, min(i + 64, m)), None, z_val.shape[1:], a.seed,
+                                              device, steps=a.sample_steps)
+                         for i in range(0, m, 64)])                                           # (m, C, h, w)
+    decode = functools.partial(train.decode_latents, vae, meta=meta)
+    res = generation_gap(samples, z_val, decode)
+    with torch.no_grad():
+        rec = torch.cat([decode(z_val[i:i + 64]) for i in range(0, len(z_val), 64)])          # [-1, 1]
+        mean = vae.denormalize(z_val)
+    unit = lambda v: (v + 1) / 2                                                               # noqa: E731
+    res["psnr"] = float(psnr(unit(x), unit(rec)).mean())
+    res["ssim"] = float(ssim(unit(x), unit(rec)).mean())
+    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=float(getattr(vae, "esm_delta", 1.0)),
+                                           blur_sigma=vae.esm_blur))
+    res["equivariance_error"] = equivariance_error(vae, x)
+    steps = sorted(int(k) for k in curve)
+    res["val_curve"] = [[s_, curve[str(s_)]] for s_ in steps]
+    res["dit_val_loss"] = curve[str(steps[-1])]
+    res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt["history"]]
+    return res, rec, decode(samples[:8])
+
+
+def probe_protocol(a, ckpt, z_val, source, t0):
+    """The protocol record of a probe: its budget and recipe, images, autoencoder, metric definitions, machine."""
+    return dict(
+        budget=a.budget, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, ema=a.ema,
+        model=a.model, dit_config=ckpt["dit_config"], weighting=a.weighting, sample_steps=a.sample_steps,
+        sampler="ode", seed=a.seed, data_seed=PROBE_DATA_SEED, dataset=a.dataset, data_path=a.data_path,
+        image_size=a.image_size, probe_images=a.probe_images, eval_images=a.probe_eval,
+        eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
+        normalisation="the autoencoder's stored latent_mean / latent_std", vae=source,
+        latent_std_heldout=z_val.transpose(0, 1).flatten(1).std(1).tolist(),   # ~1 when the rule fits these images
+        latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
+        swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
+        equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
+        code_version=train.code_version(), machine=_cpu_name(), torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
+
+
 def run_probe(args, d, folder=None):
     """The diffusability probe of one autoencoder (--vae-ckpt, default OUT/vae.pt, or --sd-vae): encode a fixed
     image set, train the fixed DiT budget on it with the seed (validation loss at PROBE_VAL_POINTS checkpoints),
@@ -1356,64 +1448,15 @@ def run_probe(args, d, folder=None):
     train.encode_latents(a, d, quickstart=True)
     a.seed = seed
     x, z_val = probe_heldout(vae, a, d.device)             # (n, 3, H, W), (n, C, h, w)
-    # the DiT budget in PROBE_VAL_POINTS pieces (a resumed run is exactly an uninterrupted one)
-    curve_path, dit_path = os.path.join(a.out, "val_curve.json"), os.path.join(a.out, "dit.pt")
-    curve = {}
-    if os.path.exists(curve_path):
-        with open(curve_path) as f:
-            curve = json.load(f)
-    for b in [round(a.dit_steps * (i + 1) / PROBE_VAL_POINTS) for i in range(PROBE_VAL_POINTS)]:
-        done = train.load_checkpoint(dit_path, "dit")["step"] if os.path.exists(dit_path) else 0
-        if done < b:
-            a.max_steps = b - done
-            train.train_dit(a, d, quickstart=True)
-        ckpt = train.load_checkpoint(dit_path, "dit")
-        if str(ckpt["step"]) not in curve and d.main:
-            ema = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(d.device)
-            ema.load_state_dict(ckpt["ema"])
-            curve[str(ckpt["step"])] = flow_val_loss(ema.eval(), z_val)
-            train.write_json(curve, curve_path)
+    ckpt, curve = probe_dit_budget(a, d, z_val)
     if not d.main:
         d.barrier()
         return None
-    ema = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(d.device).eval()
-    ema.load_state_dict(ckpt["ema"])
-    meta = dict(latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
-    m = a.probe_eval // 2
-    samples = torch.cat([train.sample_latents(ema, range(i, min(i + 64, m)), None, z_val.shape[1:], seed,
-                                              d.device, steps=a.sample_steps)
-                         for i in range(0, m, 64)])                                           # (m, C, h, w)
-    decode = functools.partial(train.decode_latents, vae, meta=meta)
-    res = generation_gap(samples, z_val, decode)
-    with torch.no_grad():
-        rec = torch.cat([decode(z_val[i:i + 64]) for i in range(0, len(z_val), 64)])          # [-1, 1]
-        mean = vae.denormalize(z_val)
-    unit = lambda v: (v + 1) / 2                                                               # noqa: E731
-    res["psnr"] = float(psnr(unit(x), unit(rec)).mean())
-    res["ssim"] = float(ssim(unit(x), unit(rec)).mean())
-    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=float(getattr(vae, "esm_delta", 1.0)),
-                                           blur_sigma=vae.esm_blur))
-    res["equivariance_error"] = equivariance_error(vae, x)
-    steps = sorted(int(k) for k in curve)
-    res["val_curve"] = [[s_, curve[str(s_)]] for s_ in steps]
-    res["dit_val_loss"] = curve[str(steps[-1])]
-    res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt["history"]]
-    res["protocol"] = dict(
-        budget=args.budget, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, ema=a.ema,
-        model=a.model, dit_config=ckpt["dit_config"], weighting=a.weighting, sample_steps=a.sample_steps,
-        sampler="ode", seed=seed, data_seed=PROBE_DATA_SEED, dataset=a.dataset, data_path=a.data_path,
-        image_size=a.image_size, probe_images=a.probe_images, eval_images=a.probe_eval,
-        eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
-        normalisation="the autoencoder's stored latent_mean / latent_std", vae=source,
-        latent_std_heldout=z_val.transpose(0, 1).flatten(1).std(1).tolist(),   # ~1 when the rule fits these images
-        latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
-        swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
-        equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
-        code_version=train.code_version(), machine=_cpu_name(), torch=torch.__version__,
-        date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
+    res, rec, sample_pics = probe_metrics(vae, ckpt, curve, x, z_val, a, d.device)
+    res["protocol"] = probe_protocol(a, ckpt, z_val, source, t0)
     train.write_json(res, result_path)
     train_mse = [v for _, v in res["train_curve"]] or [res["dit_val_loss"]]
-    probe_panel(train.to_uint8(x[:8]), train.to_uint8(rec[:8]), train.to_uint8(decode(samples[:8])),
+    probe_panel(train.to_uint8(x[:8]), train.to_uint8(rec[:8]), train.to_uint8(sample_pics),
                 {"train (batch)": (train_mse, (150, 150, 150)),
                  "validation (EMA)": ([v for _, v in res["val_curve"]], (220, 60, 30))},
                 os.path.join(a.out, "probe.png"))

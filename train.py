@@ -1259,6 +1259,57 @@ def check_up_to_date(record_path, key, ckpt_path, folder):
                          f"{now}: remove {folder} (and what was made from it) to redo it, or use another --out")
 
 
+def open_latent_files(folder, files, spec, d):
+    """The latents folder's .npy files {name: (shape, dtype)}, memory-mapped on every rank: rank 0 starts them
+    afresh unless partial.json records the same settings (then the rows marked in done.npy are kept)."""
+    partial = os.path.join(folder, "partial.json")
+    if d.main:
+        os.makedirs(folder, exist_ok=True)
+        old = None
+        if os.path.exists(partial):
+            with open(partial) as f:
+                old = json.load(f)
+        if old != spec:                                       # nothing to resume: start the files afresh
+            for name, (shape, dtype) in files.items():
+                np.lib.format.open_memmap(os.path.join(folder, name + ".npy"), "w+", dtype, shape).flush()
+            write_json(spec, partial)
+        else:
+            log(d, f"stage latents: resuming {folder}")
+    d.barrier()
+    return {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r+") for n in files}
+
+
+@torch.no_grad()
+def encode_rows(vae, ds, arrays, args, d):
+    """Encode this rank's rows not yet done (rank r: rows r, r + world, ...) into the memory-mapped arrays."""
+    N = len(ds)
+    idx = [i for i in range(d.rank, N, d.world) if not arrays["done"][i]]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=args.vae_batch // d.world,
+                                         num_workers=args.num_workers)
+    bar = tqdm_bar(d, N - len(idx) * d.world, N, "stage latents")
+    pos = 0
+    for b, (x, y) in enumerate(loader):
+        rows = idx[pos:pos + len(x)]
+        pos += len(x)
+        x = x.to(d.device)
+        for f, xf in enumerate([x, x.flip(-1)] if args.hflip else [x]):
+            with d.autocast(args.precision):
+                mean, logvar = vae.encode(xf)
+            mom = torch.stack([mean.float(), torch.exp(0.5 * logvar.float())], 1)      # (b, 2, C, h, w)
+            arrays["moments"][rows, f] = mom.cpu().numpy()
+        arrays["labels"][rows] = y.numpy()
+        if "images" in arrays:
+            arrays["images"][rows] = to_uint8(x)
+        for name in arrays:                                # rows first, then their done marks
+            if name != "done":
+                arrays[name].flush()
+        arrays["done"][rows] = True
+        arrays["done"].flush()
+        bar.update(len(x) * d.world)
+        crash_point("latents", b + 1)
+    bar.close()
+
+
 def encode_latents(args, d, quickstart=False):
     """Encode the dataset once, in float32 (--precision bf16 to speed up): posterior (mean, std) of each image
     (and of its flip with --hflip), labels, and (for REPA) the center-cropped uint8 images, as memory-mapped
@@ -1284,54 +1335,15 @@ def encode_latents(args, d, quickstart=False):
     spec = dict(num_images=N, latent_shape=[C, h, h], image_size=args.image_size, vae=source,
                 dataset=args.dataset, data_path=args.data_path, keep_images=keep_images, hflip=args.hflip,
                 precision=args.precision)
-    partial = os.path.join(folder, "partial.json")
-    if d.main:
-        os.makedirs(folder, exist_ok=True)
-        old = None
-        if os.path.exists(partial):
-            with open(partial) as f:
-                old = json.load(f)
-        if old != spec:                                       # nothing to resume: start the files afresh
-            for name, (shape, dtype) in files.items():
-                np.lib.format.open_memmap(os.path.join(folder, name + ".npy"), "w+", dtype, shape).flush()
-            write_json(spec, partial)
-        else:
-            log(d, f"stage latents: resuming {folder}")
-    d.barrier()
-    arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r+") for n in files}
-    idx = [i for i in range(d.rank, N, d.world) if not arrays["done"][i]]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=args.vae_batch // d.world,
-                                         num_workers=args.num_workers)
-    bar = tqdm_bar(d, N - len(idx) * d.world, N, "stage latents")
-    pos = 0
-    with torch.no_grad():
-        for b, (x, y) in enumerate(loader):
-            rows = idx[pos:pos + len(x)]
-            pos += len(x)
-            x = x.to(d.device)
-            for f, xf in enumerate((x, x.flip(-1))[:views]):
-                with d.autocast(args.precision):
-                    mean, logvar = vae.encode(xf)
-                mom = torch.stack([mean.float(), torch.exp(0.5 * logvar.float())], 1)      # (b, 2, C, h, w)
-                arrays["moments"][rows, f] = mom.cpu().numpy()
-            arrays["labels"][rows] = y.numpy()
-            if keep_images:
-                arrays["images"][rows] = to_uint8(x)
-            for name in files:                                 # rows first, then their done marks
-                if name != "done":
-                    arrays[name].flush()
-            arrays["done"][rows] = True
-            arrays["done"].flush()
-            bar.update(len(x) * d.world)
-            crash_point("latents", b + 1)
-    bar.close()
+    arrays = open_latent_files(folder, files, spec, d)
+    encode_rows(vae, ds, arrays, args, d)
     d.barrier()
     if d.main:
         meta = dict(spec, has_images=keep_images, num_classes=getattr(ds, "num_classes", 0),
                     latent_norm=getattr(vae, "latent_norm", "channel"),
                     latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
         write_json(meta, meta_path)                            # meta.json marks the stage finished
-        os.remove(partial)
+        os.remove(os.path.join(folder, "partial.json"))
     d.barrier()
     return folder
 
