@@ -39,7 +39,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
-
 #################################################################################
 #                                   1. Spectra                                  #
 #################################################################################
@@ -198,8 +197,6 @@ VAE_CONFIGS = {
     "f64d256": dict(_AUTHORS, channels=(128, 128, 256, 256, 512, 512, 1024), latent_channels=256),
     "tiny":    dict(_AUTHORS, channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8),  # f4, CPU
 }
-
-
 DOWNSAMPLE_PADDINGS = ("asymmetric", "symmetric")
 
 
@@ -1176,8 +1173,6 @@ DEADLEAVES_PALETTES = (
     ((0.15, 0.15, 0.15), (0.50, 0.50, 0.50), (0.85, 0.85, 0.85), (0.35, 0.30, 0.30)),   # ash
     ((0.55, 0.20, 0.65), (0.90, 0.45, 0.75), (0.25, 0.05, 0.35), (0.95, 0.80, 0.95)),   # bloom
 )
-
-
 DEADLEAVES_SHAPES = ("disk", "square")
 
 
@@ -1454,8 +1449,6 @@ _REPA_SIT_DEFAULTS = dict(
     depth=28, num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=[768],
     projector_dim=2048, qk_norm=False, projection_layer_type="mlp", proj_kwargs_kernel_size=3,
 )
-
-
 _REPA_SIT_IGNORED = {"path_type", "use_cfg", "fused_attn", "eval_mode"}
 
 
