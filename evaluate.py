@@ -1,5 +1,7 @@
 """Evaluation for Spectrum Matching: Inception FID/IS/sFID/precision-recall, SWD,
-autoencoder metrics (rFID, PSNR, SSIM, LPIPS, DSM check) and spectrum diagnostics.
+autoencoder metrics (rFID, PSNR, SSIM, LPIPS, DSM check), spectrum diagnostics, and the
+diffusability probe and regulariser comparison (run_probe / run_compare, which train.py's
+--stage probe / compare call).
 
 Usage
 -----
@@ -1297,6 +1299,7 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
 # ----------------------------------------------------------------------------------------
 # Issue 12: how easy a latent space is to *generate*, with decoder blur cancelled. One fixed small DiT budget
 # on the latents of a fixed image set; samples are compared with decoded real latents through the same decoder.
+# The budgets' flag defaults are train.PROBE_BUDGETS (beside the other defaults, for --budget); these are fixed.
 
 PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and autoencoder
 PROBE_VAL_POINTS = 5         # validation-loss checkpoints along the DiT budget

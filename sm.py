@@ -44,8 +44,9 @@ import torch.utils.checkpoint
 #################################################################################
 
 @functools.lru_cache(maxsize=None)
+@torch.inference_mode(False)                                   # cached tensors stay usable by autograd
 def dct_matrix(n, device=None):
-    """Orthonormal DCT-II matrix C (n, n), so that dct(x) = C @ x; cached per (n, device)."""
+    """Orthonormal DCT-II matrix C (n, n), so that dct(x) = C @ x; cached per (n, device), do not modify."""
     k = torch.arange(n, dtype=torch.float64)[:, None]
     i = torch.arange(n, dtype=torch.float64)[None, :]
     c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
@@ -68,6 +69,7 @@ def idct2(X):
 
 
 @functools.lru_cache(maxsize=None)
+@torch.inference_mode(False)
 def _radial_bins(h, w, n_bins, device):
     """(bin index (h*w,), coefficients per bin (n_bins,)) by radius sqrt(u^2 + v^2), DC at (0, 0); cached."""
     u = torch.arange(h, dtype=torch.float32)[:, None]
@@ -187,7 +189,7 @@ def dsm_mask(x, z, k, block=8):
 
 # name: channels per level, ResNet blocks per level, latent channels, ESM blur sigma (0 for f8, §3.2),
 # downsampling padding ("asymmetric": diffusers' SD-VAE; "symmetric": the authors' VAE, configs/ldm_*.yaml)
-_AUTHORS = dict(layers_per_block=2, esm_blur=1.2, downsample_padding="symmetric")
+_AUTHORS = dict(layers_per_block=2, esm_blur=1.2, downsample_padding="symmetric")   # their shared settings
 VAE_CONFIGS = {
     "f8d4":    dict(channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, esm_blur=0.0,
                     downsample_padding="asymmetric"),                             # SD-VAE
@@ -195,7 +197,7 @@ VAE_CONFIGS = {
     "f16d32":  dict(_AUTHORS, channels=(128, 128, 256, 256, 512), latent_channels=32),
     "f32d64":  dict(_AUTHORS, channels=(128, 128, 256, 256, 512, 512), latent_channels=64),
     "f64d256": dict(_AUTHORS, channels=(128, 128, 256, 256, 512, 512, 1024), latent_channels=256),
-    "tiny":    dict(_AUTHORS, channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8),  # f4, CPU
+    "tiny":    dict(_AUTHORS, channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8),  # ours, f4
 }
 DOWNSAMPLE_PADDINGS = ("asymmetric", "symmetric")
 
@@ -355,8 +357,8 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """KL autoencoder with the SD-VAE layout; latents are normalised with latent_mean / latent_std.
 
-    downsample_padding: "asymmetric" (SD-VAE; the default, as configs saved before the field) or
-    "symmetric" (the authors'). quant_conv / post_quant_conv: the 1x1 convs around the latent.
+    downsample_padding: "asymmetric" (SD-VAE; the default, so configs saved before this field rebuild as
+    trained) or "symmetric" (the authors'). quant_conv / post_quant_conv: the 1x1 convs around the latent.
     """
 
     def __init__(self, channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -574,6 +576,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
+        if frequency_embedding_size % 2:
+            raise ValueError(f"frequency_embedding_size must be even, got {frequency_embedding_size}")
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
         self.frequency_embedding_size = frequency_embedding_size
@@ -873,14 +877,14 @@ def build_mlp_projector(hidden_size, projector_dim, z_dim):
 class ConvProjector(nn.Module):
     """iREPA's projector: one k x k conv on the (h, w) token grid (keeps spatial structure)."""
 
-    def __init__(self, hidden_size, z_dim, kernel_size=3, grid_hw=(16, 16)):
+    def __init__(self, hidden_size, z_dim, kernel_size, grid_hw):
         super().__init__()
         self.conv = nn.Conv2d(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
         self.grid_hw = tuple(grid_hw)
 
     def forward(self, x):                                                  # (N, T, D)
         N, T, D = x.shape
-        x = x.transpose(1, 2).reshape(N, D, *self.grid_hw)
+        x = x.transpose(1, 2).reshape(N, D, *_grid_of(T, self.grid_hw))
         return self.conv(x).flatten(2).transpose(1, 2)                     # (N, T, z)
 
 
@@ -1263,9 +1267,12 @@ def load_lpips(path=None, vgg_path=None):
                                   torch.load(vgg, map_location="cpu", weights_only=True))
 
 
-_SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16,
-                           I64=torch.int64, I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8,
-                           BOOL=torch.bool)
+_SAFETENSORS_DTYPES = {k: v for k, v in dict(
+    F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64, I32=torch.int32,
+    I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool, U16=getattr(torch, "uint16", None),
+    U32=getattr(torch, "uint32", None), U64=getattr(torch, "uint64", None),
+    F8_E4M3=getattr(torch, "float8_e4m3fn", None), F8_E5M2=getattr(torch, "float8_e5m2", None),
+).items() if v is not None}
 
 
 def load_safetensors(path, with_metadata=False):
@@ -1278,11 +1285,13 @@ def load_safetensors(path, with_metadata=False):
     path = os.fspath(path)
     with open(path, "rb") as f:
         raw = f.read()
+    if len(raw) < 8:
+        raise ValueError(f"{path}: not a safetensors file ({len(raw)} bytes; the 8-byte header length is missing)")
     n = int.from_bytes(raw[:8], "little")
-    if len(raw) < 8 or n > len(raw) - 8:
-        raise ValueError(f"{path}: truncated or not a safetensors file ({len(raw)} bytes, header length {n})")
+    if n > len(raw) - 8:
+        raise ValueError(f"{path}: truncated or not a safetensors file (header of {n} bytes, {len(raw) - 8} follow)")
     try:
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8:8 + n].decode("utf-8"))              # the format requires UTF-8
         metadata = header.pop("__metadata__", None) or {}
     except (ValueError, TypeError, AttributeError) as e:      # also UnicodeDecodeError, or not an object
         raise ValueError(f"{path}: the safetensors header is not a valid JSON object ({e})") from None
@@ -1299,10 +1308,12 @@ def load_safetensors(path, with_metadata=False):
         if end > len(data):
             raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} "
                              f"of a {len(data)}-byte data section")
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise ValueError(f"{path}: tensor {name!r} has a bad shape {shape} or data_offsets {[begin, end]}")
         nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
-            raise ValueError(f"{path}: tensor {name!r}: bytes {begin}..{end} ({end - begin}) for shape {shape} "
-                             f"of {dtype} (expected {nbytes})")
+        if end - begin != nbytes:
+            raise ValueError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} "
+                             f"(expected {nbytes})")
         t = torch.frombuffer(bytearray(data[begin:end]), dtype=dt) if nbytes else torch.empty(0, dtype=dt)
         if sys.byteorder == "big":                             # the file is little-endian
             t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous().view(dt)
@@ -1398,9 +1409,10 @@ def _official_vae_key(key):
 
 def _official_config_guess(sd):
     """VAE kwargs read off the authors' weights (channels, ResNets per level, latent channels), or None."""
+    is_conv = lambda w: torch.is_tensor(w) and w.ndim == 4                     # noqa: E731
     first_convs = (sd.get(f"encoder.encoder_blocks.{i}.blocks.0.conv1.weight") for i in range(len(sd)))
-    channels = tuple(int(w.shape[0]) for w in itertools.takewhile(torch.is_tensor, first_convs))
-    if not channels or "decoder.conv_in.weight" not in sd:
+    channels = tuple(int(w.shape[0]) for w in itertools.takewhile(is_conv, first_convs))
+    if not channels or not is_conv(sd.get("decoder.conv_in.weight")):
         return None
     layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.encoder_blocks.0.blocks.")})
     return dict(channels=channels, layers_per_block=layers, latent_channels=int(sd["decoder.conv_in.weight"].shape[1]))

@@ -81,8 +81,9 @@ REG_PRESETS = {  # stage-1 regularisers; every weight can be overridden by its f
     "esm+dsm": dict(kl_weight=0.0, esm_weight=0.01, dsm=True, eq_prob=0.0),    # this project's combination
     "eq":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.5),   # EQ-VAE baseline
 }
-# --budget: flag defaults of the diffusability probe and comparison (evaluate.run_probe / run_compare);
-# short: a compare run (stage 1 + probe) in ~5.5 min on 2 idle CPU cores, 15 runs in ~80 min (README); long: more
+# --budget: flag defaults of the diffusability probe and comparison (evaluate.run_probe / run_compare; their
+# fixed constants are evaluate.PROBE_*). short: a compare run (stage 1 + probe) took ~5.5 min on 2 idle CPU
+# cores, so 15 runs ~80 min (README); long: more
 PROBE_BUDGETS = {
     "short": dict(vae_steps=300, dit_steps=500, probe_images=2048, probe_eval=512, sample_steps=25),
     "long": dict(vae_steps=600, dit_steps=3000, probe_images=4096, probe_eval=1024, sample_steps=50),
