@@ -793,8 +793,8 @@ def test_conv_projector_is_a_conv_on_the_token_grid():
 def test_timestep_embedding_is_even_and_cached_dct_survives_inference_mode():
     with pytest.raises(ValueError, match="frequency_embedding_size must be even"):
         sm.TimestepEmbedder(16, 255)
-    sm.dct_matrix.cache_clear()
-    sm._radial_bins.cache_clear()
+    sm._DCT_CACHE.clear()
+    sm._BIN_CACHE.clear()
     x, z = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 8, 8, requires_grad=True)
     with torch.inference_mode():                                           # fills the caches first
         sm.esm_loss(x, z.detach())
