@@ -1221,6 +1221,12 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
 # The quickstart's metrics.json (train.py --stage all)
 # ----------------------------------------------------------------------------------------
 
+def spectrum_kl(vae, x, mean):
+    """The ESM objective at evaluation: KL(delta target of x || spectrum of the posterior means), with the
+    autoencoder's own delta and blur (the pipeline's metrics.json and the probe report the same number)."""
+    return float(sm.esm_loss(x, mean, delta=float(getattr(vae, "esm_delta", 1.0)), blur_sigma=vae.esm_blur))
+
+
 @torch.no_grad()
 def reconstruction_metrics(vae, x, ks=(8, 10, 12)):
     """PSNR / SSIM of the reconstructions of x (n, 3, H, W) in [-1, 1], KL(delta target || latent spectrum) and
@@ -1234,8 +1240,7 @@ def reconstruction_metrics(vae, x, ks=(8, 10, 12)):
             dsm[k].append(psnr(pairs[f"x{k}"], pairs[f"d{k}"]))
     mean, rec = torch.cat(means), torch.cat(recs)                          # (n, C, h, w), (n, 3, H, W)
     res = {"psnr": float(psnr(_from_signed(x), rec).mean()), "ssim": float(ssim(_from_signed(x), rec).mean())}
-    delta = float(getattr(vae, "esm_delta", 1.0))
-    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=delta, blur_sigma=vae.esm_blur))
+    res["spectrum_kl"] = spectrum_kl(vae, x, mean)
     res.update({f"dsm{k}_psnr": float(torch.cat(v).mean()) for k, v in dsm.items()})
     res["dsm_psnr"] = float(np.mean([res[f"dsm{k}_psnr"] for k in ks]))
     return res, mean, rec
@@ -1397,8 +1402,7 @@ def probe_metrics(vae, ckpt, curve, x, z_val, a, device):
     unit = lambda v: (v + 1) / 2                                                               # noqa: E731
     res["psnr"] = float(psnr(unit(x), unit(rec)).mean())
     res["ssim"] = float(ssim(unit(x), unit(rec)).mean())
-    res["spectrum_kl"] = float(sm.esm_loss(x, mean, delta=float(getattr(vae, "esm_delta", 1.0)),
-                                           blur_sigma=vae.esm_blur))
+    res["spectrum_kl"] = spectrum_kl(vae, x, mean)
     res["equivariance_error"] = equivariance_error(vae, x)
     steps = sorted(int(k) for k in curve)
     res["val_curve"] = [[s_, curve[str(s_)]] for s_ in steps]
