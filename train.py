@@ -458,8 +458,12 @@ def load_image(path, image_size):
     return center_crop_arr(read_rgb(path), image_size)
 
 
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
+
+
 def _images_in(folder):
-    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS) and not n.startswith("."))
+    return sorted(n for n in os.listdir(folder) if _is_image(n))
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -489,7 +493,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 for dirpath, dirnames, names in sorted(os.walk(os.path.join(root, c))):
                     dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
                     self.files += [os.path.join(dirpath, n) for n in sorted(names)
-                                   if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")]
+                                   if _is_image(n)]
                 self.labels += [i] * (len(self.files) - n0)
                 if len(self.files) == n0:
                     empty.append(c)
@@ -514,7 +518,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def drop(self, bad):
         """Remove the files in `bad` (paths) from the dataset."""
-        self.select([i for i, f in enumerate(self.files) if f not in set(bad)])
+        bad = set(bad)
+        self.select([i for i, f in enumerate(self.files) if f not in bad])
 
     def select(self, indices):
         """Keep only the files at these indices, in this order."""
