@@ -753,7 +753,7 @@ def sha256_input(path):
     if p.is_file():
         return sha256_file(p)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        files = sorted(Path(f) for f in train.image_files(p))              # the images a folder input reads
         listing = "".join(f"{sha256_file(f)}  {f.relative_to(p).as_posix()}\n" for f in files)
         return hashlib.sha256(listing.encode()).hexdigest()
     return None

@@ -5,6 +5,7 @@ the banner "The scripts' building blocks" on, tests run or import train.py, samp
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1054,6 +1055,23 @@ def test_image_folder_center_crop(tmp_path):
     assert x.shape == (3, 32, 32) and y == 1
 
 
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    """Class folders, recursive folders (evaluate's input) and the folder's sha256 all read the same visible
+    images: hidden files and hidden folders (e.g. .ipynb_checkpoints) are left out."""
+    from PIL import Image
+    for rel in ("a/x.png", "a/.ipynb_checkpoints/x.png", "a/.y.png", "a/sub/z.png", "b/w.png"):
+        (tmp_path / "r" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "r" / rel)
+    root = tmp_path / "r"
+    classes = train.ImageFiles(str(root), 8, classes=True)
+    assert [os.path.relpath(f, root) for f in classes.files] == ["a/x.png", "a/sub/z.png", "b/w.png"]   # folder by folder
+    assert classes.labels == [0, 0, 1]
+    flat = train.ImageFiles(str(root / "a"), 8, classes=False, recursive=True)
+    assert [os.path.relpath(f, root / "a") for f in flat.files] == ["x.png", "sub/z.png"]
+    listing = "".join(f"{evaluate.sha256_file(root / 'a' / r)}  {r}\n" for r in ("sub/z.png", "x.png"))
+    assert evaluate.sha256_input(root / "a") == hashlib.sha256(listing.encode()).hexdigest()
+
+
 def test_checkpoint_atomic_and_typed(tmp_path):
     p = tmp_path / "c.pt"
     train.save_checkpoint({"kind": "vae", "x": 1}, p)
@@ -1435,7 +1453,6 @@ def test_cli_small_sample_refusal_labels_and_unbiased_is(tmp_path, capsys, monke
 def test_cli_protocol_record_side_file_and_default_output(tmp_path, monkeypatch, capsys):
     """The JSON (written next to SAMPLES by default, not in the cwd) carries the protocol: features, sizes,
     sha256 of every input, code version and sample.py's side file; stdout shows it above the table."""
-    import hashlib
     import re
     monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
     _, inc = _biased_inception(tmp_path)

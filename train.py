@@ -462,6 +462,15 @@ def _is_image(name):
     return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
 
 
+def image_files(folder):
+    """Every image file in folder and its subfolders, hidden files and folders skipped, in sorted path order."""
+    found = []
+    for dirpath, dirnames, names in os.walk(folder):
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]       # pruned while walking
+        found.append((dirpath, sorted(n for n in names if _is_image(n))))
+    return [os.path.join(dirpath, n) for dirpath, names in sorted(found) for n in names]
+
+
 def _images_in(folder):
     return sorted(n for n in os.listdir(folder) if _is_image(n))
 
@@ -490,10 +499,7 @@ class ImageFiles(torch.utils.data.Dataset):
             self.classes, empty = subdirs, []
             for i, c in enumerate(self.classes):
                 n0 = len(self.files)
-                for dirpath, dirnames, names in sorted(os.walk(os.path.join(root, c))):
-                    dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-                    self.files += [os.path.join(dirpath, n) for n in sorted(names)
-                                   if _is_image(n)]
+                self.files += image_files(os.path.join(root, c))
                 self.labels += [i] * (len(self.files) - n0)
                 if len(self.files) == n0:
                     empty.append(c)
@@ -502,8 +508,7 @@ class ImageFiles(torch.utils.data.Dataset):
                                  f"{', ...' if len(empty) > 5 else ''}): remove them or fix the layout")
         else:
             self.classes = []
-            self.files = ([os.path.join(p, n) for p, dirs, names in sorted(os.walk(root)) for n in _images_in(p)]
-                          if recursive else [os.path.join(root, n) for n in top])
+            self.files = image_files(root) if recursive else [os.path.join(root, n) for n in top]
             self.labels = [0] * len(self.files)
             if not self.files and subdirs and not recursive:
                 raise ValueError(f"{root} has no images at its top level but {len(subdirs)} subfolders: for class "
