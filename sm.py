@@ -1261,13 +1261,18 @@ LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
+def lpips_files(path=None, vgg_path=None):
+    """Local files of the LPIPS v0.1 linear heads and of VGG16 (fetch_weights: given path, cache or download)."""
+    return (fetch_weights(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth", "--lpips-path"),
+            fetch_weights(VGG16_URL, vgg_path, "VGG16", flag="--vgg-path"))
+
+
 def load_lpips(path=None, vgg_path=None):
     """LPIPS-VGG with pretrained weights: linear heads from `path` and VGG16 from `vgg_path`, else the
     torch hub cache, else their public URLs. Offline without them: a RuntimeError saying how to
     provide them or to train with --lpips-weight 0."""
     try:
-        lin = fetch_weights(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth", "--lpips-path")
-        vgg = fetch_weights(VGG16_URL, vgg_path, "VGG16", flag="--vgg-path")
+        lin, vgg = lpips_files(path, vgg_path)
     except (RuntimeError, FileNotFoundError) as e:
         raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
     return LPIPS.from_state_dicts(torch.load(lin, map_location="cpu", weights_only=True),

@@ -1019,9 +1019,7 @@ def resolve_lpips(args, d):
     if args.lpips_weight <= 0:
         return
     try:
-        sm.fetch_weights(sm.LPIPS_URL, args.lpips_path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth",
-                         "--lpips-path")
-        sm.fetch_weights(sm.VGG16_URL, args.vgg_path, "VGG16", flag="--vgg-path")
+        sm.lpips_files(args.lpips_path, args.vgg_path)
     except (RuntimeError, FileNotFoundError) as e:
         if args.config != "quickstart" or "lpips_weight" in args.explicit:
             raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
