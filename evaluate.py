@@ -1142,13 +1142,6 @@ def flow_val_loss(model, z, y=None, seed=1234, batch=64):
     return float(torch.cat(losses).mean())
 
 
-def ema_dit(ckpt, device):
-    """The EMA DiT of a 'dit' checkpoint, in eval mode."""
-    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(device)
-    model.load_state_dict(ckpt["ema"])
-    return model.eval()
-
-
 def downsample2(x):
     """x2 down: bilinear, align_corners=False, no antialiasing (F.interpolate, as sm.eq_vae_scale, EQ-VAE's
     convention). At exactly half size it samples midway between pixel pairs, i.e. it is 2x2 average pooling."""
@@ -1281,7 +1274,7 @@ def pipeline_metrics(args, samples_npz, device, n_val=None):
     y = torch.tensor([val[i][1] for i in range(n)], device=device)
     res, mean, rec = reconstruction_metrics(vae, x)
     # diffusion: validation flow-matching loss of the EMA model on normalised latents
-    model = ema_dit(train.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit"), device)
+    model = train.ema_dit(train.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit"), device)
     res["dit_val_loss"] = flow_val_loss(model, vae.normalize(mean), None if model.num_classes == 0 else y)
     # samples against real images
     samples = np.load(samples_npz)["arr_0"]
@@ -1379,7 +1372,7 @@ def probe_dit_budget(a, d, z_val):
             train.train_dit(a, d, quickstart=True)
         ckpt = train.load_checkpoint(dit_path, "dit")
         if str(ckpt["step"]) not in curve and d.main:
-            curve[str(ckpt["step"])] = flow_val_loss(ema_dit(ckpt, d.device), z_val)
+            curve[str(ckpt["step"])] = flow_val_loss(train.ema_dit(ckpt, d.device), z_val)
             train.write_json(curve, curve_path)
     return ckpt, curve
 
@@ -1388,7 +1381,7 @@ def probe_metrics(vae, ckpt, curve, x, z_val, a, device):
     """Metrics of the finished probe: the generation gap of EMA samples (seed a.seed), reconstruction, spectrum
     and equivariance of the autoencoder on the held-out images x / z_val, and the loss curves.
     -> (metrics, reconstructions in [-1, 1], decoded samples[:8] in [-1, 1])."""
-    ema = ema_dit(ckpt, device)
+    ema = train.ema_dit(ckpt, device)
     meta = dict(latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
     m = a.probe_eval // 2
     samples = torch.cat([train.sample_latents(ema, range(i, min(i + 64, m)), None, z_val.shape[1:], a.seed,

@@ -148,11 +148,10 @@ def load_dit(ckpt_path, device, vae_ckpt=None, sd_vae=None):
     """(EMA DiT in eval mode, autoencoder, checkpoint dict) from a 'dit' checkpoint."""
     ckpt = train.load_checkpoint(ckpt_path, "dit")
     check_finite_weights(ckpt["ema"], ckpt_path)
-    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"])
-    model.load_state_dict(ckpt["ema"])
+    model = train.ema_dit(ckpt, device)
     vae = train.vae_from_source(_vae_source(ckpt, vae_ckpt, sd_vae), device).eval()
     train.check_latent_norm(vae, ckpt, ckpt_path)              # decode with the statistics it was trained on
-    return model.to(device).eval(), vae, ckpt
+    return model, vae, ckpt
 
 
 def _torch_load_repa(path):

@@ -1680,6 +1680,13 @@ def sample_latents(model, indices, labels, latent_shape, seed, device, steps=50,
 
 
 @torch.no_grad()
+def ema_dit(ckpt, device):
+    """The EMA DiT of a 'dit' checkpoint, in eval mode."""
+    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    return model.eval()
+
+
 def decode_latents(vae, z, meta):
     """Normalised latents -> images in [-1, 1] (float32 latents; SD-VAE: z * (1 / 0.18215))."""
     mean = torch.tensor(meta["latent_mean"], device=z.device).view(1, -1, 1, 1)
