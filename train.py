@@ -1789,14 +1789,13 @@ def run_all(args, d):
 # ----------------------------------------------------------------------------- before the first step
 
 def preflight(args, d):
-    """Check what can be checked before hours of work: the run folder, the model and the data source."""
+    """Check what would otherwise fail only after hours of work: the run folder, LPIPS, the REPA encoder. (The
+    dataset's layout is checked when a stage opens it, before its first step: listing ImageNet once is enough.)"""
     check_output_folder(args.out)
     if args.stage in ("all", "vae", "compare"):
         resolve_lpips(args, d)
     if args.stage in ("all", "dit") and args.repa_lambda > 0:
         load_repa_encoder(args.repa_encoder, "cpu", args.seed, args.image_size)   # offline hub fails now
-    if args.dataset != "deadleaves" and args.data_path and args.stage != "dit":
-        build_dataset(args.dataset, args.data_path, args.image_size)   # layout errors now
 
 
 def main(argv=None):
