@@ -138,7 +138,7 @@ def check_finite_weights(state_dict, path):
 def _vae_source(ckpt, vae_ckpt=None, sd_vae=None):
     """The autoencoder of a 'dit' checkpoint, or the one given by --sd-vae / --vae-ckpt."""
     if sd_vae:
-        return dict(kind="sd", path=os.path.abspath(sd_vae), preset="f8d4")
+        return train.sd_vae_source(sd_vae)
     if vae_ckpt:
         return dict(kind="ckpt", path=os.path.abspath(vae_ckpt))
     return ckpt["vae"]
@@ -213,7 +213,7 @@ def _load_source(ckpt_path, device, vae_ckpt=None, sd_vae=None, repa=None):
         model, vae, info = load_repa(ckpt_path, device, sd_vae, **repa)
         ck = dict(path=os.path.abspath(ckpt_path), step=info["step"], format="repa", repa=info["repa"],
                   sha256=info["sha256"])
-        return model, vae, info, ck, dict(kind="sd", path=os.path.abspath(sd_vae), preset="f8d4")
+        return model, vae, info, ck, train.sd_vae_source(sd_vae)
     model, vae, ckpt = load_dit(ckpt_path, device, vae_ckpt, sd_vae)
     ck = dict(path=os.path.abspath(ckpt_path), step=ckpt.get("step"), format="sm",
               sha256=state_fingerprint(ckpt["ema"]))

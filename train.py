@@ -1217,7 +1217,7 @@ def load_stage1_vae(args, d):
     """The autoencoder for latents: --sd-vae weights, or a finished stage-1 checkpoint (default OUT/vae.pt).
     Without an explicit --dataset, the dataset settings of the stage-1 run are used."""
     if args.sd_vae:
-        src = dict(kind="sd", path=os.path.abspath(args.sd_vae), preset="f8d4")
+        src = sd_vae_source(args.sd_vae)
         return vae_from_source(src, d.device), src
     if args.official_vae:
         src = dict(kind="official", path=os.path.abspath(args.official_vae), preset=args.vae,
@@ -1234,6 +1234,11 @@ def load_stage1_vae(args, d):
                 setattr(args, k, ckpt["args"][k])
     return build_vae_from_checkpoint(ckpt).to(d.device), dict(kind="ckpt", path=os.path.abspath(path),
                                                                step=ckpt["step"])
+
+
+def sd_vae_source(path):
+    """The record of diffusers' SD-VAE weights at path as an autoencoder source (see vae_from_source)."""
+    return dict(kind="sd", path=os.path.abspath(path), preset="f8d4")
 
 
 def vae_from_source(src, device):
