@@ -774,12 +774,16 @@ def side_file(samples_path):
     return info
 
 
+def is_small(n, n_ref=None):
+    """True when either side has fewer than MIN_IMAGES_UNBIASED images (biased FID / sFID / precision-recall)."""
+    return n < MIN_IMAGES_UNBIASED or (n_ref is not None and n_ref < MIN_IMAGES_UNBIASED)
+
+
 def metric_key(name, n, n_ref=None):
     """Result key of a metric on n samples and n_ref reference images: the bare name with >= 2,048 on
     both sides, else labelled with the size: fid-512 (small samples, or both sides 512), and
     fid-50000-ref1000 / fid-512-ref1000 when the reference side is small and of another size."""
-    small = n < MIN_IMAGES_UNBIASED or (n_ref is not None and n_ref < MIN_IMAGES_UNBIASED)
-    if not small:
+    if not is_small(n, n_ref):
         return name
     if n_ref is None or n_ref == n or (n < MIN_IMAGES_UNBIASED <= n_ref):
         return f"{name}-{n}"
@@ -843,8 +847,7 @@ def _input_size(src):
 
 def check_sample_sizes(n, n_ref, allow_small, what="FID / sFID / precision-recall"):
     """Refuse metrics on fewer than 2,048 images on either side unless allow_small (ADM uses 50k / 10k)."""
-    small = n < MIN_IMAGES_UNBIASED or (n_ref is not None and n_ref < MIN_IMAGES_UNBIASED)
-    if small and not allow_small:
+    if is_small(n, n_ref) and not allow_small:
         ref = "unknown" if n_ref is None else n_ref
         raise EvalError(f"{what} on {n} samples and {ref} reference images: below {MIN_IMAGES_UNBIASED} "
                         f"images they are biased and not comparable to 50k-sample numbers; pass "
