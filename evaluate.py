@@ -1,43 +1,32 @@
-"""Evaluation for Spectrum Matching: Inception FID/IS/sFID/precision-recall, SWD,
-autoencoder metrics (rFID, PSNR, SSIM, LPIPS, DSM check), spectrum diagnostics, and the
-diffusability probe and regulariser comparison (run_probe / run_compare, which train.py's
---stage probe / compare call).
+"""Evaluation for Spectrum Matching: Inception FID / sFID / IS / precision-recall, SWD, autoencoder metrics
+(rFID, PSNR, SSIM, LPIPS, DSM check, spectra), the metrics of a training run and the diffusability probe.
 
-Usage
------
-  python evaluate.py SAMPLES REFERENCE [--save-stats STATS.npz] [--json OUT.json]
-  python evaluate.py SAMPLES --ref-dataset imagenet --ref-path DIR --image-size 256
+  python evaluate.py                             # the run runs/deadleaves (or --run OUT) -> OUT/metrics.json
+  python evaluate.py SAMPLES REFERENCE           # folders, arr_0 .npz, mu/sigma .npz (--save-stats caches them)
+  python evaluate.py SAMPLES --dataset imagenet --data-path DIR     # reference: held-out images of a dataset
   python evaluate.py --vae CKPT --dataset imagenet --data-path DIR --num-images 10000
-  python evaluate.py --spectrum --vae CKPT --dataset imagenet --data-path DIR
-  python evaluate.py --bench                       # images/s, ours vs pytorch-fid
-  torchrun --nproc_per_node=8 evaluate.py SAMPLES REFERENCE    # DDP feature extraction
+  python evaluate.py --probe VAE_CKPT [--seed S] [--budget short|long]
+  python evaluate.py --compare OUT [--seeds 0 1 2] [--budget short|long]
+  torchrun --nproc_per_node=8 evaluate.py SAMPLES REFERENCE         # DDP feature extraction
 
-SAMPLES / REFERENCE: a folder of images, an .npz with `arr_0` (N,H,W,3 uint8; the ADM
-format sample.py writes), or an .npz with `mu`/`sigma` (ADM reference batches, or
-statistics cached by --save-stats). Results go to stdout (the protocol, then the table) and
-to a JSON next to SAMPLES (`X.npz` -> `X.metrics.json`, folder `D/` -> `D.metrics.json`;
-`X.json` is sample.py's side file) unless --json says where.
+Results: stdout (the protocol record, then the table) and a JSON next to the input (X.npz -> X.metrics.json).
 
-Inception: the TF "2015-12-05" FID network in torchvision's Inception-v3 layout with the
-weights pytorch-fid publishes (pt_inception-2015-12-05-6726825d.pth). Input protocols
-(--resize): 'adm' (default) as ADM's TF evaluator (guided-diffusion evaluations/evaluator.py):
-pixels 0..255, TF1 bilinear resize to 299 (src = dst * in / out), (x - 128) / 128;
-'pytorch-fid': pixels / 255, torch bilinear resize (half-pixel centres), 2x - 1. Features:
-  pool    (N, 2048)   pool_3, for FID and precision/recall
-  logits_unbiased (N, 1008)   pool_3 @ W (no fc bias): the softmax input of ADM's Inception Score
-  spatial (N, 2023)   ADM's sFID features, "mixed_6/conv" = first 7 channels of the
-                      1x1 branch (conv+BN+ReLU) of torchvision's Mixed_6d, 17x17, flattened in
-                      (H, W, C) order like ADM's NHWC tensor
-FID / sFID / precision-recall are refused below 2,048 images on either side unless --allow-small;
-then they are labelled with their size (`fid-512`).
+Inception: pytorch-fid's FID network (TF 2015-12-05 graph) in torchvision's layout; input protocols
+(--resize): 'adm' (default) as ADM's TF evaluator: pixels 0..255, TF1 bilinear resize to 299, (x - 128) / 128;
+'pytorch-fid': pixels / 255, torch bilinear resize, 2x - 1. Untagged reference statistics are ADM's: 'adm'.
+Features: pool (N, 2048) for FID and P/R; logits_unbiased (N, 1008) = pool @ W without the fc bias, ADM's IS
+input; spatial (N, 2023), ADM's sFID features. FID / sFID / P-R / rFID are refused below 2,048 images on either
+side unless --allow-small, then labelled with their size (`fid-512`).
 """
 
 import argparse
 import functools
+import glob
 import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
@@ -47,23 +36,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
+import sample
 import sm
 import train
 
-FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
-                   "fid_weights/" + FID_WEIGHTS_NAME)
-IMAGE_EXTS = train.IMAGE_EXTS
-MIN_IMAGES_UNBIASED = 2048
-SPATIAL_CHANNELS = 7
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
 RESIZE_PROTOCOLS = ("adm", "pytorch-fid")
+FEATURE_DIMS = {"pool": 2048, "logits": 1008, "logits_unbiased": 1008, "spatial": 7 * 17 * 17}
+MIN_IMAGES_UNBIASED = 2048                                  # below: FID & co. refused, or labelled with the size
 IS_SPLIT_SIZE = 5000                                        # ADM's compute_inception_score(split_size=5000)
-FEATURE_KEYS = ("pool", "logits_unbiased", "spatial")
-
-
-class EvalError(ValueError):
-    """Bad input to the evaluator (message names the problem and the file)."""
+DSM_KS = (8, 10, 12)                                        # the DSM k checked: the nonzero k training draws
+RUN_EVAL_IMAGES = 1024                                      # held-out images of a run's metrics.json
 
 
 # ----------------------------------------------------------------------------------------
@@ -74,12 +60,8 @@ def _tf_blocks():
     """Torchvision Inception blocks with TF pooling (imports torchvision lazily)."""
     from torchvision.models import inception as tvi
 
-    def pool_avg(x):
-        # TF average pooling ignores the zero padding
-        return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-    def pool_max(x):
-        return F.max_pool2d(x, 3, stride=1, padding=1)
+    pool_avg = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF
+    pool_max = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
 
     class BlockA(tvi.InceptionA):
         def _forward(self, x):
@@ -112,12 +94,9 @@ def _tf_blocks():
 
 
 def resize_bilinear_tf1(x, size=(299, 299)):
-    """TF1 `tf.image.resize_bilinear` (align_corners=False, no half-pixel centres), as in ADM's graph.
-
-    src = dst * in / out (scale rounded to float32 like TF's kernel), then lerp along W and along H in
-    TF's order: top = tl + (tr - tl) dx, bottom = bl + (br - bl) dx, out = top + (bottom - top) dy.
-    x: float (N, C, H, W) -> (N, C, size[0], size[1]).
-    """
+    """TF1 `tf.image.resize_bilinear` (align_corners=False, no half-pixel centres) of float (N, C, H, W)."""
+    # src = dst * in / out (the scale rounded to float32 like TF's kernel), then lerp along W and along H in TF's
+    # order: top = tl + (tr - tl) dx, bottom = bl + (br - bl) dx, out = top + (bottom - top) dy
     def axis(n_in, n_out):
         scale = torch.tensor(float(n_in), dtype=torch.float32) / n_out
         src = torch.arange(n_out, dtype=torch.float32) * scale                 # (n_out,)
@@ -133,96 +112,69 @@ def resize_bilinear_tf1(x, size=(299, 299)):
     return top + (x.index_select(-2, yhi) - top) * dy[:, None]               # (N, C, oh, ow)
 
 
-def _check_resize(resize):
-    if resize not in RESIZE_PROTOCOLS:
-        raise EvalError(f"resize must be one of {RESIZE_PROTOCOLS}, got {resize!r}")
-    return resize
-
-
-def inception_input(x, resize="adm"):
-    """Images -> the network's (N, 3, 299, 299) input under one protocol (see the module docstring).
-
-    x: uint8 (N, 3, H, W) pixels 0..255 (exact), or float (N, 3, H, W) in [0, 1] (scaled by 255).
-    """
-    _check_resize(resize)
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise EvalError(f"Inception input must be (N, 3, H, W) images, got shape {tuple(x.shape)}")
-    if resize == "adm":                                     # ADM: float pixels, TF1 resize, (x - 128) / 128
-        x = x.float() if x.dtype == torch.uint8 else x.float() * 255.0
-        return (resize_bilinear_tf1(x, (299, 299)) - 128.0) / 128.0
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    return 2.0 * x - 1.0                                    # pytorch-fid: [0,1] -> [-1,1]
-
-
 class FIDInception(nn.Module):
-    """FID Inception-v3; forward(NCHW uint8 0..255 or float [0,1]) -> dict(pool, logits, logits_unbiased,
-    spatial). `resize` picks the input protocol ('adm' or 'pytorch-fid'); logits = fc(pool) with the bias
-    (pytorch-fid's output), logits_unbiased = pool @ fc.weight.T (ADM's and torch-fidelity's IS input)."""
+    """FID Inception-v3, one input protocol: uint8 (N, 3, H, W) (or float in [0, 1]) -> pool, logits, spatial..."""
 
     def __init__(self, resize="adm"):
         super().__init__()
-        self.resize = _check_resize(resize)
+        if resize not in RESIZE_PROTOCOLS:
+            raise ValueError(f"resize must be one of {RESIZE_PROTOCOLS}, got {resize!r}")
+        self.resize, self.weights_path = resize, None      # weights_path: for the protocol record
         tvi, A, C, E, pool_avg, pool_max = _tf_blocks()
         net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
         net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
-        net.Mixed_6b, net.Mixed_6c = C(768, 128), C(768, 160)
-        net.Mixed_6d, net.Mixed_6e = C(768, 160), C(768, 192)
+        net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
         net.Mixed_7b, net.Mixed_7c = E(1280, pool_avg), E(2048, pool_max)
         self.net = net
-        self.weights_path = None                            # set by load_inception (for the protocol)
-        self._spatial = None
-        net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
-
-    def _keep_spatial(self, module, inputs, output):
-        self._spatial = output[:, :SPATIAL_CHANNELS]        # (N, 7, 17, 17)
 
     @torch.no_grad()
     def forward(self, x):
-        x = inception_input(x, self.resize)                 # (N, 3, 299, 299)
-        x = x.contiguous(memory_format=torch.channels_last)  # ~1.5x faster convs on CPU
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Inception input must be (N, 3, H, W) images, got shape {tuple(x.shape)}")
+        if self.resize == "adm":                            # ADM: float pixels, TF1 resize, (x - 128) / 128
+            x = x.float() if x.dtype == torch.uint8 else x.float() * 255.0
+            x = (resize_bilinear_tf1(x, (299, 299)) - 128.0) / 128.0
+        else:                                               # pytorch-fid: [0, 1], torch resize, 2x - 1
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            x = 2.0 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1.0
+        x = x.contiguous(memory_format=torch.channels_last)  # (N, 3, 299, 299); ~1.5x faster convs on CPU
         n = self.net
-        for m in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1,
-                  n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.maxpool2,
-                  n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
-                  n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+        for m in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
+                  n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
+                  n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            if m is n.Mixed_6d:                             # ADM's "mixed_6/conv": 7 channels of its 1x1 branch
+                spatial = n.Mixed_6d.branch1x1(x)[:, :7]    # (N, 7, 17, 17)
             x = m(x)
         pool = x.mean(dim=(2, 3))                           # (N, 2048)
-        # ADM flattens the NHWC TF tensor: (H, W, C) order, so its reference statistics line up
-        spatial, self._spatial = self._spatial.permute(0, 2, 3, 1).flatten(1), None   # (N, 17*17*7)
+        spatial = spatial.permute(0, 2, 3, 1).flatten(1)    # (N, 17*17*7) in ADM's NHWC order
         unbiased = pool @ n.fc.weight.T                     # (N, 1008) ADM: softmax(pool_3 @ W), no bias
-        return {"pool": pool, "logits": unbiased + n.fc.bias, "logits_unbiased": unbiased,
-                "spatial": spatial}
-
-
-def _find_weights(path=None):
-    """Local path of the FID Inception weights, downloading them if needed and possible."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Inception weights not found: {path}")
-        return str(path)
-    return sm.fetch_weights(FID_WEIGHTS_URL, None, "FID Inception", flag="--inception PATH")
+        return {"pool": pool, "logits": unbiased + n.fc.bias, "logits_unbiased": unbiased, "spatial": spatial}
 
 
 def load_inception(path_or_state_dict=None, device="cpu", resize="adm"):
-    """FID Inception in eval mode from a .pth path, a state dict, or the hub cache/URL.
-
-    resize: input protocol, 'adm' (ADM's TF evaluator: TF1 resize of 0..255 pixels; default) or
-    'pytorch-fid' (pytorch-fid's torch bilinear resize of [0, 1] pixels).
-    """
+    """FID Inception in eval mode from a .pth path, a state dict, or the hub cache / URL."""
     model = FIDInception(resize)                            # checks resize before any download
     if isinstance(path_or_state_dict, dict):
         state = path_or_state_dict
     else:
-        model.weights_path = _find_weights(path_or_state_dict)
+        model.weights_path = sm.fetch_weights(FID_WEIGHTS_URL, path_or_state_dict, "FID Inception",
+                                              flag="--inception PATH")
         state = torch.load(model.weights_path, map_location="cpu", weights_only=True)
     model.net.load_state_dict(state)
-    model = model.eval().requires_grad_(False).to(device)
-    return model.to(memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
+
+
+def try_inception(path, resize, device):
+    """The Inception network, or None (said on stderr) when no path is given and no weights can be fetched."""
+    try:
+        return load_inception(path, device, resize)
+    except RuntimeError as e:                               # the download failed; a given missing path raises
+        print(f"[evaluate] no Inception metrics: {e}", file=sys.stderr)
+        return None
 
 
 def random_inception_state_dict(seed=0):
-    """Deterministic pseudo-random FID-Inception weights (golden tests, benchmarks).
+    """Deterministic pseudo-random FID-Inception weights (golden tests).
 
     Recipe (reproducible on any side that has the torchvision key names): for every key
     in sorted order, draw from one torch.Generator(seed) on CPU in float32:
@@ -238,9 +190,8 @@ def random_inception_state_dict(seed=0):
         if key.endswith("num_batches_tracked"):
             out[key] = torch.zeros_like(t)
         elif key.endswith("weight") and t.dim() > 1:
-            fan_in = t[0].numel()
             gain = 1.0 if key.startswith("fc.") else 2.0
-            out[key] = torch.randn(t.shape, generator=g) * math.sqrt(gain / fan_in)
+            out[key] = torch.randn(t.shape, generator=g) * math.sqrt(gain / t[0].numel())
         elif key.endswith(("bn.weight", "running_var")):
             out[key] = torch.rand(t.shape, generator=g) + 0.5
         else:                                               # biases, running means
@@ -249,343 +200,212 @@ def random_inception_state_dict(seed=0):
 
 
 # ----------------------------------------------------------------------------------------
-# Distributed helpers (torchrun: WORLD_SIZE > 1; otherwise world size 1)
+# Inputs (image folders, ADM .npz, statistics .npz, datasets), features, FID, IS, precision / recall
 # ----------------------------------------------------------------------------------------
 
-def dist_setup():
-    """(rank, world size, device) under torchrun or a plain process (train.Dist)."""
-    d = train.Dist()
-    return d.rank, d.world, d.device
+class Images(torch.utils.data.Dataset):
+    """n images as uint8 (3, H, W) tensors from get(i) -> uint8 (H, W, 3) array."""
 
-
-def _gather(arrays, world):
-    """Per-rank dicts of numpy arrays, rank r holding items r, r + world, ...: all items, in index order,
-    on every rank (so consecutive splits, e.g. the Inception Score's, match a single process)."""
-    if world == 1:
-        return arrays
-    parts = [None] * world
-    torch.distributed.all_gather_object(parts, arrays)
-    out = {}
-    for k in arrays:
-        n = sum(len(p[k]) for p in parts)
-        out[k] = np.empty((n,) + parts[0][k].shape[1:], parts[0][k].dtype)
-        for r, p in enumerate(parts):
-            out[k][r::world] = p[k]
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# Inputs: image folders, ADM .npz, statistics .npz, datasets
-# ----------------------------------------------------------------------------------------
-
-class ImageFolderDataset(train.ImageFiles):
-    """The images of a folder and its subfolders, uncropped, as uint8 (3, H, W) tensors, decoded as in training."""
-
-    def __init__(self, root):
-        super().__init__(root, None, classes=False, recursive=True)
-
-    def __getitem__(self, i):
-        arr = np.array(train.read_rgb(self.files[i]), dtype=np.uint8)
-        return torch.from_numpy(arr).permute(2, 0, 1)
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """N,H,W,3 uint8 array (or .npz path, read on first access) as uint8 (3,H,W) tensors."""
-
-    def __init__(self, arr, shape=None):
-        self.arr, self.shape = arr, (arr.shape if shape is None else shape)
+    def __init__(self, n, get):
+        self.n, self.get = n, get
 
     def __len__(self):
-        return self.shape[0]
+        return self.n
 
     def __getitem__(self, i):
-        if isinstance(self.arr, (str, Path)):               # lazy: ADM batches are ~2 GB
-            self.arr = np.load(self.arr)["arr_0"]
-        return torch.from_numpy(np.ascontiguousarray(self.arr[i])).permute(2, 0, 1)
-
-
-def _npz_array_header(path, key):
-    """(shape, dtype) of one array in an .npz without reading its data."""
-    import zipfile
-    with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read(f)
-    return shape, np.dtype(dtype)
-
-
-class SignedDataset(torch.utils.data.Dataset):
-    """train.build_dataset output ([-1,1] float, label) as float (3,H,W) in [0,1]."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return _from_signed(self.ds[i][0])
-
-
-def collate_images(batch, resize="adm"):
-    """Stack images; mixed sizes are resized to 299x299 by the Inception protocol's own resize
-    (what the network does anyway; 299 -> 299 is then the identity) and returned as float [0, 1]."""
-    if all(b.shape == batch[0].shape for b in batch):
-        return torch.stack(batch)
-    if _check_resize(resize) == "adm":
-        return torch.cat([resize_bilinear_tf1(_to_unit(b)[None] * 255.0) / 255.0 for b in batch])
-    return torch.cat([F.interpolate(_to_unit(b)[None], size=(299, 299), mode="bilinear",
-                                    align_corners=False) for b in batch])
-
-
-def _to_unit(x):
-    """uint8 0-255 or float [0,1] tensor -> float [0,1]."""
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-
-def _from_signed(x):
-    """[-1, 1] images -> float [0, 1]."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def _image_array(path):
-    """Lazy dataset over arr_0 of an .npz after checking its header (N,H,W,3 uint8)."""
-    shape, dtype = _npz_array_header(path, "arr_0")
-    if len(shape) != 4 or shape[-1] != 3:
-        raise EvalError(f"{path}: arr_0 must be N x H x W x 3 images, got shape {shape}")
-    if dtype != np.uint8:
-        raise EvalError(f"{path}: arr_0 must be uint8 images, got {dtype}")
-    if shape[0] == 0:
-        raise EvalError(f"{path}: arr_0 holds no images")
-    return ArrayDataset(str(path), shape)
+        return torch.from_numpy(np.ascontiguousarray(self.get(i), dtype=np.uint8)).permute(2, 0, 1)
 
 
 def open_input(path):
-    """Classify SAMPLES/REFERENCE: {'images': Dataset} and/or {'stats': dict}."""
+    """SAMPLES / REFERENCE -> {'path', 'n' (images; None: unknown), and 'images' (Images) and / or 'stats'}."""
     p = Path(path)
-    if p.is_dir():
-        return {"images": ImageFolderDataset(p), "path": str(p)}
+    if p.is_dir():                                          # every image below, uncropped, decoded as in training
+        files = train.image_files(p)
+        if not files:
+            raise ValueError(f"no images ({', '.join(train.IMAGE_EXTS)}) found in {p}")
+        images = Images(len(files), lambda i: np.array(train.read_rgb(files[i])))
+        return {"images": images, "n": len(files), "path": str(p)}
     if not p.exists():
-        raise EvalError(f"input not found: {p}")
+        raise ValueError(f"input not found: {p}")
     if p.suffix.lower() != ".npz":
-        raise EvalError(f"input must be a folder of images or an .npz file: {p}")
+        raise ValueError(f"input must be a folder of images or an .npz file: {p}")
     try:
         data = np.load(p)
         keys = set(data.files)
     except Exception as e:
-        raise EvalError(f"cannot read {p}: {e}") from None
-    out = {"path": str(p)}
+        raise ValueError(f"cannot read {p}: {e}") from None
+    out = {"path": str(p), "n": int(data["num_images"]) if "num_images" in keys else None}
     if {"mu", "sigma"} <= keys:
         out["stats"] = {k: data[k] for k in keys if k != "arr_0"}
-        if "arr_0" in keys and len(_npz_array_header(p, "arr_0")[0]) == 4:
-            out["images"] = _image_array(p)                   # ADM batches also hold images
-    elif "arr_0" in keys:
-        out["images"] = _image_array(p)
-    else:
-        raise EvalError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); "
-                        f"keys: {sorted(keys)}")
+        out["n"] = out["n"] or (len(data["pool"]) if "pool" in keys else None)
+    elif "arr_0" not in keys:
+        raise ValueError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); keys: {sorted(keys)}")
+    if "arr_0" in keys:                                     # images (N, H, W, 3); ADM's reference batches hold both
+        arr = data["arr_0"]
+        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or not len(arr):
+            raise ValueError(f"{p}: arr_0 must hold uint8 N x H x W x 3 images, got {arr.dtype} {arr.shape}")
+        out["images"], out["n"] = Images(len(arr), arr.__getitem__), len(arr)
     return out
 
 
-def build_eval_dataset(name, path, image_size, seed=0):
-    """Dataset spec (center-cropped like train.py) as float [0,1] images."""
-    return SignedDataset(train.build_dataset(name, path, image_size, train=False, seed=seed))
+def check_reference(ref, resize):
+    """Refuse statistics of another protocol (untagged: ADM's), of a wrong dimension or with NaN (before any pass)."""
+    stats = ref.get("stats")
+    if stats is None:
+        return
+    tag = str(stats.get("resize", "adm"))
+    if tag != resize:
+        raise ValueError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use --resize "
+                         f"{resize}; FIDs across protocols are not comparable")
+    shapes = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023),
+              "pool": (len(stats.get("pool", ())), 2048)}
+    for key in [k for k in shapes if k in stats]:
+        if stats[key].shape != shapes[key]:
+            raise ValueError(f"{ref['path']}: '{key}' has shape {stats[key].shape}, but Inception features need "
+                             f"{shapes[key]}: a wrong dimension")
+        if not np.isfinite(stats[key]).all():
+            raise ValueError(f"{ref['path']}: '{key}' holds NaN or inf")
 
 
-# ----------------------------------------------------------------------------------------
-# Feature extraction
-# ----------------------------------------------------------------------------------------
+def shard(ds, d):
+    """This rank's contiguous share of a dataset (all of it without DDP)."""
+    if d is None or d.world == 1:
+        return ds
+    return torch.utils.data.Subset(ds, np.array_split(np.arange(len(ds)), d.world)[d.rank].tolist())
+
+
+def gather(arrays, d):
+    """Every rank's dict of arrays of its contiguous share -> the whole arrays in dataset order, on every rank."""
+    if d is None or d.world == 1:
+        return arrays
+    parts = [None] * d.world
+    torch.distributed.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def collate_images(batch, resize="adm"):
+    """Stack uint8 images; mixed sizes are resized to 299 by the protocol's own resize first, as float [0, 1]."""
+    if all(b.shape == batch[0].shape for b in batch):
+        return torch.stack(batch)
+    if resize == "adm":                                     # uint8 (3, H, W) images
+        return torch.cat([resize_bilinear_tf1(b[None].float()) / 255.0 for b in batch])
+    return torch.cat([F.interpolate(b[None] / 255.0, size=(299, 299), mode="bilinear", align_corners=False)
+                      for b in batch])
+
 
 @torch.no_grad()
-def extract_features(model, dataset, batch_size=50, num_workers=0, device="cpu",
-                     max_images=None, progress=True, shard=True, keys=FEATURE_KEYS):
-    """Inception features of a dataset of images, sharded over DDP ranks and gathered.
-
-    Returns dict of float32 numpy arrays for `keys` (any of the model's outputs): by default
-    pool (N,2048), logits_unbiased (N,1008) and spatial (N,2023).
-    """
-    rank, world = 0, 1
-    if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    subset = torch.utils.data.Subset(dataset, list(range(rank, n, world)))
-    collate = functools.partial(collate_images, resize=getattr(model, "resize", "adm"))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=collate)
-    feats = {k: [] for k in keys}
-    if progress and rank == 0:
-        from tqdm import tqdm
-        loader = tqdm(loader, desc="inception", unit="batch", leave=False)
-    for x in loader:
+def extract_features(model, images, d=None, batch_size=50, num_workers=0, keys=("pool", "logits_unbiased", "spatial")):
+    """Inception features {key: float32 (N, dim)}; with d, each rank extracts its share and all get all, in order."""
+    loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=functools.partial(collate_images, resize=model.resize))
+    device = next(model.parameters()).device
+    feats = {k: [np.zeros((0, FEATURE_DIMS[k]), np.float32)] for k in keys}
+    for x in tqdm(loader, desc="inception", unit="batch", leave=False, disable=d is not None and not d.main):
         out = model(x.to(device))
-        for k in feats:
+        for k in keys:
             feats[k].append(out[k].float().cpu().numpy())
-    feats = {k: (np.concatenate(v) if v else np.zeros((0, 1), np.float32))
-             for k, v in feats.items()}
-    return _gather(feats, world)
+    return gather({k: np.concatenate(v) for k, v in feats.items()}, d)
 
-
-# ----------------------------------------------------------------------------------------
-# Statistics and Fréchet distance
-# ----------------------------------------------------------------------------------------
 
 def compute_statistics(features):
-    """(N, D) features -> (mu (D,), sigma (D,D)) in float64; warns below 2048 images."""
+    """(N, D) features -> (mu (D,), sigma (D, D)) in float64; warns below 2,048 images."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
-        raise EvalError(f"features must be (N, D), got shape {x.shape}")
+        raise ValueError(f"features must be (N, D), got shape {x.shape}")
     if x.shape[0] < 2:
-        raise EvalError(f"need at least 2 images for statistics, got {x.shape[0]}")
+        raise ValueError(f"need at least 2 images for statistics, got {x.shape[0]}")
     if x.shape[0] < MIN_IMAGES_UNBIASED:
-        warnings.warn(f"only {x.shape[0]} images (< {MIN_IMAGES_UNBIASED}): FID is biased "
-                      f"upwards and not comparable to 50k-image numbers", stacklevel=2)
+        warnings.warn(f"only {x.shape[0]} images (< {MIN_IMAGES_UNBIASED}): FID is biased upwards and not "
+                      f"comparable to 50k-image numbers", stacklevel=2)
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+def inception_stats(feats, resize):
+    """Statistics of Inception features as --save-stats writes them: FID, sFID, P/R features, protocol tag."""
+    (mu, sigma), (mu_s, sigma_s) = compute_statistics(feats["pool"]), compute_statistics(feats["spatial"])
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pool": feats["pool"],
+            "num_images": len(feats["pool"]), "resize": resize}
+
+
 def save_stats(path, stats):
-    """Write statistics (mu, sigma, optional mu_s, sigma_s, pool, num_images, resize) to .npz, atomically."""
-    path = str(path) if str(path).endswith(".npz") else f"{path}.npz"     # np.savez's own rule
+    """Write statistics to .npz (np.savez appends the suffix), atomically."""
+    path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
     train.atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in stats.items()}))
 
 
-def load_stats(path):
-    """Read statistics written by save_stats or ADM's reference batches."""
-    src = open_input(path)
-    if "stats" not in src:
-        raise EvalError(f"{path} holds no 'mu'/'sigma' statistics")
-    return src["stats"]
-
-
-def _zero_var_dims(sigma):
-    """Indices of dimensions whose whole covariance row is exactly zero (dead features)."""
-    return set(np.flatnonzero(~np.any(sigma != 0, axis=1)).tolist())
-
-
-def _trace_sqrt_product(sigma1, sigma2):
-    """tr sqrt(S1 S2) = tr sqrt(sqrt(S1) S2 sqrt(S1)) via symmetric eigendecompositions."""
-    w, v = np.linalg.eigh(sigma1)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T        # symmetric sqrt(S1)
-    m = root @ sigma2 @ root
-    ev = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(ev, 0, None)).sum())
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
-
-    ||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), with the trace term from the
-    eigenvalues of sqrt(S1) S2 sqrt(S1) (no scipy.linalg.sqrtm, any scipy version).
-    pytorch-fid parity: its sqrtm(S1 S2) turns non-finite (scipy <= 1.15, Schur-based
-    sqrtm) when one set has an exactly-zero-variance dimension the other lacks and vice
-    versa; it then uses S + eps*I for the trace term only. We apply the same rule, so the
-    numbers match pytorch-fid with those scipy versions (scipy >= 1.16's sqrtm never falls
-    back; the difference is ~1e-5 relative in that corner case only).
-    """
+    """||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) in float64, without scipy's sqrtm (any scipy version)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape:
-        raise EvalError(f"mean vectors have different dimensions: {mu1.shape} vs {mu2.shape}")
+        raise ValueError(f"mean vectors have different dimensions: {mu1.shape} vs {mu2.shape}")
     if s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
-        raise EvalError(f"covariances have different/mismatched dimensions: {s1.shape} vs "
-                        f"{s2.shape} for means of length {mu1.shape[0]}")
+        raise ValueError(f"covariances have different/mismatched dimensions: {s1.shape} vs "
+                         f"{s2.shape} for means of length {mu1.shape[0]}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
-        raise EvalError("statistics contain NaN or inf")
-    z1, z2 = _zero_var_dims(s1), _zero_var_dims(s2)
-    if (z1 - z2) and (z2 - z1):
-        warnings.warn(f"singular covariance product; adding {eps} to the diagonal "
-                      f"(pytorch-fid fallback)", stacklevel=2)
-        off = np.eye(s1.shape[0]) * eps
-        tr = _trace_sqrt_product(s1 + off, s2 + off)
-    else:
-        tr = _trace_sqrt_product(s1, s2)
+        raise ValueError("statistics contain NaN or inf")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr)
+    head = diff @ diff + np.trace(s1) + np.trace(s2)
+    # pytorch-fid parity: its sqrtm(S1 S2) turns non-finite (scipy <= 1.15) when each set has an exactly-zero-variance
+    # dimension the other lacks; it then uses S + eps*I for the trace term only, and so do we
+    dead1, dead2 = (set(np.flatnonzero(~np.any(s != 0, axis=1)).tolist()) for s in (s1, s2))   # zero rows
+    if (dead1 - dead2) and (dead2 - dead1):
+        warnings.warn(f"singular covariance product; adding {eps} to the diagonal (pytorch-fid fallback)", stacklevel=2)
+        s1, s2 = s1 + np.eye(len(s1)) * eps, s2 + np.eye(len(s2)) * eps
+    w, v = np.linalg.eigh(s1)                               # tr sqrt(S1 S2) = tr sqrt(sqrt(S1) S2 sqrt(S1))
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T        # symmetric sqrt(S1)
+    m = root @ s2 @ root
+    return float(head - 2.0 * np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
 
 
-# ----------------------------------------------------------------------------------------
-# Inception Score, precision / recall
-# ----------------------------------------------------------------------------------------
+def fid_of(a, b):
+    """Fréchet distance of two feature sets (N, D); the caller labels small sets (metric_key): no size warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*biased")
+        return frechet_distance(*compute_statistics(a), *compute_statistics(b))
+
 
 def inception_score(logits, splits=None, split_size=IS_SPLIT_SIZE):
-    """Inception Score (mean, std over splits) of softmax(logits), as ADM's evaluator.
-
-    ADM (guided-diffusion evaluations/evaluator.py, compute_inception_score): logits = pool_3 @ W
-    without the fc bias (our `logits_unbiased`), consecutive splits of `split_size` = 5,000 samples
-    (the last one may be shorter), exp(mean_x KL(p(y|x) || p(y))) per split, averaged: 50k samples give
-    10 splits of 5,000. `splits=K` instead cuts K near-equal chunks (the improved-GAN / torch-fidelity
-    convention); the default, used by the CLI and the JSON, is ADM's split size.
-    """
+    """Inception Score (mean, std) of logits_unbiased as ADM: exp(mean_x KL(p(y|x) || p(y))) over splits of 5,000
+    consecutive samples (the last may be shorter); `splits=K`: K near-equal chunks (improved-GAN, torch-fidelity)."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     n = logits.shape[0]
     if n < 2:
-        raise EvalError(f"need at least 2 images for the Inception Score, got {n}")
-    if splits is not None:
-        chunks = np.array_split(np.arange(n), min(splits, n))
-    else:
-        if split_size < 1:
-            raise EvalError(f"split_size must be >= 1, got {split_size}")
-        chunks = [np.arange(i, min(i + split_size, n)) for i in range(0, n, split_size)]
-    p = torch.softmax(logits, dim=1)
-    logp = torch.log_softmax(logits, dim=1)
+        raise ValueError(f"need at least 2 images for the Inception Score, got {n}")
+    if split_size < 1:
+        raise ValueError(f"split_size must be >= 1, got {split_size}")
+    chunks = (np.array_split(np.arange(n), min(splits, n)) if splits is not None
+              else [np.arange(i, min(i + split_size, n)) for i in range(0, n, split_size)])
+    p, logp = torch.softmax(logits, dim=1), torch.log_softmax(logits, dim=1)
     scores = []
     for idx in chunks:
-        part, lpart = p[idx], logp[idx]
-        log_marg = torch.logsumexp(lpart, 0, keepdim=True) - math.log(len(idx))  # log p(y)
-        kl = (part * (lpart - log_marg)).sum(1).mean()
-        scores.append(math.exp(kl.item()))
+        log_marg = torch.logsumexp(logp[idx], 0, keepdim=True) - math.log(len(idx))     # log p(y)
+        scores.append(math.exp((p[idx] * (logp[idx] - log_marg)).sum(1).mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _sq_dists(a, b):
-    """Squared euclidean distances (A, B) from float32 rows."""
-    d = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
-    return d.clamp_min_(0)
+def knn_radii(features, k=3, batch_size=1024, device="cpu"):
+    """Squared distance of every row to its k-th nearest neighbour (self excluded), in blocks of rows."""
+    x = torch.as_tensor(features, dtype=torch.float32, device=device)
+    if len(x) <= k:
+        raise ValueError(f"need more than k={k} feature vectors, got {len(x)}")
+    radii = []
+    for i in range(0, len(x), batch_size):
+        d = torch.cdist(x[i:i + batch_size], x).square()                       # (b, N) squared distances
+        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = 0.0              # self distance exactly 0
+        radii.append(d.kthvalue(k + 1, dim=1).values)                           # the first is the point itself
+    return torch.cat(radii).cpu().numpy()
 
 
-def knn_radii(features, k=3, batch_size=4096, device="cpu"):
-    """Squared distance of every row to its k-th nearest neighbour (self excluded)."""
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
-    n = x.shape[0]
-    if n <= k:
-        raise EvalError(f"need more than k={k} feature vectors, got {n}")
-    radii = torch.empty(n, dtype=torch.float32)
-    for i in range(0, n, batch_size):
-        best = None                                           # (b, k+1) smallest so far
-        for j in range(0, n, batch_size):
-            d = _sq_dists(x[i:i + batch_size], x[j:j + batch_size])
-            if i == j:                                        # self distance is exactly 0
-                d.fill_diagonal_(0.0)
-            cand = d if best is None else torch.cat([best, d], 1)
-            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
-        radii[i:i + batch_size] = best[:, k].cpu()            # index 0 is the point itself
-    return radii.numpy()
+def precision_recall(real_features, fake_features, k=3, batch_size=1024, device="cpu"):
+    """Improved precision / recall (Kynkäänniemi et al. 2019): fake / real samples inside the other's k-NN balls."""
+    real, fake = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (real_features, fake_features))
 
-
-def _coverage(queries, support, radii, batch_size, device):
-    """Fraction of query rows inside at least one ball (support row, radius)."""
-    q = torch.as_tensor(np.asarray(queries), dtype=torch.float32, device=device)
-    s = torch.as_tensor(np.asarray(support), dtype=torch.float32, device=device)
-    r = torch.as_tensor(radii, dtype=torch.float32, device=device)
-    inside = torch.zeros(q.shape[0], dtype=torch.bool, device=device)
-    for i in range(0, q.shape[0], batch_size):
-        for j in range(0, s.shape[0], batch_size):
-            d = _sq_dists(q[i:i + batch_size], s[j:j + batch_size])
-            inside[i:i + batch_size] |= (d <= r[None, j:j + batch_size]).any(1)
-    return inside.float().mean().item()
-
-
-def precision_recall(real_features, fake_features, k=3, batch_size=4096, device="cpu"):
-    """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN balls, as ADM.
-
-    precision = share of fake samples inside the real manifold; recall = share of real
-    samples inside the fake manifold. Blocks of batch_size^2 distances bound the memory.
-    """
-    r_real = knn_radii(real_features, k, batch_size, device)
-    r_fake = knn_radii(fake_features, k, batch_size, device)
-    precision = _coverage(fake_features, real_features, r_real, batch_size, device)
-    recall = _coverage(real_features, fake_features, r_fake, batch_size, device)
-    return precision, recall
+    def coverage(queries, support):
+        r = torch.as_tensor(knn_radii(support, k, batch_size, device), device=device)
+        return torch.cat([(torch.cdist(queries[i:i + batch_size], support).square() <= r).any(1)
+                          for i in range(0, len(queries), batch_size)]).float().mean().item()
+    return coverage(fake, real), coverage(real, fake)
 
 
 # ----------------------------------------------------------------------------------------
@@ -601,21 +421,19 @@ def _binomial_blur(x):
 
 
 def laplacian_pyramid(x, min_res=16):
-    """Laplacian pyramid of float (N,C,H,W), finest level first, down to min_res."""
+    """Laplacian pyramid of float (N,C,H,W), finest level first, the gaussian residual last (>= min_res)."""
     levels = []
-    while True:
-        if min(x.shape[-2:]) // 2 < min_res:
-            levels.append(x)                                   # gaussian residual
-            return levels
+    while min(x.shape[-2:]) // 2 >= min_res:
         small = _binomial_blur(x)[..., ::2, ::2]
         up = torch.zeros_like(x)
         up[..., ::2, ::2] = small * 4.0                        # zero-insert upsampling
         levels.append(x - _binomial_blur(up))
         x = small
+    return levels + [x]
 
 
 def _patch_descriptors(level, patches_per_image, patch, gen):
-    """Random (patch x patch) neighbourhoods of one pyramid level, normalised per channel."""
+    """Random (patch x patch) neighbourhoods of one pyramid level, normalised per channel -> (n*P, p*p*c)."""
     n, c, h, w = level.shape
     p = min(patch, h, w)
     ys = torch.randint(0, h - p + 1, (n, patches_per_image), generator=gen)
@@ -624,64 +442,37 @@ def _patch_descriptors(level, patches_per_image, patch, gen):
     rows = (ys[..., None] + off)[..., :, None].expand(n, patches_per_image, p, p)
     cols = (xs[..., None] + off)[..., None, :].expand(n, patches_per_image, p, p)
     img = torch.arange(n)[:, None, None, None].expand_as(rows)
-    desc = level.permute(0, 2, 3, 1)[img, rows, cols]          # (n, P, p, p, c)
-    desc = desc.reshape(-1, p, p, c)
+    desc = level.permute(0, 2, 3, 1)[img, rows, cols].reshape(-1, p, p, c)    # (n*P, p, p, c)
     desc = (desc - desc.mean((0, 1, 2))) / desc.std((0, 1, 2)).clamp_min(1e-8)
-    return desc.reshape(desc.shape[0], -1)                     # (n*P, p*p*c)
+    return desc.reshape(desc.shape[0], -1)
 
 
-def _sliced_wasserstein(a, b, repeats, dirs, gen):
-    """Mean |sorted projection difference| over random unit directions."""
-    total = 0.0
-    for _ in range(repeats):
-        d = torch.randn(a.shape[1], dirs, generator=gen, dtype=torch.float64)
-        d = d / d.norm(dim=0, keepdim=True)
-        pa, pb = torch.sort(a @ d, dim=0).values, torch.sort(b @ d, dim=0).values
-        total += (pa - pb).abs().mean().item()
-    return total / repeats
-
-
-def swd(images_a, images_b, patches_per_image=128, patch=7, min_res=16,
-        dir_repeats=4, dirs_per_repeat=128, seed=0):
-    """Sliced Wasserstein distance ×1e3 per Laplacian level and their mean (ProGAN SWD).
-
-    images_*: uint8 (N,H,W,3) numpy/tensor (values 0-255) or float (N,3,H,W) in [0,1];
-    both sets the same size (H,W) and the same N (extra images are dropped). An offline
-    proxy for FID that needs no pretrained network; only comparable at equal N and size.
-    Returns {'levels': {res: swd}, 'mean': swd}.
-    """
-    a, b = _swd_input(images_a), _swd_input(images_b)
+def swd(images_a, images_b, patches_per_image=128, patch=7, min_res=16, dir_repeats=4, dirs_per_repeat=128, seed=0):
+    """ProGAN's SWD x1e3 of uint8 (N, H, W, 3) image sets of one size, per Laplacian level and mean (equal N only)."""
+    a, b = (torch.as_tensor(np.asarray(x)) for x in (images_a, images_b))
+    if a.dtype != torch.uint8 or a.ndim != 4 or a.shape[-1] != 3 or b.dtype != torch.uint8:
+        raise ValueError(f"SWD needs uint8 N x H x W x 3 images, got {a.dtype} {tuple(a.shape)}")
     if a.shape[1:] != b.shape[1:]:
-        raise EvalError(f"SWD needs equal image sizes, got {tuple(a.shape[1:])} vs "
-                        f"{tuple(b.shape[1:])}")
-    n = min(a.shape[0], b.shape[0])
+        raise ValueError(f"SWD needs equal image sizes, got {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    n = min(len(a), len(b))
     if n < 2:
-        raise EvalError(f"need at least 2 images per set for SWD, got {n}")
+        raise ValueError(f"need at least 2 images per set for SWD, got {n}")
     gen = torch.Generator().manual_seed(seed)
-    pyr_a, pyr_b = laplacian_pyramid(a[:n], min_res), laplacian_pyramid(b[:n], min_res)
     levels = {}
-    for la, lb in zip(pyr_a, pyr_b):
+    for la, lb in zip(*(laplacian_pyramid(v[:n].permute(0, 3, 1, 2).float(), min_res) for v in (a, b))):
         da = _patch_descriptors(la, patches_per_image, patch, gen).double()
         db = _patch_descriptors(lb, patches_per_image, patch, gen).double()
-        levels[int(la.shape[-1])] = 1e3 * _sliced_wasserstein(da, db, dir_repeats,
-                                                               dirs_per_repeat, gen)
+        dist = 0.0
+        for _ in range(dir_repeats):                           # mean |sorted projection difference|
+            u = torch.randn(da.shape[1], dirs_per_repeat, generator=gen, dtype=torch.float64)
+            u = u / u.norm(dim=0, keepdim=True)
+            dist += (torch.sort(da @ u, dim=0).values - torch.sort(db @ u, dim=0).values).abs().mean().item()
+        levels[int(la.shape[-1])] = 1e3 * dist / dir_repeats
     return {"levels": levels, "mean": float(np.mean(list(levels.values())))}
 
 
-def _swd_input(x):
-    """uint8 NHWC (0-255) or float NCHW [0,1] -> float32 NCHW in 0-255 (ProGAN scale)."""
-    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
-    if x.dtype == torch.uint8:
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise EvalError(f"uint8 images must be N x H x W x 3, got {tuple(x.shape)}")
-        return x.permute(0, 3, 1, 2).float()
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise EvalError(f"float images must be N x 3 x H x W in [0,1], got {tuple(x.shape)}")
-    return x.float() * 255.0
-
-
 # ----------------------------------------------------------------------------------------
-# Image-quality metrics for autoencoders
+# Autoencoder metrics: PSNR, SSIM, LPIPS, DSM, spectra, rFID
 # ----------------------------------------------------------------------------------------
 
 def psnr(x, y):
@@ -704,438 +495,228 @@ def ssim(x, y, window=11, sigma=1.5):
     return s.flatten(1).mean(1)
 
 
+def unit(x):
+    """[-1, 1] images -> float [0, 1]."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def downsample2(x):
+    """x2 down as EQ-VAE (bilinear, align_corners=False, no antialiasing): exactly 2x2 average pooling."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise ValueError(f"x2 downsampling needs even sizes, got {tuple(x.shape[-2:])}")
+    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rfid=False):
+    """Metrics of batches of [-1, 1] images (this rank's share) -> (scalars and spectra, gathered per-image arrays)."""
+    per, delta = {}, float(getattr(vae, "esm_delta", 1.0))     # the ESM target's delta (1: every recipe)
+    for x in batches:                                       # (B, 3, H, W)
+        mean, _ = vae.encode(x)                             # posterior mean (B, C, h, w)
+        images = {"x": x, "rec": vae.decode(mean).clamp(-1, 1)}
+        out = {"psnr": psnr(unit(x), unit(images["rec"])), "ssim": ssim(unit(x), unit(images["rec"]))}
+        if lpips is not None:
+            out["lpips"] = lpips(x, images["rec"]).flatten()
+        for k in DSM_KS:                                    # decoded DSM low-passed latent vs low-passed image
+            images[f"x{k}"], zk = sm.dsm_mask(x, mean, k)
+            images[f"d{k}"] = vae.decode(zk).clamp(-1, 1)
+            out[f"dsm{k}_psnr"] = psnr(unit(images[f"x{k}"]), unit(images[f"d{k}"]))
+        st, sl, si = sm.spectrum_profiles(x, mean, delta=delta, blur_sigma=vae.esm_blur)   # (B, 16) each
+        out["spectrum_kl"] = (st * (torch.log(st + 1e-8) - torch.log(sl + 1e-8))).sum(-1)   # as sm.esm_loss
+        out["spectrum_target"], out["spectrum_latent"], out["spectrum_image"] = st, sl, si
+        out["directional_spectral_energy"] = sm.directional_spectral_energy(
+            mean.flatten(2).transpose(1, 2), grid=tuple(mean.shape[-2:]), reduction="none")   # tokens (B, h*w, C)
+        if mean.shape[-1] % 2 == mean.shape[-2] % 2 == 0:   # EQ-VAE's equivariance error |D(down2(E x)) - down2(x)|
+            eq = vae.decode(downsample2(mean)).clamp(-1, 1) - downsample2(x)
+            out["equivariance_error"] = eq.abs().flatten(1).mean(1)
+        for name in (images if dsm_rfid else ("x", "rec")) if inception is not None else ():
+            out[f"pool_{name}"] = inception(unit(images[name]))["pool"]
+        for k, v in out.items():
+            per.setdefault(k, []).append(v.float().cpu().numpy())
+    per = gather({k: np.concatenate(v) for k, v in per.items()}, d)
+    n = len(per["psnr"])
+    res = {k: float(v.mean()) for k, v in per.items() if v.ndim == 1}
+    res["dsm_psnr"], res["num_images"] = float(np.mean([res[f"dsm{k}_psnr"] for k in DSM_KS])), n
+    if inception is not None:
+        res[metric_key("rfid", n, n)] = fid_of(per["pool_x"], per["pool_rec"])
+        for k in DSM_KS if dsm_rfid else ():
+            res[metric_key(f"dsm{k}_rfid", n, n)] = fid_of(per[f"pool_x{k}"], per[f"pool_d{k}"])
+    res["spectra"] = {k: per[f"spectrum_{k}"].mean(0).tolist() for k in ("image", "latent", "target")}
+    res["esm_delta"] = delta
+    return res, per
+
+
+def evaluate_vae(args, d):
+    """--vae: reconstruction metrics, DSM check, rFIDs and spectra of a VAE on held-out images of --dataset."""
+    vae = train.load_vae(args.vae, d.device)
+    ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val")
+    ds = torch.utils.data.Subset(ds, range(min(args.num_images, len(ds))))
+    inception = try_inception(args.inception, args.resize, d.device)
+    if inception is not None:
+        check_sample_sizes(len(ds), len(ds), args.allow_small, "rFID")
+    lpips = None
+    try:
+        lpips = sm.load_lpips(args.lpips).to(d.device).eval()
+    except Exception as e:                                   # offline: no LPIPS weights
+        print(f"[evaluate] no LPIPS: {e}", file=sys.stderr)
+    loader = torch.utils.data.DataLoader(shard(ds, d), batch_size=args.batch_size, num_workers=args.workers)
+    batches = (x.to(d.device) for x, _ in tqdm(loader, desc="vae", unit="batch", leave=False, disable=not d.main))
+    res, _ = autoencoder_metrics(vae, batches, d, inception, lpips, dsm_rfid=True)
+    if not d.main:
+        return None
+    res = {"vae": args.vae, **res}
+    res["protocol"] = {**inception_record(inception), "num_images": res["num_images"], "dataset": args.dataset,
+                       "data_path": args.data_path, "split": "val", "image_size": args.image_size,
+                       "checkpoint": args.vae, "checkpoint_sha256": sha256_input(args.vae),
+                       "code_version": train.code_version()}
+    out = args.json or default_json_path(args.vae)
+    report(res, out)
+    train.plot_spectra(dict(res["spectra"], kl=res["spectrum_kl"]), str(Path(out).with_suffix(".spectrum.png")),
+                       res["esm_delta"])
+    return res
+
+
 # ----------------------------------------------------------------------------------------
-# Report helpers: table, JSON, PNG plot
+# SAMPLES vs REFERENCE, the protocol record, the small-sample rule, the report
 # ----------------------------------------------------------------------------------------
 
-def report(results, out, title="metric"):
-    """Print the protocol and the table of scalar results; write all of it to the JSON file `out`."""
-    print_protocol(results["protocol"])
-    print_table(results, title)
-    train.write_json(results, out)
-    print(f"[evaluate] wrote {out}")
-
-
-def print_table(results, title="metric"):
-    """Two-column table of scalar results."""
-    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
-    w = max([len(title)] + [len(k) for k, _ in rows])
-    print(f"{title:<{w}}  value")
-    print("-" * (w + 14))
-    for k, v in rows:
-        print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
-
-
-def default_json_path(src, suffix=".metrics.json"):
-    """Output next to the input: X.npz -> X.metrics.json, folder D/ -> D.metrics.json, vae.pt ->
-    vae.metrics.json (never X.json: that is sample.py's side file)."""
-    p = Path(src)
-    return str(p.parent / (p.name if p.is_dir() else p.stem)) + suffix
-
-
-# ----------------------------------------------------------------------------------------
-# Protocol record: what was measured, on what, with which code
-# ----------------------------------------------------------------------------------------
-
-def sha256_file(path, chunk=1 << 20):
-    """Hex sha256 of a file's bytes."""
+def sha256_input(path):
+    """sha256 of a file, or of a folder's `sha256sum` listing ("<hex>  <relative path>\\n" per image, sorted by
+    path); None for what is neither (datasets)."""
+    p = Path(path)
+    if p.is_dir():                                          # the images a folder input reads
+        return hashlib.sha256("".join(f"{sha256_input(f)}  {Path(f).relative_to(p).as_posix()}\n"
+                                      for f in sorted(train.image_files(p), key=Path)).encode()).hexdigest()
+    if not p.is_file():
+        return None
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def sha256_input(path):
-    """sha256 of an input: the file's, or for a folder of images the sha256 of its `sha256sum`-style
-    listing ("<hex>  <relative path>\n" per image, sorted by path); None for non-files (datasets)."""
-    p = Path(path)
-    if p.is_file():
-        return sha256_file(p)
-    if p.is_dir():
-        files = sorted(Path(f) for f in train.image_files(p))              # the images a folder input reads
-        listing = "".join(f"{sha256_file(f)}  {f.relative_to(p).as_posix()}\n" for f in files)
-        return hashlib.sha256(listing.encode()).hexdigest()
-    return None
+def inception_record(model):
+    """The feature protocol of a result: the Inception input protocol and weights (None: no Inception)."""
+    weights = getattr(model, "weights_path", None)
+    return {"features": None if model is None else model.resize, "inception_weights": weights,
+            "inception_sha256": None if weights is None else sha256_input(weights)}
 
 
 def side_file(samples_path):
     """sample.py's side file of SAMPLES (`X.npz` -> `X.json`) as a dict, or None when absent."""
-    p = Path(samples_path)
-    side = p.with_suffix(".json") if p.suffix.lower() == ".npz" else None
-    if side is None or not side.is_file():
+    side = Path(samples_path).with_suffix(".json")
+    if Path(samples_path).suffix.lower() != ".npz" or not side.is_file():
         return None
     try:
         info = json.loads(side.read_text())
     except (OSError, ValueError) as e:
-        raise EvalError(f"cannot read the samples' side file {side}: {e}") from None
+        raise ValueError(f"cannot read the samples' side file {side}: {e}") from None
     if not isinstance(info, dict):
-        raise EvalError(f"the samples' side file {side} must hold a JSON object, got {type(info).__name__}")
+        raise ValueError(f"the samples' side file {side} must hold a JSON object, got {type(info).__name__}")
     return info
 
 
-def is_small(n, n_ref=None):
-    """True when either side has fewer than MIN_IMAGES_UNBIASED images (biased FID / sFID / precision-recall)."""
-    return n < MIN_IMAGES_UNBIASED or (n_ref is not None and n_ref < MIN_IMAGES_UNBIASED)
-
-
 def metric_key(name, n, n_ref=None):
-    """Result key of a metric on n samples and n_ref reference images: the bare name with >= 2,048 on
-    both sides, else labelled with the size: fid-512 (small samples, or both sides 512), and
-    fid-50000-ref1000 / fid-512-ref1000 when the reference side is small and of another size."""
-    if not is_small(n, n_ref):
+    """Result key: fid (>= 2,048 images on both sides), else labelled with the sizes: fid-512, fid-50000-ref1000."""
+    if n >= MIN_IMAGES_UNBIASED and (n_ref is None or n_ref >= MIN_IMAGES_UNBIASED):
         return name
-    if n_ref is None or n_ref == n or (n < MIN_IMAGES_UNBIASED <= n_ref):
+    if n_ref is None or n_ref == n or n < MIN_IMAGES_UNBIASED <= n_ref:
         return f"{name}-{n}"
     return f"{name}-{n}-ref{n_ref}"
 
 
-def print_protocol(protocol):
-    """The protocol record, one `key: value` line each, above the table."""
-    print("protocol")
-    for k, v in protocol.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in v.items())
-        v = str(v)
-        print(f"  {k}: {v if len(v) <= 200 else v[:197] + '...'}")
-
-
-# ----------------------------------------------------------------------------------------
-# Modes: generative metrics, autoencoder metrics, spectra, benchmark
-# ----------------------------------------------------------------------------------------
-
-def _try_inception(args, device):
-    """Inception network, or None (with a message) when weights are unavailable offline."""
-    try:
-        return load_inception(args.inception, device, getattr(args, "resize", "adm"))
-    except RuntimeError as e:
-        if args.require_inception:
-            raise
-        print(f"[evaluate] no FID: {e}", file=sys.stderr)
-        return None
-
-
-def _features_and_stats(model, images, args, device):
-    f = extract_features(model, images, args.batch_size, args.workers, device)
-    mu, sigma = compute_statistics(f["pool"])
-    mu_s, sigma_s = compute_statistics(f["spatial"])
-    return f, {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
-               "pool": f["pool"], "num_images": f["pool"].shape[0], "resize": model.resize}
-
-
-def _all_images(ds, limit=None):
-    """Whole image dataset as one uint8 (N,H,W,3) array (for SWD)."""
-    n = len(ds) if limit is None else min(limit, len(ds))
-    ims = [ds[i] for i in range(n)]
-    if any(x.shape != ims[0].shape for x in ims):
-        raise EvalError("SWD needs images of one size; the input mixes sizes")
-    x = torch.stack(ims)
-    if x.dtype != torch.uint8:
-        x = (x * 255).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def _input_size(src):
-    """Number of images behind an input: its images, else the statistics' num_images / pool rows."""
-    if "images" in src:
-        return len(src["images"])
-    stats = src.get("stats", {})
-    if "num_images" in stats:
-        return int(stats["num_images"])
-    return int(stats["pool"].shape[0]) if "pool" in stats else None
-
-
 def check_sample_sizes(n, n_ref, allow_small, what="FID / sFID / precision-recall"):
     """Refuse metrics on fewer than 2,048 images on either side unless allow_small (ADM uses 50k / 10k)."""
-    if is_small(n, n_ref) and not allow_small:
-        ref = "unknown" if n_ref is None else n_ref
-        raise EvalError(f"{what} on {n} samples and {ref} reference images: below {MIN_IMAGES_UNBIASED} "
-                        f"images they are biased and not comparable to 50k-sample numbers; pass "
-                        f"--allow-small to compute them anyway (labelled {metric_key('fid', n, n_ref)})")
+    if metric_key("fid", n, n_ref) != "fid" and not allow_small:
+        raise ValueError(f"{what} on {n} samples and {'unknown' if n_ref is None else n_ref} reference images: "
+                         f"below {MIN_IMAGES_UNBIASED} images they are biased and not comparable to 50k-sample "
+                         f"numbers; pass --allow-small to compute them anyway (labelled {metric_key('fid', n, n_ref)})")
 
 
-def generative_protocol(model, samples, ref, n, n_ref, side):
-    """The protocol record of a SAMPLES vs REFERENCE evaluation (goes into the JSON and on stdout)."""
-    weights = getattr(model, "weights_path", None)
-    return {
-        "features": None if model is None else model.resize,       # None: no Inception (SWD only)
-        "num_samples": n,
-        "num_reference": n_ref,
-        "samples_file": samples["path"],
-        "samples_sha256": sha256_input(samples["path"]),
-        "reference_file": ref["path"],
-        "reference_sha256": sha256_input(ref["path"]),
-        "inception_weights": weights,
-        "inception_sha256": None if weights is None else sha256_file(weights),
-        "is_split_size": IS_SPLIT_SIZE,
-        "code_version": train.code_version(),
-        "samples": side,                                             # sample.py's X.json, if present
-    }
+def default_json_path(src, suffix=".metrics.json"):
+    """Output next to the input: X.npz -> X.metrics.json (X.json: sample.py's side file), D/ -> D.metrics.json."""
+    p = Path(src)
+    return str(p.parent / (p.name if p.is_dir() else p.stem)) + suffix
 
 
-def open_generative_inputs(args):
-    """SAMPLES (images) and REFERENCE (images or statistics, or --ref-dataset) as open_input dicts."""
+def report(results, out):
+    """Print the protocol record (`key: value` lines) and the table of scalar results; write it all to JSON `out`."""
+    print("protocol")
+    for k, v in results.get("protocol", {}).items():
+        v = str(", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v)
+        print(f"  {k}: {v if len(v) <= 200 else v[:197] + '...'}")
+    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
+    w = max([6] + [len(k) for k, _ in rows])
+    print(f"{'metric':<{w}}  value\n" + "-" * (w + 14))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+    train.write_json(results, out)
+    print(f"[evaluate] wrote {out}")
+
+
+def evaluate_samples(args, d):
+    """SAMPLES vs REFERENCE (or --dataset's held-out images): FID, sFID, IS, P/R, SWD (--swd or no Inception)."""
     samples = open_input(args.samples)
     if "images" not in samples:
-        raise EvalError(f"{args.samples}: SAMPLES must be images (folder or arr_0 .npz)")
-    if args.ref_dataset:
-        ref = {"images": build_eval_dataset(args.ref_dataset, args.ref_path, args.image_size),
-               "path": f"{args.ref_dataset}:{args.ref_path}"}
-    elif args.reference:
+        raise ValueError(f"{args.samples}: SAMPLES must be images (folder or arr_0 .npz)")
+    if args.reference:
         ref = open_input(args.reference)
+    elif args.dataset:                                                     # held-out split, cropped as in training
+        ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val")
+        ref = {"images": Images(len(ds), lambda i: train.to_uint8(ds[i][0][None])[0]),
+               "path": f"{args.dataset}:{args.data_path}", "n": len(ds)}
     else:
-        raise EvalError("give REFERENCE or --ref-dataset/--ref-path")
-    for src in (samples, ref):
-        if "images" in src and len(src["images"]) < 2:
-            raise EvalError(f"{src['path']}: need at least 2 images, got {len(src['images'])}")
-    return samples, ref
-
-
-def inception_metrics(model, samples, ref, n, n_ref, args, rank, device):
-    """FID, sFID, IS and precision/recall of n SAMPLES vs n_ref REFERENCE images (keys labelled by metric_key);
-    every rank extracts features, rank 0 computes the metrics (and saves --save-stats)."""
-    check_sample_sizes(n, n_ref, args.allow_small)
-    tag = ref.get("stats", {}).get("resize")
-    if tag is not None and str(tag) != model.resize:
-        raise EvalError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use "
-                        f"--resize {model.resize}; FIDs across protocols are not comparable")
-    key = functools.partial(metric_key, n=n, n_ref=n_ref)
-    fs, s_stats = _features_and_stats(model, samples["images"], args, device)
-    if "stats" in ref:
-        r_stats = ref["stats"]
+        raise ValueError("give REFERENCE, or --dataset (and --data-path) for held-out dataset images")
+    side = side_file(args.samples)
+    n, n_ref = samples["n"], ref["n"]
+    if side is not None and side.get("num_samples") not in (None, n):
+        warnings.warn(f"{args.samples} holds {n} images but its side file says num_samples={side['num_samples']}",
+                      stacklevel=2)
+    model = try_inception(args.inception, args.resize, d.device)
+    if model is not None:                                                  # every rank extracts its share
+        check_reference(ref, model.resize)
+        check_sample_sizes(n, n_ref, args.allow_small)
+        extract = functools.partial(extract_features, model, d=d, batch_size=args.batch_size, num_workers=args.workers)
+        fs = extract(samples["images"])
+        r_stats = ref["stats"] if "stats" in ref else inception_stats(extract(ref["images"]), model.resize)
         r_pool = r_stats.get("pool")
         if r_pool is None and "images" in ref and not args.no_pr:
-            r_pool = extract_features(model, ref["images"], args.batch_size,
-                                      args.workers, device, keys=("pool",))["pool"]
-    else:
-        _, r_stats = _features_and_stats(model, ref["images"], args, device)
-        r_pool = r_stats["pool"]
-    if args.save_stats and rank == 0:
-        save_stats(args.save_stats, r_stats)
-        print(f"[evaluate] reference statistics -> {args.save_stats}")
-    if rank != 0:
-        return {}
-    res = {key("fid"): frechet_distance(s_stats["mu"], s_stats["sigma"], r_stats["mu"], r_stats["sigma"])}
-    if "mu_s" in r_stats:
-        res[key("sfid")] = frechet_distance(s_stats["mu_s"], s_stats["sigma_s"], r_stats["mu_s"], r_stats["sigma_s"])
-    res["inception_score"], res["inception_score_std"] = inception_score(fs["logits_unbiased"])
-    if r_pool is not None and not args.no_pr:
-        res[key("precision")], res[key("recall")] = precision_recall(r_pool, fs["pool"], k=3, device=device)
-    return res
-
-
-def run_generative(args, rank, device):
-    """SAMPLES vs REFERENCE: FID, sFID, IS, precision/recall (Inception) and optional SWD."""
-    samples, ref = open_generative_inputs(args)
-    side = side_file(args.samples)
-    n, n_ref = len(samples["images"]), _input_size(ref)
-    if side is not None and side.get("num_samples") not in (None, n):
-        warnings.warn(f"{args.samples} holds {n} images but its side file says num_samples="
-                      f"{side['num_samples']}", stacklevel=2)
-    model = _try_inception(args, device)
-    results = {"samples": samples["path"], "reference": ref["path"], "num_samples": n}
-    if model is not None:
-        results.update(inception_metrics(model, samples, ref, n, n_ref, args, rank, device))
-    if (args.swd or model is None) and "images" in ref and rank == 0:
-        s = swd(_all_images(samples["images"], args.swd_images),
-                _all_images(ref["images"], args.swd_images))
-        results["swd_mean"] = s["mean"]
-        results.update({f"swd_{r}px": v for r, v in s["levels"].items()})
-    if rank == 0:
-        results["protocol"] = generative_protocol(model, samples, ref, n, n_ref, side)
-        report(results, args.json or default_json_path(args.samples))
-    return results
-
-
-@torch.no_grad()
-def reconstruction_pairs(vae, x, ks):
-    """x in [-1, 1] -> (posterior mean, images in [0, 1]): x, rec = decode(mean), and for each DSM k
-    x{k} = the low-passed image and d{k} = the decode of the low-passed latent (no mask: k = 0)."""
-    mean, _ = vae.encode(x)
-    pairs = {"x": _from_signed(x), "rec": _from_signed(vae.decode(mean))}
-    for k in ks:
-        if k == 0:                                                         # dsm_mask(., ., 0) is the identity
-            pairs["x0"], pairs["d0"] = pairs["x"], pairs["rec"]
-            continue
-        xm, zm = sm.dsm_mask(x, mean, k)
-        pairs[f"x{k}"], pairs[f"d{k}"] = _from_signed(xm), _from_signed(vae.decode(zm))
-    return mean, pairs
-
-
-def _vae_and_loader(args, device):
-    ckpt = train.load_checkpoint(args.vae, kind="vae", map_location="cpu")
-    vae = train.build_vae_from_checkpoint(ckpt).to(device).eval()
-    ds = build_eval_dataset(args.dataset, args.data_path, args.image_size)
-    n = min(args.num_images, len(ds)) if args.num_images else len(ds)
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
-    sub = torch.utils.data.Subset(ds, list(range(rank, n, world)))
-    loader = torch.utils.data.DataLoader(sub, batch_size=args.batch_size,
-                                         num_workers=args.workers)
-    if rank == 0:
-        from tqdm import tqdm
-        loader = tqdm(loader, desc="vae", unit="batch", leave=False)
-    return vae, loader, n
-
-
-def _vae_protocol(args, n, model=None):
-    """The protocol record of --vae / --spectrum runs."""
-    weights = getattr(model, "weights_path", None)
-    out = {"features": None if model is None else model.resize, "num_images": n,
-           "dataset": args.dataset, "data_path": args.data_path, "image_size": args.image_size,
-           "checkpoint": args.vae, "checkpoint_sha256": sha256_input(args.vae)}
-    if model is not None:
-        out.update(inception_weights=weights, inception_sha256=None if weights is None else sha256_file(weights))
-    out["code_version"] = train.code_version()
-    return out
-
-
-@torch.no_grad()
-def run_vae(args, rank, world, device):
-    """Reconstruction metrics (rFID, PSNR, SSIM, LPIPS) and the DSM check of a VAE."""
-    vae, loader, n = _vae_and_loader(args, device)
-    model = _try_inception(args, device)
-    if model is not None:
-        check_sample_sizes(n, n, args.allow_small, "rFID")
-    lpips = None
-    try:
-        lpips = sm.load_lpips(args.lpips).to(device).eval()
-    except Exception as e:                                   # offline: no LPIPS weights
-        print(f"[evaluate] no LPIPS: {e}", file=sys.stderr)
-    ks = [0, 4, 8, 10, 12]
-    acc = {"psnr": [], "ssim": [], "lpips": []}
-    acc.update({f"dsm{k}_psnr": [] for k in ks})
-    feats = {n: [] for n in ["x", "rec"] + [f"x{k}" for k in ks] + [f"d{k}" for k in ks]}
-    for x in loader:
-        _, pairs = reconstruction_pairs(vae, x.to(device) * 2 - 1, ks)   # loader gives [0, 1]
-        acc["psnr"].append(psnr(pairs["x"], pairs["rec"]).cpu())
-        acc["ssim"].append(ssim(pairs["x"], pairs["rec"]).cpu())
-        if lpips is not None:
-            acc["lpips"].append(lpips(pairs["x"] * 2 - 1, pairs["rec"] * 2 - 1).flatten().cpu())
-        for k in ks:
-            acc[f"dsm{k}_psnr"].append(psnr(pairs[f"x{k}"], pairs[f"d{k}"]).cpu())
-        if model is not None:
-            for n, v in pairs.items():
-                feats[n].append(model(v)["pool"].cpu().numpy())
-    acc = _gather({k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in acc.items()},
-                  world)
-    feats = _gather({n: np.concatenate(v) if v else np.zeros((0, 2048), np.float32)
-                     for n, v in feats.items()}, world)
-    if rank != 0:
+            r_pool = extract(ref["images"], keys=("pool",))["pool"]
+    if not d.main:
         return None
-    res = {"vae": args.vae, "num_images": int(len(acc["psnr"]))}
-    res.update({k: float(np.mean(v)) for k, v in acc.items() if len(v)})
+    res = {"samples": samples["path"], "reference": ref["path"], "num_samples": n}
     if model is not None:
-        fid = lambda a, b: frechet_distance(*compute_statistics(feats[a]),   # noqa: E731
-                                            *compute_statistics(feats[b]))
-        key = functools.partial(metric_key, n=res["num_images"])
-        res[key("rfid")] = fid("x", "rec")
-        for k in ks:
-            res[key(f"dsm{k}_rfid")] = fid(f"x{k}", f"d{k}")
-    res["protocol"] = _vae_protocol(args, res["num_images"], model)
-    out = args.json or default_json_path(args.vae)
-    report(res, out)
+        if args.save_stats:
+            save_stats(args.save_stats, r_stats)
+            print(f"[evaluate] reference statistics -> {args.save_stats}")
+        st, key = inception_stats(fs, model.resize), functools.partial(metric_key, n=n, n_ref=n_ref)
+        res[key("fid")] = frechet_distance(st["mu"], st["sigma"], r_stats["mu"], r_stats["sigma"])
+        if "mu_s" in r_stats:
+            res[key("sfid")] = frechet_distance(st["mu_s"], st["sigma_s"], r_stats["mu_s"], r_stats["sigma_s"])
+        res["inception_score"], res["inception_score_std"] = inception_score(fs["logits_unbiased"])
+        if r_pool is not None and not args.no_pr:
+            res[key("precision")], res[key("recall")] = precision_recall(r_pool, fs["pool"], k=3, device=d.device)
+    if (args.swd or model is None) and "images" in ref:
+        pics = [np.stack([s["images"].get(i) for i in range(min(args.num_images, len(s["images"])))])
+                for s in (samples, ref)]                                    # (N, H, W, 3) uint8
+        s = swd(*pics)
+        res.update(swd_mean=s["mean"], **{f"swd_{r}px": v for r, v in s["levels"].items()})
+    res["protocol"] = {**inception_record(model), "num_samples": n, "num_reference": n_ref,
+                       "samples_file": samples["path"], "samples_sha256": sha256_input(samples["path"]),
+                       "reference_file": ref["path"], "reference_sha256": sha256_input(ref["path"]),
+                       "is_split_size": IS_SPLIT_SIZE, "code_version": train.code_version(), "samples": side}
+    report(res, args.json or default_json_path(args.samples))
     return res
-
-
-@torch.no_grad()
-def run_spectrum(args, rank, world, device):
-    """Radial spectra (16 bins) of images, latents and the δ target; KL; directional energy."""
-    vae, loader, _ = _vae_and_loader(args, device)
-    delta = float(getattr(vae, "esm_delta", 1.0))
-    blur = float(getattr(vae, "esm_blur", 1.2))
-    prof = {"target": [], "latent": [], "image": [], "dse": []}
-    for x in loader:
-        x = x.to(device) * 2 - 1                             # (B,3,H,W) in [-1,1]
-        z, _ = vae.encode(x)                                 # posterior mean (B,C,h,w)
-        st, sl, si = sm.spectrum_profiles(x, z, delta=delta, n_bins=args.n_bins,
-                                          blur_sigma=blur)
-        tokens = z.flatten(2).transpose(1, 2)                # (B, h*w, C)
-        dse = sm.directional_spectral_energy(tokens, grid=tuple(z.shape[-2:]), reduction="none")
-        for k, v in zip(("target", "latent", "image", "dse"), (st, sl, si, dse)):
-            prof[k].append(v.float().cpu())
-    prof = _gather({k: torch.cat(v).numpy() for k, v in prof.items()}, world)
-    if rank != 0:
-        return None
-    mean = {k: v.mean(0) for k, v in prof.items() if k != "dse"}
-    t, lat = (torch.as_tensor(prof[k], dtype=torch.float64) for k in ("target", "latent"))
-    # KL(target || latent) of the per-image normalised spectra, as sm.esm_loss
-    kl = (t * (torch.log(t + 1e-8) - torch.log(lat + 1e-8))).sum(-1).mean().item()
-    res = {"vae": args.vae, "delta": delta, "n_bins": args.n_bins,
-           "num_images": int(prof["image"].shape[0]),
-           "kl_target_latent": kl, "spectra": mean,
-           "directional_spectral_energy": float(prof["dse"].mean())}
-    res["protocol"] = _vae_protocol(args, res["num_images"])
-    out = args.json or default_json_path(args.vae, ".spectrum.json")
-    report(res, out, "spectrum")
-    png = str(Path(out).with_suffix(".png"))
-    train.plot_spectra(dict(image=mean["image"], latent=mean["latent"], target=mean["target"], kl=kl), png, delta)
-    print(f"[evaluate] wrote {png}")
-    return res
-
-
-def run_bench(args, device):
-    """Feature-extraction images/s: this module vs pytorch-fid (same random weights)."""
-    torch.manual_seed(0)
-    n, res = args.bench_images, args.bench_size
-    x8 = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8)
-    state = random_inception_state_dict(0)
-    ours = load_inception(state, device, args.resize)
-    rows = {}
-
-    fns = {"sm evaluate.py": ours}
-    try:
-        from unittest import mock
-        from pytorch_fid import inception as pfi
-        with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
-            ref = pfi.InceptionV3([3]).eval().to(device)
-        fns["pytorch-fid"] = lambda b: ref(b.float() / 255.0)
-    except ImportError:
-        print("[bench] pytorch-fid not installed; only our numbers", file=sys.stderr)
-
-    def timed(fn):
-        t = time.perf_counter()
-        for i in range(0, n, args.batch_size):
-            fn(x8[i:i + args.batch_size].to(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - t)
-
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(x8[: min(2, n)].to(device))                  # warm-up
-        for _ in range(args.bench_repeats):                 # interleaved, best of repeats
-            for name, fn in fns.items():
-                rows[name] = max(rows.get(name, 0.0), timed(fn))
-    cpu = _cpu_name()
-    print(f"device: {device} ({cpu}), threads={torch.get_num_threads()}, "
-          f"images={n} at {res}px, batch={args.batch_size}")
-    for k, v in rows.items():
-        print(f"{k:<16} {v:8.2f} images/s")
-    if len(rows) == 2:
-        print(f"speed ratio (ours / pytorch-fid): {rows['sm evaluate.py'] / rows['pytorch-fid']:.2f}x")
-    return rows
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
 
 
 # ----------------------------------------------------------------------------------------
-# Diffusability probe (train.py --stage probe): decoder-free and decoder-cancelling distances
+# The metrics of a training run (the quickstart's metrics.json)
 # ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def flow_val_loss(model, z, y=None, seed=1234, batch=64):
-    """Flow-matching MSE of `model` on normalised latents z (N, C, h, w) at a fixed stratified t grid and fixed
-    noise (both from `seed`), so that checkpoints and latent spaces are scored on the same draws."""
+    """Flow-matching MSE on normalised latents z (N, C, h, w), at a fixed stratified t grid and noise (`seed`)."""
     n = len(z)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(z.shape, generator=g).to(z.device)
@@ -1145,163 +726,57 @@ def flow_val_loss(model, z, y=None, seed=1234, batch=64):
     return float(torch.cat(losses).mean())
 
 
-def downsample2(x):
-    """x2 down: bilinear, align_corners=False, no antialiasing (F.interpolate, as sm.eq_vae_scale, EQ-VAE's
-    convention). At exactly half size it samples midway between pixel pairs, i.e. it is 2x2 average pooling."""
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
-        raise EvalError(f"x2 downsampling needs even sizes, got {tuple(x.shape[-2:])}")
-    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+@torch.no_grad()
+def heldout(vae, dataset, data_path, image_size, n, seed):
+    """The first n held-out images (n, 3, H, W) in [-1, 1], labels (n,), normalised latents (n, C, h, w)."""
+    val = train.build_dataset(dataset, data_path, image_size, split="val", seed=seed, length=n)
+    if len(val) < n:
+        raise ValueError(f"{n} held-out images are needed; {dataset} has {len(val)}")
+    x = torch.stack([val[i][0] for i in range(n)]).to(next(vae.parameters()).device)
+    z = torch.cat([vae.normalize(vae.encode(x[i:i + 64])[0]) for i in range(0, n, 64)])
+    return x, torch.tensor([int(val[i][1]) for i in range(n)], device=x.device), z
 
 
 @torch.no_grad()
-def equivariance_error(vae, x, batch=64):
-    """EQ-VAE's scale-equivariance error mean |D(down2(E(x))) - down2(x)| over pixels and images, with the
-    posterior mean, images in [-1, 1] (N, 3, H, W) and the decode clamped to [-1, 1] like reconstructions."""
-    err = []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        mean, _ = vae.encode(xb)
-        err.append((vae.decode(downsample2(mean)).clamp(-1, 1) - downsample2(xb)).abs().flatten(1).mean(1))
-    return float(torch.cat(err).mean())
-
-
-def latent_features(z, dims=64, seed=0):
-    """Decoder-free per-image features of normalised latents (N, C, h, w) -> (N, min(D, dims)) float64: the
-    flat latents (D = C*h*w) projected on `dims` fixed orthonormal directions (QR of a Gaussian from `seed`,
-    the same for every run) when D > dims, so their covariance stays well conditioned with a few hundred images
-    (an orthonormal projection keeps isotropic noise isotropic); the flat latents themselves when D <= dims."""
-    flat = z.detach().reshape(len(z), -1).double().cpu()
-    D = flat.shape[1]
-    if D <= dims:
-        return flat.numpy()
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(D, dims, generator=g, dtype=torch.float64))     # (D, dims) orthonormal
-    return (flat @ q).numpy()
-
-
-def latent_fd(a, b):
-    """Fréchet distance between the latent_features of two sets of normalised latents."""
-    with warnings.catch_warnings():                        # small sets by design: compared with their floor
-        warnings.simplefilter("ignore")
-        return frechet_distance(*compute_statistics(latent_features(a)), *compute_statistics(latent_features(b)))
-
-
-@torch.no_grad()
-def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
-    """Distance of generated to real latents with decoder blur cancelled, relative to the measurement's floor.
-
-    real_latents (2m, C, h, w) are split into halves A and B; the first m samples S are compared with A and
-    B with A, on the same footing (m images each, same SWD seed): gap_swd = SWD(D(S), D(A)) and floor_swd =
-    SWD(D(B), D(A)) on Laplacian-pyramid patches of images decoded by the same decode (normalised latents ->
-    [-1, 1]), and latent_fd / latent_fd_floor, the decoder-free Fréchet distances of latent_features.
-    A ratio near 1 means the samples are as close to A as other real images are.
-    """
-    m = len(real_latents) // 2
-    if m < 2 or len(sample_latents) < m:
-        raise EvalError(f"generation gap needs 2m >= 4 real latents and m samples, got {len(real_latents)} real "
-                        f"and {len(sample_latents)} samples")
-    if sample_latents.shape[1:] != real_latents.shape[1:]:
-        raise EvalError(f"samples {tuple(sample_latents.shape[1:])} and real latents "
-                        f"{tuple(real_latents.shape[1:])} differ in shape")
-    S, A, B = sample_latents[:m], real_latents[:m], real_latents[m:2 * m]
-    pics = lambda z: np.concatenate([train.to_uint8(decode(z[i:i + batch])) for i in range(0, m, batch)])  # noqa
-    dA = pics(A)
-    res = dict(gap_swd=swd(pics(S), dA, seed=seed)["mean"], floor_swd=swd(pics(B), dA, seed=seed)["mean"],
-               latent_fd=latent_fd(S, A), latent_fd_floor=latent_fd(B, A), num_images=m)
-    res["gap_ratio"] = res["gap_swd"] / max(res["floor_swd"], 1e-12)
-    res["latent_fd_ratio"] = res["latent_fd"] / max(res["latent_fd_floor"], 1e-12)
-    return res
-
-
-# ----------------------------------------------------------------------------------------
-# The quickstart's metrics.json (train.py --stage all)
-# ----------------------------------------------------------------------------------------
-
-def spectrum_kl(vae, x, mean):
-    """The ESM objective at evaluation: KL(delta target of x || spectrum of the posterior means), with the
-    autoencoder's own delta and blur (the pipeline's metrics.json and the probe report the same number)."""
-    return float(sm.esm_loss(x, mean, delta=float(getattr(vae, "esm_delta", 1.0)), blur_sigma=vae.esm_blur))
-
-
-@torch.no_grad()
-def reconstruction_metrics(vae, x, ks=(8, 10, 12)):
-    """PSNR / SSIM of the reconstructions of x (n, 3, H, W) in [-1, 1], KL(delta target || latent spectrum) and
-    the PSNR of decoded DSM low-passed latents (k in ks) -> (metrics, posterior means, reconstructions in [0, 1])."""
-    means, recs, dsm = [], [], {k: [] for k in ks}
-    for i in range(0, len(x), 64):
-        mean, pairs = reconstruction_pairs(vae, x[i:i + 64], ks)
-        means.append(mean)
-        recs.append(pairs["rec"])
-        for k in ks:
-            dsm[k].append(psnr(pairs[f"x{k}"], pairs[f"d{k}"]))
-    mean, rec = torch.cat(means), torch.cat(recs)                          # (n, C, h, w), (n, 3, H, W)
-    res = {"psnr": float(psnr(_from_signed(x), rec).mean()), "ssim": float(ssim(_from_signed(x), rec).mean())}
-    res["spectrum_kl"] = spectrum_kl(vae, x, mean)
-    res.update({f"dsm{k}_psnr": float(torch.cat(v).mean()) for k, v in dsm.items()})
-    res["dsm_psnr"] = float(np.mean([res[f"dsm{k}_psnr"] for k in ks]))
-    return res, mean, rec
-
-
-@torch.no_grad()
-def small_fids(inception, samples, real, rec, device):
-    """FID of samples and rFID of reconstructions rec ([0, 1]) against m real images (uint8 (m, H, W, 3)),
-    labelled with their size (`fid-<m>`, see metric_key) as with --allow-small."""
-    m = len(real)
-    feats = functools.partial(extract_features, inception, device=device, progress=False, shard=False,
-                              keys=("pool",))
-    fs, fr = feats(ArrayDataset(samples))["pool"], feats(ArrayDataset(real))["pool"]
-    fx = feats(ArrayDataset(train.to_uint8(rec * 2 - 1)))["pool"]
-    with warnings.catch_warnings():                        # the label says it is a small-sample FID
-        warnings.simplefilter("ignore")
-        s_fs, s_fr, s_fx = compute_statistics(fs), compute_statistics(fr), compute_statistics(fx)
-    return {metric_key("fid", m, m): frechet_distance(*s_fs, *s_fr),
-            metric_key("rfid", m, m): frechet_distance(*s_fx, *s_fr)}
-
-
-@torch.no_grad()
-def pipeline_metrics(args, samples_npz, device, n_val=None):
-    """Metrics of one quickstart run: reconstructions, latent spectrum, DSM, diffusion loss, samples.
-
-    All on held-out images (the dataset drawn with another seed): PSNR / SSIM of reconstructions,
-    KL(delta target || latent spectrum), PSNR of decoded DSM low-passed latents against the low-passed
-    images (k = 8, 10, 12), the EMA DiT's flow-matching loss on a fixed t grid and noise, and SWD of the
-    samples against real images; with the Inception weights also FID and rFID, labelled with their size
-    below 2,048 images (`fid-512`, see metric_key), and a `protocol` record.
-    """
-    n = n_val or min(args.num_fid_samples, 1024)
-    vae = train.build_vae_from_checkpoint(train.load_checkpoint(os.path.join(args.out, "vae.pt"), "vae")).to(device)
-    val = train.build_dataset(args.dataset, args.data_path, args.image_size, train=False, seed=args.seed,
-                              length=args.dataset_size)
-    n = min(n, len(val))
-    x = torch.stack([val[i][0] for i in range(n)]).to(device)               # (n, 3, H, W) in [-1, 1]
-    y = torch.tensor([val[i][1] for i in range(n)], device=device)
-    res, mean, rec = reconstruction_metrics(vae, x)
-    # diffusion: validation flow-matching loss of the EMA model on normalised latents
-    model = train.ema_dit(train.load_checkpoint(os.path.join(args.out, "dit.pt"), "dit"), device)
-    res["dit_val_loss"] = flow_val_loss(model, vae.normalize(mean), None if model.num_classes == 0 else y)
-    # samples against real images
-    samples = np.load(samples_npz)["arr_0"]
-    real = train.to_uint8(x)
-    m = min(len(samples), len(real))
-    res["swd"] = swd(samples[:m], real[:m])["mean"]
-    res["num_eval_images"] = m
-    inception = _try_inception(argparse.Namespace(inception=None, require_inception=False), device)
+def evaluate_run(out, d):
+    """A training run's autoencoder, DiT and sample metrics on held-out images -> OUT/metrics.json (rank 0)."""
+    dit_path, npz = os.path.join(out, "dit.pt"), os.path.join(out, "samples", "samples.npz")
+    for path in (dit_path, npz):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {path}: `python train.py` trains, samples and evaluates the default run "
+                                    f"(`--dataset NAME` the run runs/NAME)")
+    if not d.main:
+        return None
+    model, vae, ckpt = train.load_dit(dit_path, d.device)
+    run = ckpt["args"]                                                      # the run's recipe entries
+    samples = np.load(npz)["arr_0"]                                         # (N, H, W, 3) uint8
+    n = min(len(samples), RUN_EVAL_IMAGES)
+    x, y, z = heldout(vae, run["dataset"], run.get("data_path"), run["image_size"], n, run["seed"])
+    inception = try_inception(None, "adm", d.device)
+    res, per = autoencoder_metrics(vae, (x[i:i + 64] for i in range(0, n, 64)), None, inception)
+    res["dit_val_loss"] = flow_val_loss(model, z, y if model.num_classes else None)
+    res["swd"], res["num_eval_images"] = swd(samples[:n], train.to_uint8(x))["mean"], n
     if inception is not None:
-        res.update(small_fids(inception, samples[:m], real[:m], rec, device))
-    res["protocol"] = {"features": None if inception is None else inception.resize, "num_samples": m,
-                       "samples_file": samples_npz, "samples_sha256": sha256_file(samples_npz),
-                       "reference": f"{args.dataset} held-out images (seed {args.seed})",
-                       "code_version": train.code_version(), "samples": side_file(samples_npz)}
+        fs = extract_features(inception, Images(n, samples.__getitem__), keys=("pool",))["pool"]
+        res[metric_key("fid", n, n)] = fid_of(fs, per["pool_x"])
+    res["protocol"] = {**inception_record(inception), "num_samples": n, "samples_file": npz,
+                       "samples_sha256": sha256_input(npz), "samples": side_file(npz),
+                       "reference": f"{run['dataset']} held-out images (split val, seed {run['seed']})",
+                       "code_version": train.code_version()}
+    report(res, os.path.join(out, "metrics.json"))
     return res
 
 
 # ----------------------------------------------------------------------------------------
-# The diffusability probe and the preset comparison (train.py --stage probe / compare)
+# The diffusability probe and the regulariser comparison
 # ----------------------------------------------------------------------------------------
-# Issue 12: how easy a latent space is to *generate*, with decoder blur cancelled. One fixed small DiT budget
-# on the latents of a fixed image set; samples are compared with decoded real latents through the same decoder.
-# The budgets' flag defaults are train.PROBE_BUDGETS (beside the other defaults, for --budget); these are fixed.
+# How easy a latent space is to *generate*, with decoder blur cancelled: one small fixed DiT budget on fixed images.
 
+PROBE_BUDGETS = {   # the probe's image counts, and recipe entries (of its DiT, and of the comparison's stage 1)
+    "short": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=500, sample_steps=25),
+    "long": dict(probe_images=4096, probe_eval=1024, vae_steps=600, dit_steps=3000, sample_steps=50),
+}
+PROBE_RECIPE = dict(unconditional=True, repa_encoder="none", repa_lambda=0.0, class_dropout=0.0)   # latents differ only
 PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and autoencoder
 PROBE_VAL_POINTS = 5         # validation-loss checkpoints along the DiT budget
 PROBE_METRICS = (("gap_ratio", "gap / floor"), ("gap_swd", "gap SWD"), ("floor_swd", "floor SWD"),
@@ -1310,160 +785,116 @@ PROBE_METRICS = (("gap_ratio", "gap / floor"), ("gap_swd", "gap SWD"), ("floor_s
                  ("dit_val_loss", "DiT val loss"))
 
 
-def probe_settings(args):
-    """A copy of args with the --budget's numbers (explicit flags win) and the probe's fixed DiT recipe:
-    unconditional, no REPA, no flips, no label dropout, so only the latent space differs between runs."""
-    a = argparse.Namespace(**vars(args))
-    for k, v in train.PROBE_BUDGETS[args.budget].items():
-        if k not in args.explicit or getattr(args, k) is None:
-            setattr(a, k, v)
-    a.unconditional, a.repa_encoder, a.repa_lambda, a.hflip, a.class_dropout = True, "none", 0.0, False, 0.0
-    a.compile, a.keep_every, a.ckpt_every, a.vis_every, a.resume = False, 0, a.dit_steps, a.dit_steps, False
-    a.dataset_size = a.probe_images
-    a.subset = None if a.dataset == "deadleaves" else (0, a.probe_images)   # image files: a seeded subset
-    a.explicit = sorted(set(args.explicit) | {"dataset_size"})          # load_stage1_vae keeps the probe's count
-    return a
-
-
-def probe_panel(real, rec, samples, curves, path):
-    """One PNG: rows of real images, reconstructions and decoded samples (uint8 (n, H, W, 3)), then the curves."""
-    from PIL import Image
-    n = min(8, len(real), len(rec), len(samples))
-    base = os.path.splitext(path)[0]
-    train.save_grid(np.concatenate([real[:n], rec[:n], samples[:n]]), base + "-grid.png", n)
-    train.plot_lines(curves, base + "-loss.png",
-                     title="DiT flow loss: rows above are real / reconstructed / sampled",
-                     xlabel="training (start -> end of the budget)", ylabel="MSE")
-    grid, plot = Image.open(base + "-grid.png"), Image.open(base + "-loss.png")
-    scale = max(1, plot.width // (2 * grid.width))
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    panel = Image.new("RGB", (max(grid.width, plot.width), grid.height + plot.height), "white")
-    panel.paste(grid, (0, 0))
-    panel.paste(plot, (0, grid.height))
-    panel.save(path)
-    for f in (base + "-grid.png", base + "-loss.png"):
-        os.remove(f)
+def latent_features(z, dims=64, seed=0):
+    """Decoder-free features of normalised latents (N, C, h, w) -> (N, min(C*h*w, dims)) float64: projected on
+    `dims` fixed orthonormal directions when longer, so that a few hundred images give a well-conditioned FD."""
+    flat = z.detach().reshape(len(z), -1).double().cpu()
+    if flat.shape[1] <= dims:
+        return flat.numpy()
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(flat.shape[1], dims, generator=g, dtype=torch.float64))   # (D, dims)
+    return (flat @ q).numpy()
 
 
 @torch.no_grad()
-def probe_heldout(vae, a, device):
-    """Held-out images (n, 3, H, W) in [-1, 1], disjoint from the probe's training images (dead leaves: another
-    seed; image files: the next positions of the same permutation), and their normalised posterior-mean latents."""
-    held_out = None if a.dataset == "deadleaves" else (a.probe_images, a.probe_eval)
-    val = train.build_dataset(a.dataset, a.data_path, a.image_size, train=held_out is not None,
-                              seed=PROBE_DATA_SEED, length=a.probe_eval, subset=held_out)
-    if len(val) < a.probe_eval:
-        raise ValueError(f"--probe-eval {a.probe_eval} needs that many held-out images; the dataset has {len(val)}")
-    x = torch.stack([val[i][0] for i in range(a.probe_eval)]).to(device)
-    z = torch.cat([vae.normalize(vae.encode(x[i:i + 64])[0]) for i in range(0, len(x), 64)])
-    return x, z
+def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
+    """Distance of generated to real latents with decoder blur cancelled, relative to the measurement's floor."""
+    # halves A, B of the real latents (2m, C, h, w); S vs A and B vs A alike (m images, one SWD seed); ratio ~1: floor
+    m = len(real_latents) // 2
+    if m < 2 or len(sample_latents) < m:
+        raise ValueError(f"generation gap needs 2m >= 4 real latents and m samples, got {len(real_latents)} real "
+                         f"and {len(sample_latents)} samples")
+    if sample_latents.shape[1:] != real_latents.shape[1:]:
+        raise ValueError(f"samples {tuple(sample_latents.shape[1:])} and real latents "
+                         f"{tuple(real_latents.shape[1:])} differ in shape")
+    S, A, B = sample_latents[:m], real_latents[:m], real_latents[m:2 * m]
+    pics = lambda z: np.concatenate([train.to_uint8(decode(z[i:i + batch])) for i in range(0, m, batch)])  # noqa
+    fd = lambda u, v: fid_of(latent_features(u), latent_features(v))                                        # noqa
+    dA = pics(A)
+    res = dict(gap_swd=swd(pics(S), dA, seed=seed)["mean"], floor_swd=swd(pics(B), dA, seed=seed)["mean"],
+               latent_fd=fd(S, A), latent_fd_floor=fd(B, A), num_images=m)
+    res["gap_ratio"] = res["gap_swd"] / max(res["floor_swd"], 1e-12)
+    res["latent_fd_ratio"] = res["latent_fd"] / max(res["latent_fd_floor"], 1e-12)
+    return res
 
 
-def probe_dit_budget(a, d, z_val):
-    """Train the probe's DiT budget in PROBE_VAL_POINTS pieces, each followed (on rank 0) by the EMA model's
-    validation loss on z_val into val_curve.json; a resumed run is exactly an uninterrupted one.
-    -> (the final 'dit' checkpoint, {str(step): validation loss})."""
-    curve_path, dit_path = os.path.join(a.out, "val_curve.json"), os.path.join(a.out, "dit.pt")
-    curve = {}
-    if os.path.exists(curve_path):
-        with open(curve_path) as f:
-            curve = json.load(f)
-    for b in [round(a.dit_steps * (i + 1) / PROBE_VAL_POINTS) for i in range(PROBE_VAL_POINTS)]:
-        done = train.load_checkpoint(dit_path, "dit")["step"] if os.path.exists(dit_path) else 0
-        if done < b:
-            a.max_steps = b - done
-            train.train_dit(a, d, quickstart=True)
-        ckpt = train.load_checkpoint(dit_path, "dit")
-        if str(ckpt["step"]) not in curve and d.main:
-            curve[str(ckpt["step"])] = flow_val_loss(train.ema_dit(ckpt, d.device), z_val)
-            train.write_json(curve, curve_path)
-    return ckpt, curve
+def cpu_name():
+    """The CPU's model name (for the probe's protocol record)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
-def probe_metrics(vae, ckpt, curve, x, z_val, a, device):
-    """Metrics of the finished probe: the generation gap of EMA samples (seed a.seed), reconstruction, spectrum
-    and equivariance of the autoencoder on the held-out images x / z_val, and the loss curves.
-    -> (metrics, reconstructions in [-1, 1], decoded samples[:8] in [-1, 1])."""
-    ema = train.ema_dit(ckpt, device)
-    meta = dict(latent_mean=vae.latent_mean.tolist(), latent_std=vae.latent_std.tolist())
-    m = a.probe_eval // 2
-    samples = torch.cat([train.sample_latents(ema, range(i, min(i + 64, m)), None, z_val.shape[1:], a.seed,
-                                              device, steps=a.sample_steps)
-                         for i in range(0, m, 64)])                                           # (m, C, h, w)
-    decode = functools.partial(train.decode_latents, vae, meta=meta)
-    res = generation_gap(samples, z_val, decode)
-    with torch.no_grad():
-        rec = torch.cat([decode(z_val[i:i + 64]) for i in range(0, len(z_val), 64)])          # [-1, 1]
-        mean = vae.denormalize(z_val)
-    unit = lambda v: (v + 1) / 2                                                               # noqa: E731
-    res["psnr"] = float(psnr(unit(x), unit(rec)).mean())
-    res["ssim"] = float(ssim(unit(x), unit(rec)).mean())
-    res["spectrum_kl"] = spectrum_kl(vae, x, mean)
-    res["equivariance_error"] = equivariance_error(vae, x)
-    steps = sorted(int(k) for k in curve)
-    res["val_curve"] = [[s_, curve[str(s_)]] for s_ in steps]
-    res["dit_val_loss"] = curve[str(steps[-1])]
-    res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt["history"]]
-    return res, rec, decode(samples[:8])
+def probe_source(path):
+    """Recipe entries of the probe's autoencoder: a train.py checkpoint, SD-VAE (folder, .bin), the authors' weights."""
+    if os.path.isdir(path) or path.endswith(".bin"):
+        return dict(sd_vae=os.path.abspath(path), image_size=256)
+    if path.endswith(".safetensors"):
+        return dict(official_vae=os.path.abspath(path), image_size=256)
+    return dict(vae_ckpt=os.path.abspath(path), image_size=train.load_checkpoint(path, "vae")["args"]["image_size"])
 
 
-def probe_protocol(a, ckpt, z_val, source, t0):
-    """The protocol record of a probe: its budget and recipe, images, autoencoder, metric definitions, machine."""
-    return dict(
-        budget=a.budget, dit_steps=a.dit_steps, dit_batch=a.dit_batch, dit_lr=a.dit_lr, ema=a.ema,
-        model=a.model, dit_config=ckpt["dit_config"], weighting=a.weighting, sample_steps=a.sample_steps,
-        sampler="ode", seed=a.seed, data_seed=PROBE_DATA_SEED, dataset=a.dataset, data_path=a.data_path,
-        image_size=a.image_size, probe_images=a.probe_images, eval_images=a.probe_eval,
-        eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
-        normalisation="the autoencoder's stored latent_mean / latent_std", vae=source,
-        latent_std_heldout=z_val.transpose(0, 1).flatten(1).std(1).tolist(),   # ~1 when the rule fits these images
-        latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
-        swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
-        equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
-        code_version=train.code_version(), machine=_cpu_name(), torch=torch.__version__,
-        date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
-
-
-def run_probe(args, d, folder=None):
-    """The diffusability probe of one autoencoder (--vae-ckpt, default OUT/vae.pt, or --sd-vae): encode a fixed
-    image set, train the fixed DiT budget on it with the seed (validation loss at PROBE_VAL_POINTS checkpoints),
-    sample with the EMA model, and write probe.json (metrics + protocol) and probe.png. Resumes; skips a
-    finished probe.json when called by --stage compare."""
+def probe(vae_path, d, seed=0, budget="short", out=None):
+    """The diffusability probe of one autoencoder -> OUT/probe.json (metrics + protocol), probe.png, probe-loss.png."""
     t0 = time.time()
-    a = probe_settings(args)
-    a.out = folder or args.probe_out or os.path.join(args.out, f"probe-seed{args.seed}")
-    result_path = os.path.join(a.out, "probe.json")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(vae_path)), f"probe-seed{seed}")
+    result_path = os.path.join(out, "probe.json")
     if os.path.exists(result_path):
-        if folder is not None or args.resume:
-            train.log(d, f"probe: {result_path} is finished, skipping")
-            with open(result_path) as f:
-                return json.load(f)
-        raise FileExistsError(f"{result_path} exists: pass --resume to keep it or choose another --probe-out")
-    if not (args.sd_vae or args.official_vae):
-        a.vae_ckpt = os.path.abspath(args.vae_ckpt or os.path.join(args.out, "vae.pt"))
-        if not os.path.exists(a.vae_ckpt):
-            raise FileNotFoundError(f"no autoencoder checkpoint {a.vae_ckpt}: pass --vae-ckpt, --sd-vae or "
-                                    "--official-vae")
-    train.check_output_folder(a.out)
-    vae, source = train.load_stage1_vae(a, d)              # also takes the dataset and image size of stage 1
-    vae.eval()
-    seed, a.seed = a.seed, PROBE_DATA_SEED                 # fixed images; the seed drives the DiT only
-    train.encode_latents(a, d, quickstart=True)
-    a.seed = seed
-    x, z_val = probe_heldout(vae, a, d.device)             # (n, 3, H, W), (n, C, h, w)
-    ckpt, curve = probe_dit_budget(a, d, z_val)
+        train.log(d, f"probe: {result_path} is finished, skipping")
+        return json.loads(Path(result_path).read_text())
+    entries = dict(PROBE_BUDGETS[budget])
+    n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
+    if n_eval < 4 or n_eval % 2:
+        raise ValueError(f"the probe's held-out images must be even and at least 4 (two halves), got {n_eval}")
+    every = max(1, entries["dit_steps"] // PROBE_VAL_POINTS)                # snapshots for the validation curve
+    entries.update(**PROBE_RECIPE, **probe_source(vae_path), out=out, dataset_size=n_train, ckpt_every=every,
+                   keep_every=every, vis_every=entries["dit_steps"], resume=True)
+    train.run(train.recipe("deadleaves", seed=PROBE_DATA_SEED, **entries), d, stages=("latents",))   # fixed images
+    cfg = train.recipe("deadleaves", seed=seed, **entries)
+    train.run(cfg, d, stages=("dit",))
     if not d.main:
         d.barrier()
         return None
-    res, rec, sample_pics = probe_metrics(vae, ckpt, curve, x, z_val, a, d.device)
-    res["protocol"] = probe_protocol(a, ckpt, z_val, source, t0)
-    train.write_json(res, result_path)
-    train_mse = [v for _, v in res["train_curve"]] or [res["dit_val_loss"]]
-    probe_panel(train.to_uint8(x[:8]), train.to_uint8(rec[:8]), train.to_uint8(sample_pics),
-                {"train (batch)": (train_mse, (150, 150, 150)),
-                 "validation (EMA)": ([v for _, v in res["val_curve"]], (220, 60, 30))},
-                os.path.join(a.out, "probe.png"))
-    train.log(d, "probe: " + ", ".join(f"{name} {res[k]:.4g}" for k, name in PROBE_METRICS) + f"  -> {result_path}")
+    # rank 0 measures: EMA samples vs held-out latents, the autoencoder on the held-out images, the curves
+    model, vae, ckpt = train.load_dit(os.path.join(out, "dit.pt"), d.device)
+    x, _, z = heldout(vae, cfg.dataset, cfg.data_path, cfg.image_size, n_eval, PROBE_DATA_SEED)
+    m = n_eval // 2
+    samples = torch.cat([sample.sample_latents(model, range(i, min(i + 64, m)), None, z.shape[1:], seed, d.device,
+                                               steps=cfg.sample_steps) for i in range(0, m, 64)])   # (m, C, h, w)
+    decode = lambda v: vae.decode(vae.denormalize(v)).clamp(-1, 1)          # noqa: E731
+    res = generation_gap(samples, z, decode)
+    ae, _ = autoencoder_metrics(vae, (x[i:i + 64] for i in range(0, n_eval, 64)))
+    res.update({k: ae[k] for k in ("psnr", "ssim", "spectrum_kl", "equivariance_error")})
+    curve = {}
+    for path in sorted(glob.glob(os.path.join(out, "dit-*.pt"))) + [os.path.join(out, "dit.pt")]:
+        snap, _, snap_ckpt = train.load_dit(path, d.device)
+        curve[snap_ckpt["step"]] = flow_val_loss(snap, z)
+    res["val_curve"] = [[s, curve[s]] for s in sorted(curve)]
+    res["dit_val_loss"] = res["val_curve"][-1][1]
+    res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt.get("history", [])]
+    res["protocol"] = dict(
+        budget=budget, seed=seed, data_seed=PROBE_DATA_SEED, vae=os.path.abspath(vae_path), sampler="ode",
+        probe_images=n_train, eval_images=n_eval,
+        eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
+        normalisation="the autoencoder's stored latent_mean / latent_std",
+        latent_std_heldout=z.transpose(0, 1).flatten(1).std(1).tolist(),      # ~1 when the normalisation fits
+        latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
+        swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
+        equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
+        recipe={k: v for k, v in vars(cfg).items() if k not in ("out", "vae_ckpt")}, machine=cpu_name(),
+        code_version=train.code_version(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+        minutes=(time.time() - t0) / 60)
+    n = min(8, m)
+    train.save_grid(np.concatenate([train.to_uint8(v[:n]) for v in (x, decode(z[:n]), decode(samples[:n]))]),
+                    os.path.join(out, "probe.png"), n)                      # rows: real, reconstructed, sampled
+    train.plot_lines({"train (batch)": ([v for _, v in res["train_curve"]] or [res["dit_val_loss"]], (150,) * 3),
+                      "validation (EMA)": ([v for _, v in res["val_curve"]], (220, 60, 30))},
+                     os.path.join(out, "probe-loss.png"), title="the probe's DiT flow loss",
+                     xlabel="training (start -> end of the budget)", ylabel="MSE")
+    train.write_json(res, result_path)                                     # written last: marks the probe finished
+    train.log(d, "probe: " + ", ".join(f"{name} {res[k]:.4g}" for k, name in PROBE_METRICS) + f" -> {result_path}")
     d.barrier()
     return res
 
@@ -1478,41 +909,35 @@ def compare_table(runs):
             if len(v):
                 summary[reg][k] = dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                                        n=len(v), values=v.tolist())
-    cols = [(k, name) for k, name in PROBE_METRICS if any(k in s_ for s_ in summary.values())]
+    cols = [(k, name) for k, name in PROBE_METRICS if any(k in s for s in summary.values())]
     lines = ["| reg | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for reg, s_ in summary.items():
-        lines.append(f"| {reg} | " + " | ".join(f"{s_[k]['mean']:.4g} ± {s_[k]['std']:.2g}" if k in s_ else "-"
+    for reg, s in summary.items():
+        lines.append(f"| {reg} | " + " | ".join(f"{s[k]['mean']:.4g} ± {s[k]['std']:.2g}" if k in s else "-"
                                                  for k, _ in cols) + " |")
     return "\n".join(lines), summary
 
 
-def run_compare(args, d):
-    """Every --reg preset x --seeds: stage 1 at the --budget's steps, then the probe; one table of mean ± std.
-    Each (reg, seed) has its own folder OUT/<reg>-seed<seed>, so an interrupted comparison resumes."""
-    root, runs, t0 = args.out, {}, time.time()
-    for reg in train.REG_PRESETS:
-        runs[reg] = {}
-        for seed in args.seeds:
-            a = argparse.Namespace(**vars(args))
-            for k, v in train.REG_PRESETS[reg].items():
-                setattr(a, k, v)
-            a.reg, a.seed, a.out = reg, seed, os.path.join(root, f"{reg.replace('+', '_')}-seed{seed}")
-            if "vae_steps" not in args.explicit:
-                a.vae_steps = train.PROBE_BUDGETS[args.budget]["vae_steps"]
-            a.vae_ckpt, a.sd_vae, a.official_vae, a.probe_out = None, None, None, None
-            train.train_vae(a, d, quickstart=True)
-            runs[reg][seed] = run_probe(a, d, folder=os.path.join(a.out, "probe"))
+def compare(out, d, seeds=(0, 1, 2), budget="short"):
+    """Every regulariser preset (sm.REG_PRESETS) x seeds: stage 1 at the budget's steps, then the probe; one table
+    of mean ± std -> OUT/compare.md, OUT/compare.json. One folder per run (OUT/<reg>-seed<seed>): resumable."""
+    runs, t0 = {}, time.time()
+    entries = {k: v for k, v in PROBE_BUDGETS[budget].items() if not k.startswith("probe_")}
+    for reg in sm.REG_PRESETS:
+        for seed in seeds:
+            folder = os.path.join(out, f"{reg.replace('+', '_')}-seed{seed}")
+            train.run(train.recipe("deadleaves", out=folder, seed=seed, reg=reg, resume=True, **entries), d,
+                      stages=("vae",))
+            runs.setdefault(reg, {})[seed] = probe(os.path.join(folder, "vae.pt"), d, seed, budget,
+                                                   os.path.join(folder, "probe"))
     if d.main:
         table, summary = compare_table(runs)
-        p = runs[next(iter(runs))][args.seeds[0]]["protocol"]
-        head = (f"`python train.py --stage compare --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}`"
-                f", {p['date']}, {p['machine']}, {(time.time() - t0) / 60:.0f} min this invocation; mean ± std over "
-                f"{len(args.seeds)} seeds")
-        with open(os.path.join(root, "compare.md"), "w") as f:
-            f.write(head + "\n\n" + table + "\n")
-        train.write_json(dict(summary=summary, budget=train.PROBE_BUDGETS[args.budget], seeds=list(args.seeds),
-                              protocol=p, runs={r: {str(s_): v for s_, v in v_.items()} for r, v_ in runs.items()}),
-                         os.path.join(root, "compare.json"))
+        p = runs[next(iter(runs))][seeds[0]]["protocol"]
+        head = (f"`python evaluate.py --compare {out} --budget {budget} --seeds {' '.join(map(str, seeds))}`, "
+                f"{p['date']}, {p['machine']}, {(time.time() - t0) / 60:.0f} min this invocation; mean ± std over "
+                f"{len(seeds)} seeds")
+        train.atomic_write(os.path.join(out, "compare.md"), lambda f: f.write(f"{head}\n\n{table}\n"), binary=False)
+        train.write_json(dict(summary=summary, budget=PROBE_BUDGETS[budget], seeds=list(seeds), protocol=p, runs=runs),
+                         os.path.join(out, "compare.json"))
         print(head + "\n\n" + table)
     d.barrier()
     return runs
@@ -1523,61 +948,50 @@ def run_compare(args, d):
 # ----------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", nargs="?", help="folder / arr_0 .npz of generated images")
     p.add_argument("reference", nargs="?", help="folder / arr_0 .npz / mu,sigma .npz")
-    p.add_argument("--ref-dataset", help="reference dataset name (imagenet, folder, ...)")
-    p.add_argument("--ref-path", help="reference dataset root")
+    p.add_argument("--run", default="runs/deadleaves", help="training run folder (the default mode): metrics.json")
+    p.add_argument("--vae", metavar="CKPT", help="autoencoder metrics of a train.py VAE checkpoint")
+    p.add_argument("--probe", metavar="VAE_CKPT", help="the diffusability probe of an autoencoder")
+    p.add_argument("--compare", metavar="OUT", help="stage 1 and the probe for every regulariser and --seeds")
+    p.add_argument("--dataset", help="held-out images of this dataset: --vae's, or the reference without REFERENCE")
+    p.add_argument("--data-path", help="dataset root")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--save-stats", help="write reference statistics to this .npz")
-    p.add_argument("--json", help="output JSON path (default: next to SAMPLES / the --vae checkpoint, "
-                                  "X.npz -> X.metrics.json)")
-    p.add_argument("--inception", help=f"path to {FID_WEIGHTS_NAME}")
-    p.add_argument("--resize", choices=RESIZE_PROTOCOLS, default="adm",
-                   help="Inception input protocol: ADM's TF evaluator (default) or pytorch-fid's")
-    p.add_argument("--allow-small", action="store_true",
-                   help=f"compute FID / sFID / P-R / rFID below {MIN_IMAGES_UNBIASED} images (labelled fid-N)")
-    p.add_argument("--require-inception", action="store_true",
-                   help="fail instead of skipping FID when weights are missing")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=10000, help="at most this many images for --vae and SWD")
+    p.add_argument("--inception", help="path to pt_inception-2015-12-05-6726825d.pth (else the hub cache / URL)")
+    p.add_argument("--resize", choices=RESIZE_PROTOCOLS, default="adm", help="Inception input protocol")
+    p.add_argument("--allow-small", action="store_true", help="FID & co. below 2,048 images, labelled fid-N")
+    p.add_argument("--save-stats", help="write the reference statistics to this .npz")
+    p.add_argument("--json", help="output JSON (default: next to SAMPLES / CKPT, X.npz -> X.metrics.json)")
     p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
-    p.add_argument("--swd", action="store_true", help="also compute SWD (always when no FID)")
-    p.add_argument("--swd-images", type=int, default=None, help="max images for SWD")
-    p.add_argument("--vae", help="VAE checkpoint: reconstruction metrics / --spectrum")
-    p.add_argument("--dataset", help="dataset name for --vae / --spectrum")
-    p.add_argument("--data-path", help="dataset root for --vae / --spectrum")
-    p.add_argument("--num-images", type=int, default=10000)
+    p.add_argument("--swd", action="store_true", help="also compute SWD (always without Inception weights)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--lpips", help="LPIPS weights path (sm.load_lpips)")
-    p.add_argument("--spectrum", action="store_true", help="spectrum diagnostics of --vae")
-    p.add_argument("--n-bins", type=int, default=16)
-    p.add_argument("--bench", action="store_true", help="feature-extraction benchmark")
-    p.add_argument("--bench-images", type=int, default=32)
-    p.add_argument("--bench-size", type=int, default=256)
-    p.add_argument("--bench-repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="--probe: the DiT's seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare: seeds per preset")
+    p.add_argument("--budget", choices=list(PROBE_BUDGETS), default="short", help="--probe / --compare budget")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    rank, world, device = dist_setup()
+    d = train.Dist()
     try:
-        if args.bench:
-            return run_bench(args, device)
-        if args.spectrum:
-            if not (args.vae and args.dataset):
-                raise EvalError("--spectrum needs --vae CKPT and --dataset NAME")
-            return run_spectrum(args, rank, world, device)
+        if args.probe:
+            return probe(args.probe, d, args.seed, args.budget)
+        if args.compare:
+            return compare(args.compare, d, args.seeds, args.budget)
         if args.vae:
             if not args.dataset:
-                raise EvalError("--vae needs --dataset NAME (and --data-path)")
-            return run_vae(args, rank, world, device)
-        if not args.samples:
-            build_parser().error("SAMPLES is required")
-        return run_generative(args, rank, device)
+                raise ValueError("--vae needs --dataset NAME (and --data-path)")
+            return evaluate_vae(args, d)
+        if args.samples:
+            return evaluate_samples(args, d)
+        return evaluate_run(args.run, d)
     finally:
-        if world > 1 and torch.distributed.is_initialized():
+        if d.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

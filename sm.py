@@ -9,7 +9,7 @@ noise back into latents. Top to bottom:
   1. Spectra               dct2 / idct2, radial_spectrum, gaussian_blur
   2. Spectrum Matching     esm_loss (Encoding SM, §3.2), dsm_mask (Decoding SM, §3.3)
   3. Autoencoder           SD-VAE layout (diffusers AutoencoderKL), VAE_CONFIGS
-  4. Stage-1 losses        LPIPS-VGG, PatchGAN, hinge, adaptive weight, KL, EQ-VAE
+  4. Stage-1 objective     LPIPS-VGG, PatchGAN, KL, EQ-VAE, REG_PRESETS, stage1_loss, EMA, latent stats
   5. DiT / SiT             adaLN-Zero transformer (REPA's SiT), DiT_CONFIGS
   6. REPA                  projectors, targets (raw / iREPA zscore / REPA-DoG), repa_loss
   7. Flow matching         sample_time, flow_loss
@@ -22,12 +22,12 @@ Only the standard library, torch and numpy are imported at module level; torchvi
 lazily where a pretrained network needs it. Copy this file into your project as it is.
 """
 
+import collections
 import contextlib
 import functools
 import itertools
 import json
 import math
-import operator
 import os
 import re
 import sys
@@ -90,14 +90,10 @@ def _radial_bins(h, w, n_bins, device):
 def radial_spectrum(x, n_bins=16):
     """Radially binned DCT power spectrum (B, n_bins) of x (B, C, H, W), channel-averaged (§3.1)."""
     x = x.float()
-    x = x - x.mean(dim=(-2, -1), keepdim=True)                # remove each (sample, channel) mean
-    p = dct2(x).pow(2).mean(dim=1).clamp_min(1e-8)            # (B, H, W) channel-averaged power
-    B, H, W = p.shape
-    dc = torch.ones(H, W, device=p.device)
-    dc[0, 0] = 0.0
-    p = p * dc                                                # drop the DC entry
-    bins, counts = _radial_bins(H, W, n_bins, p.device)       # (H*W,), (n_bins,)
-    sums = p.new_zeros(B, n_bins).index_add_(1, bins, p.flatten(1))
+    x = x - x.mean(dim=(-2, -1), keepdim=True)                            # remove each (sample, channel) mean
+    p = dct2(x).pow(2).mean(dim=1).clamp_min(1e-8).flatten(1)             # (B, H*W) channel-averaged power
+    bins, counts = _radial_bins(*x.shape[-2:], n_bins, p.device)         # (H*W,), (n_bins,)
+    sums = p.new_zeros(len(p), n_bins).index_add_(1, bins[1:], p[:, 1:])  # without the DC entry
     return sums / (counts + 1e-8)
 
 
@@ -108,12 +104,12 @@ def gaussian_kernel1d(sigma, radius, device=None):
     return g / g.sum()
 
 
-def gaussian_blur(x, sigma, kernel_size):
-    """Depthwise Gaussian blur of x (B, C, H, W) with an odd kernel_size x kernel_size kernel, zero padding."""
-    g = gaussian_kernel1d(sigma, kernel_size // 2, x.device)
-    k = (g[:, None] * g[None, :]).to(x.dtype)                 # exp(-(i^2 + j^2) / (2 sigma^2)), sums to 1
-    C = x.shape[1]
-    return F.conv2d(x, k.expand(C, 1, kernel_size, kernel_size), padding=kernel_size // 2, groups=C)
+def gaussian_blur(x, sigma, kernel_size, padding="constant"):
+    """Depthwise separable Gaussian blur of x (B, C, H, W), odd kernel_size, zero or "reflect" padding."""
+    r, C = kernel_size // 2, x.shape[1]
+    g = gaussian_kernel1d(sigma, r, x.device).to(x.dtype)                # the 2-D kernel g g^T sums to 1
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=padding), g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode=padding), g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 #################################################################################
@@ -121,11 +117,7 @@ def gaussian_blur(x, sigma, kernel_size):
 #################################################################################
 
 def spectrum_profiles(x, z, delta=1.0, n_bins=16, blur_sigma=1.2, blur_kernel=7):
-    """Normalised log spectra (target, latent, image), each (B, n_bins), as compared by ESM (§3.2).
-
-    target = image spectrum at the latent's resolution, flattened by f**delta;
-    image = the same without flattening (delta = 0), for plots. Float32, also under bf16 autocast.
-    """
+    """Normalised log spectra (target, latent, image) (B, n_bins) of ESM (§3.2), in float32; image: unflattened."""
     with torch.autocast(x.device.type, enabled=False):
         x, z = x.float(), z.float()
         if blur_sigma > 0:
@@ -143,11 +135,8 @@ def spectrum_profiles(x, z, delta=1.0, n_bins=16, blur_sigma=1.2, blur_kernel=7)
 
 
 def esm_loss(x, z, delta=1.0, n_bins=16, blur_sigma=1.2, blur_kernel=7):
-    """Encoding Spectrum Matching (§3.2): KL(target || latent) of normalised log radial spectra.
-
-    x: images in [-1, 1] (B, 3, H, W); z: sampled latents (B, C, h, w). The target is the
-    image spectrum at the latent resolution, flattened by f**delta (f = 1..n_bins).
-    """
+    """Encoding Spectrum Matching (§3.2): KL(target || latent) of normalised log radial spectra, for images x
+    (B, 3, H, W) and latents z (B, C, h, w); target: x's spectrum at z's size, flattened by f**delta."""
     s_x, s_z, _ = spectrum_profiles(x, z, delta, n_bins, blur_sigma, blur_kernel)
     kl = (s_x * (torch.log(s_x + 1e-8) - torch.log(s_z + 1e-8))).sum(dim=-1)
     return kl.mean()
@@ -172,17 +161,14 @@ def block_lowpass(t, k, block=8):
 
 
 def dsm_mask(x, z, k, block=8):
-    """Decoding Spectrum Matching (§3.3): the same block-DCT low-pass on image and latent.
+    """Decoding Spectrum Matching (§3.3): the same block-DCT low-pass on image and latent (k = 0: unchanged).
 
-    k = 0 returns both unchanged; otherwise coefficients with u + v >= 2(block-1) - (k-1)
-    are zeroed in every tile (block 8: k = 8/10/12 zero 36/49/58 of 64). Valid 0 <= k <= 2*block-2.
+    Coefficients with u + v >= 2(block-1) - (k-1) are zeroed in every tile (block 8: k = 8/10/12 zero 36/49/58).
     """
-    try:
-        k = operator.index(k)                                  # int, numpy or 0-d torch integers
-    except TypeError:
-        k = None
-    if k is None or not 0 <= k <= 2 * block - 2:
+    if not (isinstance(k, (int, np.integer)) or torch.is_tensor(k) and not k.is_floating_point()) \
+            or not 0 <= k <= 2 * block - 2:
         raise ValueError(f"dsm_mask: k must be an integer in [0, {2 * block - 2}] for block {block}")
+    k = int(k)
     if k == 0:
         return x, z
     return block_lowpass(x, k, block), block_lowpass(z, k, block)
@@ -283,30 +269,16 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class DownBlock(nn.Module):
-    """One encoder level: ResNet blocks, then a stride-2 downsample (none at the last level)."""
+class Level(nn.Module):
+    """One encoder / decoder level: ResNet blocks, then the down- or upsampler (none at the last level)."""
 
-    def __init__(self, resnets, downsample=None):
+    def __init__(self, resnets, resampler=None, name="downsamplers"):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
-        self.downsamplers = nn.ModuleList([downsample] if downsample is not None else [])   # diffusers' names
+        setattr(self, name, nn.ModuleList([resampler] if resampler is not None else []))   # diffusers' names
 
     def forward(self, x):
-        for m in (*self.resnets, *self.downsamplers):
-            x = m(x)
-        return x
-
-
-class UpBlock(nn.Module):
-    """One decoder level: ResNet blocks, then a x2 upsample (none at the last level)."""
-
-    def __init__(self, resnets, upsample=None):
-        super().__init__()
-        self.resnets = nn.ModuleList(resnets)
-        self.upsamplers = nn.ModuleList([upsample] if upsample is not None else [])
-
-    def forward(self, x):
-        for m in (*self.resnets, *self.upsamplers):
+        for m in itertools.chain(*self.children()):            # the ResNet blocks, then the resampler
             x = m(x)
         return x
 
@@ -321,7 +293,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(channels):
             last = i == len(channels) - 1
             res = [ResnetBlock(cin if j == 0 else c, c, groups) for j in range(layers_per_block)]
-            levels.append(DownBlock(res, None if last else Downsample(c, downsample_padding)))
+            levels.append(Level(res, None if last else Downsample(c, downsample_padding)))
             cin = c
         self.down_blocks = nn.ModuleList(levels)
         self.mid_block = MidBlock(channels[-1], groups)
@@ -348,7 +320,7 @@ class Decoder(nn.Module):
         for i, c in enumerate(rev):
             last = i == len(rev) - 1
             res = [ResnetBlock(cin if j == 0 else c, c, groups) for j in range(layers_per_block + 1)]
-            levels.append(UpBlock(res, None if last else Upsample(c)))
+            levels.append(Level(res, None if last else Upsample(c), "upsamplers"))
             cin = c
         self.up_blocks = nn.ModuleList(levels)
         self.conv_norm_out = _group_norm(channels[0], groups)
@@ -364,8 +336,7 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """KL autoencoder with the SD-VAE layout; latents are normalised with latent_mean / latent_std.
 
-    downsample_padding: "asymmetric" (SD-VAE; the default, so configs saved before this field rebuild as
-    trained) or "symmetric" (the authors'). quant_conv / post_quant_conv: the 1x1 convs around the latent.
+    downsample_padding: "asymmetric" (SD-VAE; the default, as configs saved before this field) or "symmetric".
     """
 
     def __init__(self, channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -393,12 +364,12 @@ class VAE(nn.Module):
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
     def check_size(self, x):
-        """Raise a clear error when the image size is not a multiple of the downsampling factor."""
-        H, W = x.shape[-2:]
+        """Raise a clear error when x is not (B, 3, H, W) with H, W multiples of the downsampling factor."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"VAE expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        if H % self.factor or W % self.factor:
-            raise ValueError(f"image size {H}x{W} is not divisible by the VAE downsampling factor {self.factor}")
+        if x.shape[-2] % self.factor or x.shape[-1] % self.factor:
+            raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the VAE downsampling "
+                             f"factor {self.factor}")
 
     def encode(self, x):
         """Images in [-1, 1] (B, 3, H, W) -> posterior (mean, logvar), each (B, C, H/f, W/f)."""
@@ -424,9 +395,24 @@ class VAE(nn.Module):
     def denormalize(self, z):
         return z * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
 
-    def forward(self, x):
+    def forward(self, x, eps=None, ks=None, block=8, eq_factor=None, eq_min_size=1):
+        """The stage-1 forward -> (rec, target, mean, logvar, z): encode, sample with eps, DSM-mask image and
+        latent per image (ks: one k per image, 0 = unmasked, §3.3), EQ-VAE scaling, decode the latent."""
         mean, logvar = self.encode(x)
-        return self.decode(self.sample(mean, logvar)), mean, logvar
+        z = self.sample(mean, logvar, eps)                     # (B, C, h, w)
+        target, z_in = x, z
+        if ks is not None and any(ks):
+            if len(ks) != len(x):
+                raise ValueError(f"VAE.forward: {len(ks)} DSM ks for {len(x)} images")
+            parts, a = [], 0
+            for k, run in itertools.groupby(ks):                # one dsm_mask per run of equal k
+                b = a + len(list(run))
+                parts.append(dsm_mask(x[a:b], z[a:b], k, block))
+                a = b
+            target, z_in = (torch.cat(t) for t in zip(*parts))
+        if eq_factor is not None:
+            target, z_in = eq_vae_scale(target, z_in, eq_factor, self.factor, eq_min_size)
+        return self.decode(z_in), target, mean, logvar, z
 
 
 def build_vae(preset="f8d4", **overrides):
@@ -437,7 +423,7 @@ def build_vae(preset="f8d4", **overrides):
 
 
 #################################################################################
-#                               4. Stage-1 losses                               #
+#                             4. Stage-1 objective                              #
 #################################################################################
 
 class LPIPS(nn.Module):
@@ -478,12 +464,8 @@ class LPIPS(nn.Module):
 
 
 class PatchGAN(nn.Module):
-    """PatchGAN discriminator (Isola et al., 2017) as the authors' (modules/discriminator.py).
-
-    A stride-2 conv, n_layers convs doubling the width (stride 2, the last 1) with BatchNorm, a 1-channel
-    conv; kernel 4, padding 1, LeakyReLU. Their init_weights: conv weights N(0, 0.2^2) (VQGAN uses 0.02),
-    conv biases PyTorch's default, BatchNorm weights N(1, 0.02^2) and biases 0.
-    """
+    """PatchGAN discriminator (Isola et al., 2017) as the authors' modules/discriminator.py, with their init_weights:
+    conv weights N(0, 0.2^2) (VQGAN: 0.02), BatchNorm weights N(1, 0.02^2), biases 0 (BatchNorm) or PyTorch's."""
 
     def __init__(self, in_channels=3, ndf=64, n_layers=3, kernel_size=4, slope=0.2, init_std=0.2):
         super().__init__()
@@ -506,16 +488,13 @@ class PatchGAN(nn.Module):
 
 
 def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec))), no 1/2 (as the
-    authors' stage1_vae_trainer.py)."""
+    """Hinge loss mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec))), no 1/2 (the authors' stage1_vae_trainer.py)."""
     return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
 
 
 def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None, eps=1e-8):
-    """VQGAN's adaptive weight as the authors': ||grad L_rec|| / max(||grad L_gen||, eps) at the decoder's
-    last layer, clamped at max_weight, times scale (their disc_weight 0.5); detached. reduce(g) may average
-    the gradients over ranks first, so every rank (and one process on the global batch) uses the same weight.
-    """
+    """VQGAN's adaptive weight as the authors': scale * min(|grad L_rec| / max(|grad L_gen|, eps), max_weight) at
+    the decoder's last layer, detached; reduce(g) averages the gradients over ranks first (same weight on all)."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
     if reduce is not None:
@@ -541,30 +520,92 @@ def eq_vae_scale(x, z, factor, vae_factor, min_image_size=1):
     return x_s, z_s
 
 
+REG_PRESETS = {            # stage-1 regularisers: weights of KL and ESM, DSM on/off, EQ-VAE probability
+    "kl":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.0),   # SD-VAE
+    "esm":     dict(kl_weight=0.0, esm_weight=0.01, dsm=False, eq_prob=0.0),   # the authors' ESM config
+    "dsm":     dict(kl_weight=0.0, esm_weight=0.0, dsm=True, eq_prob=0.0),     # the authors' DSM config
+    "esm+dsm": dict(kl_weight=0.0, esm_weight=0.01, dsm=True, eq_prob=0.0),    # this project's combination
+    "eq":      dict(kl_weight=1e-6, esm_weight=0.0, dsm=False, eq_prob=0.5),   # EQ-VAE baseline
+}
+DSM_KS = (0, 8, 10, 12)    # the DSM ks the authors draw from (one per GPU batch), 0 = unmasked
+
+
+def stage1_loss(vae, x, eps, ks, w, lpips=None, disc=None, eq_factor=None, forward=None, reduce=None):
+    """The authors' stage-1 generator objective -> dict of terms incl. "loss": L1 + LPIPS on the (DSM-masked, EQ-
+    scaled) image, KL, ESM (§3.2) and in the GAN phase (disc) -D(rec) with the adaptive weight (grads averaged by
+    reduce). w: dict or namespace of the *_weight's, esm_delta, dsm_block; forward: the VAE or DDP(VAE)."""
+    w = w if isinstance(w, dict) else vars(w)
+    eq_min = 32 if lpips is not None or disc is not None else 1            # LPIPS / PatchGAN input size
+    rec, target, mean, logvar, z = (forward or vae)(x, eps, ks, w["dsm_block"], eq_factor, eq_min)
+    rec, target = rec.float(), target.float()
+    t = {"l1": (rec - target).abs().mean()}
+    if lpips is not None:
+        t["lpips"] = lpips(rec, target).mean()
+    rec_loss = loss = t["l1"] + w["lpips_weight"] * t.get("lpips", 0.0)
+    if w["kl_weight"] > 0:
+        t["kl"] = kl_loss(mean.float(), logvar.float())
+        loss = loss + w["kl_weight"] * t["kl"]
+    if w["esm_weight"] > 0:
+        t["esm"] = esm_loss(x, z, delta=w["esm_delta"], blur_sigma=vae.esm_blur)
+        loss = loss + w["esm_weight"] * t["esm"]
+    if disc is not None:                                       # generator side: D frozen
+        disc.requires_grad_(False)
+        t["gan"] = -disc(rec).mean()
+        disc.requires_grad_(True)
+        t["gan_weight"] = adaptive_gan_weight(rec_loss, t["gan"], vae.decoder.conv_out.weight, w["disc_weight"],
+                                              reduce=reduce)
+        loss = loss + t["gan_weight"] * t["gan"]
+    t["loss"] = loss
+    return t
+
+
+def discriminator_loss(vae, disc, x, eps, ks, block=8, eq_factor=None):
+    """Hinge loss of the discriminator: the (DSM-masked) image is "real", its reconstruction "fake"."""
+    with torch.no_grad():
+        rec, target, *_ = vae(x, eps, ks, block, eq_factor, 32)
+    return hinge_d_loss(disc(target.float()), disc(rec.float()))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.mul_(decay).add_(pm.detach().float(), alpha=1 - decay)
+
+
+def latent_moments(mean, logvar):
+    """(3, C) float64 per channel of z ~ N(mean, exp(logvar)) (B, C, h, w): count, sum E z, sum E z^2 (additive)."""
+    mean, var = mean.double(), logvar.double().exp()
+    count = torch.full_like(mean[0, :, 0, 0], mean.numel() / mean.shape[1])
+    return torch.stack([count, mean.sum(dim=(0, 2, 3)), (mean.pow(2) + var).sum(dim=(0, 2, 3))])
+
+
+def latent_stats(moments, per_channel=False):
+    """(latent_mean, latent_std) (C,) float32 of summed latent_moments: pooled, mean 0 (the authors'), or per channel."""
+    m = moments.double()
+    if not per_channel:
+        m = m.sum(dim=1, keepdim=True).expand_as(m)
+    mu = m[1] / m[0]
+    std = (m[2] / m[0] - mu ** 2).clamp_min(1e-12).sqrt()
+    return (mu if per_channel else torch.zeros_like(mu)).float(), std.float()
+
+
 #################################################################################
 #                     5. DiT / SiT (REPA's SiT, adaLN-Zero)                     #
 #################################################################################
 # Layout and parameter names follow REPA's SiT (Yu et al., 2025; models/sit.py), itself DiT
 # (Peebles & Xie, 2023) with a velocity output and projectors, so REPA checkpoints load as they are.
-# LightningDiT options (Yao et al., 2025: QK-norm, RMSNorm, SwiGLU, 2-D RoPE) are off by default.
 
 def modulate(x, shift, scale):
     """adaLN modulation of tokens x (N, T, D) by per-sample shift / scale (N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def _sincos_1d(dim, pos):
-    """(M,) positions -> (M, dim) [sin | cos] embedding."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
 def get_2d_sincos_pos_embed(dim, grid_hw):
-    """Fixed 2-D sin-cos position embedding (h*w, dim); the first half encodes the column (as MAE / DiT)."""
-    h, w = grid_hw
-    gw, gh = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    return np.concatenate([_sincos_1d(dim // 2, gw), _sincos_1d(dim // 2, gh)], axis=1)
+    """Fixed 2-D sin-cos position embedding (h*w, dim): [sin | cos] of the column, then of the row (MAE / DiT)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid_hw[0]), np.arange(grid_hw[1]), indexing="ij")
+    return np.concatenate([f(np.outer(g.reshape(-1), omega)) for g in (cols, rows) for f in (np.sin, np.cos)], axis=1)
 
 
 class PatchEmbed(nn.Module):
@@ -583,21 +624,14 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
-        if frequency_embedding_size % 2:
-            raise ValueError(f"frequency_embedding_size must be even, got {frequency_embedding_size}")
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
-        self.frequency_embedding_size = frequency_embedding_size
+        self.half = frequency_embedding_size // 2
 
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    def forward(self, t):                                                  # (N,)
+        freqs = torch.exp(-math.log(10000) * torch.arange(self.half, dtype=torch.float32, device=t.device) / self.half)
         args = t[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)           # (N, dim), dim even
-
-    def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(t.dtype))
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype))   # (N, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -617,116 +651,52 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich, 2019), optionally without affine weight."""
-
-    def __init__(self, dim, eps=1e-6, affine=True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x):
-        y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
-        return y * self.weight if self.weight is not None else y
-
-
-def _block_norm(dim, rmsnorm):
-    """The pre-modulation norm: LayerNorm without affine (DiT) or RMSNorm (LightningDiT)."""
-    return RMSNorm(dim, affine=False) if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-
-class RoPE2D(nn.Module):
-    """2-D rotary position embedding: half of each head's channels rotate with the row, half with the column."""
-
-    def __init__(self, head_dim, grid_hw, theta=10000.0):
-        super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
-        h, w = grid_hw
-        freqs = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))   # (hd/4,)
-        rows = torch.arange(h).float().repeat_interleave(w)
-        cols = torch.arange(w).float().repeat(h)
-        ang = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)                 # (T, hd/2)
-        self.register_buffer("cos", ang.cos(), persistent=False)
-        self.register_buffer("sin", ang.sin(), persistent=False)
-
-    def forward(self, x):                                                  # (N, H, T, hd)
-        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)               # interleaved pairs
-        c, s = self.cos, self.sin
-        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with qkv bias through F.scaled_dot_product_attention (flash on GPU)."""
 
-    def __init__(self, dim, num_heads, qk_norm=False, rmsnorm=False):
+    def __init__(self, dim, num_heads, qk_norm=False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        norm = (lambda: RMSNorm(self.head_dim)) if rmsnorm else (lambda: nn.LayerNorm(self.head_dim))
-        self.q_norm = norm() if qk_norm else nn.Identity()                 # timm's LayerNorm(head_dim) as in REPA
-        self.k_norm = norm() if qk_norm else nn.Identity()
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()   # timm's, as REPA's qk_norm
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope=None):
+    def forward(self, x):
         N, T, D = x.shape
         q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (N, H, T, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q), rope(k)
-        x = F.scaled_dot_product_attention(q, k, v)                        # (N, H, T, hd)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)   # (N, H, T, hd)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
-class Mlp(nn.Module):
-    """Linear - tanh-GELU - Linear."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU MLP (Shazeer, 2020) with 2/3 of the hidden width, so parameters match the GELU MLP."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        hidden = int(2 * hidden / 3)
-        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+def _norm(dim):
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero shift / scale / gate modulation from the condition."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=False, rmsnorm=False, swiglu=False):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=False):
         super().__init__()
-        self.norm1, self.norm2 = _block_norm(dim, rmsnorm), _block_norm(dim, rmsnorm)
-        self.attn = Attention(dim, num_heads, qk_norm, rmsnorm)
-        self.mlp = (SwiGLU if swiglu else Mlp)(dim, int(dim * mlp_ratio))
+        self.norm1, self.norm2 = _norm(dim), _norm(dim)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        hidden = int(dim * mlp_ratio)                                      # timm's Mlp: fc1 - tanh-GELU - fc2
+        self.mlp = nn.Sequential(collections.OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(approximate="tanh"),
+                                                         fc2=nn.Linear(hidden, dim)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, rope=None):                                   # x (N, T, D), c (N, D)
+    def forward(self, x, c):                                               # x (N, T, D), c (N, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and a linear map to p*p*C values per token."""
 
-    def __init__(self, dim, patch_size, out_channels, rmsnorm=False):
+    def __init__(self, dim, patch_size, out_channels):
         super().__init__()
-        self.norm_final = _block_norm(dim, rmsnorm)
+        self.norm_final = _norm(dim)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
@@ -744,8 +714,7 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dims=(768,),
-                 projector_dim=2048, projector_type="mlp", projector_kernel_size=3,
-                 qk_norm=False, rmsnorm=False, swiglu=False, rope=False):
+                 projector_dim=2048, projector_type="mlp", projector_kernel_size=1, qk_norm=False):
         super().__init__()
         self.input_size = _pair(input_size)
         H, W = self.input_size
@@ -754,16 +723,10 @@ class DiT(nn.Module):
         self.grid_size = (H // patch_size, W // patch_size)
         self.patch_size, self.in_channels = patch_size, in_channels
         self.out_channels = in_channels                                    # velocity only, as REPA's SiT
-        self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.num_classes = int(num_classes)
-        self.class_dropout_prob = class_dropout_prob
-        self.z_dims = [int(z) for z in (z_dims or [])]
-        self.encoder_depth = int(encoder_depth)
-        self.projector_type = projector_type
+        self.hidden_size, self.num_classes = hidden_size, int(num_classes)
+        self.z_dims, self.encoder_depth = [int(z) for z in (z_dims or [])], int(encoder_depth)
         if self.z_dims and not 1 <= self.encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}] when z_dims is set, got {encoder_depth}")
-        if projector_type not in ("mlp", "conv"):
-            raise ValueError(f"projector_type must be 'mlp' or 'conv', got {projector_type!r}")
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -772,13 +735,11 @@ class DiT(nn.Module):
         T = self.grid_size[0] * self.grid_size[1]
         # fixed sin-cos embedding; a frozen Parameter (not a buffer) so REPA state dicts and counts match
         self.pos_embed = nn.Parameter(torch.zeros(1, T, hidden_size), requires_grad=False)
-        self.rope = RoPE2D(hidden_size // num_heads, self.grid_size) if rope else None
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, rmsnorm, swiglu)
-                                     for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.projectors = nn.ModuleList([                                  # (N, T, D) -> (N, T, z) each
-            build_mlp_projector(hidden_size, projector_dim, z) if projector_type == "mlp" else
-            ConvProjector(hidden_size, z, projector_kernel_size, self.grid_size) for z in self.z_dims])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rmsnorm)
+            ConvProjector(hidden_size, z, projector_kernel_size, self.grid_size) if projector_type == "conv" else
+            build_mlp_projector(hidden_size, projector_dim, z) for z in self.z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.grad_checkpointing = False                                    # recompute blocks in backward
         self.initialize_weights()
 
@@ -799,13 +760,10 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:                                          # adaLN-Zero: every block starts as identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)                     # the output starts at zero
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                  self.final_layer.linear]:
+            nn.init.zeros_(m.weight)                                       # adaLN-Zero: blocks start as identity,
+            nn.init.zeros_(m.bias)                                         # the output at zero
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
@@ -816,8 +774,7 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def _check_inputs(self, x, y):
-        """ValueError for a wrong latent shape or label tensor. Label values are checked where data enters
-        (train.py, the samplers), not here: no device sync per step."""
+        """ValueError for a wrong latent shape or label tensor (values: checked by the samplers, no sync here)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected latents (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.input_size:
@@ -840,9 +797,9 @@ class DiT(nn.Module):
         zs = []
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, c, self.rope, use_reentrant=False)  # recomputed
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)  # recomputed
             else:
-                x = block(x, c, self.rope)                                 # (N, T, D)
+                x = block(x, c)                                            # (N, T, D)
             if i + 1 == self.encoder_depth:
                 zs = [p(x) for p in self.projectors]                       # [(N, T, z)] REPA projections
         x = self.final_layer(x, c)                                         # (N, T, p*p*C)
@@ -900,11 +857,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # t
 
 def preprocess_repa_images(images, resolution):
     """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    if images.dtype != torch.uint8 and x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):   # one sync per batch
-        raise ValueError("float images must be in [0, 1] (or pass uint8 pixels in [0, 255])")
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
@@ -944,26 +897,12 @@ def resize_token_grid(Z, grid_hw, src_grid_hw=None):
     return z.flatten(2).transpose(1, 2)                                    # (N, T', C)
 
 
-def _gaussian_blur_grid(z, sigma):
-    """Depthwise separable Gaussian blur of z (N, C, h, w) with reflect padding (radius <= grid - 1)."""
-    h, w = z.shape[-2:]
-    r = max(1, min(int(math.ceil(3 * sigma)), h - 1, w - 1))
-    g = gaussian_kernel1d(sigma, r, z.device).to(z.dtype)
-    C = z.shape[1]
-    z = F.conv2d(F.pad(z, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(F.pad(z, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
 def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, eps=1e-6):
     """REPA target from tokens Z (N, T, C): 'raw' (REPA), 'zscore' (iREPA) or 'dog' (REPA-DoG, §4).
 
-    zscore: iREPA's spatial normalisation (Z - alpha * mean_T) / (std_T + 1e-6), unbiased std. alpha = 0.6
-      as iREPA's latent-diffusion training passes it (iREPA@99ad4ac ldm/train.py --zscore-alpha); 1.0 is
-      only its helper's unused default, 0.8 its pixel-space JiT's.
-    dog: per channel on the token grid, G_sigma1 * Z - G_sigma2 * Z (Gaussian blurs, reflect padding),
-      divided by the spatial std. The DoG has no DC response, but on a finite reflect-padded grid its
-      output keeps a small spatial mean; we remove it before dividing, so the target has zero spatial
-      mean exactly. The paper does not give its sigmas; sigma1 = 0.5 and sigma2 = 2.0 tokens are ours.
+    zscore: (Z - alpha mean_T) / (std_T + eps), alpha 0.6 as iREPA's ldm/train.py --zscore-alpha (iREPA@99ad4ac).
+    dog: G_sigma1 * Z - G_sigma2 * Z per channel on the token grid (reflect padding), its small spatial mean
+      removed, / spatial std. The paper gives no sigmas; 0.5 and 2.0 tokens are ours.
     """
     if mode == "raw":
         return Z
@@ -975,20 +914,16 @@ def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, 
             return (Zf - alpha * Zf.mean(dim=1, keepdim=True)) / (Zf.std(dim=1, keepdim=True) + eps)
         N, T, C = Zf.shape
         h, w = _grid_of(T, grid_hw)
-        if min(h, w) < 2:
-            raise ValueError(f"the DoG target needs a token grid of at least 2x2, got {h}x{w}")
         z = Zf.transpose(1, 2).reshape(N, C, h, w)
-        d = (_gaussian_blur_grid(z, sigma1) - _gaussian_blur_grid(z, sigma2)).flatten(2).transpose(1, 2)  # (N, T, C)
+        blur = lambda s: gaussian_blur(z, s, 2 * max(1, min(math.ceil(3 * s), h - 1, w - 1)) + 1, "reflect")  # noqa
+        d = (blur(sigma1) - blur(sigma2)).flatten(2).transpose(1, 2)                  # (N, T, C)
         d = d - d.mean(dim=1, keepdim=True)
         return d / (d.std(dim=1, keepdim=True) + eps)
 
 
 def directional_spectral_energy(Z, grid=None, reduction="mean"):
-    """RMS spatial contrast of per-token L2-normalised features = sqrt of their non-DC spectral energy.
-
-    With u_t = Z_t / |Z_t| and an orthonormal 2-D DFT over the grid, sum_{k != 0} |U_k|^2 / T equals
-    mean_t |u_t - mean(u)|^2 (Parseval); returns its square root, (N,) or its mean.
-    """
+    """sqrt(mean_t |u_t - mean(u)|^2) for u_t = Z_t / |Z_t| (N,) or its mean: by Parseval, the root of the non-DC
+    spectral energy of the L2-normalised tokens (orthonormal 2-D DFT over the grid, / T)."""
     N, T, C = Z.shape
     _grid_of(T, grid)                                                      # validates the grid
     u = F.normalize(Z.float(), dim=-1)
@@ -1027,14 +962,11 @@ def sample_time(n, weighting="uniform", generator=None, device=None):
 
 
 def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_ids=None, repa_targets=None,
-              repa_lambda=0.5, cos_weight=0.0, generator=None):
-    """Flow-matching loss dict: per-sample 'mse' (and 'cos', 'repa') (N,), scalar 'loss', and 't'.
+              repa_lambda=0.5, generator=None):
+    """Flow-matching loss dict: per-sample 'mse' and 'repa' (N,), 't', and 'loss' = mean(mse) + repa_lambda mean(repa).
 
-    t, noise and drop_ids may be passed explicitly so that the randomness comes from one global
-    per-step generator, independent of the number of processes. drop_ids (N,) bool marks labels
-    replaced by the null class (CFG dropout); if None the model drops at random in train mode.
-    loss = mean(mse) + cos_weight * mean(1 - cos_channels(v, target))   [LightningDiT velocity direction]
-           + repa_lambda * mean(repa)                                    [REPA, lambda = 0.5]
+    t, noise and drop_ids (N,) bool (labels replaced by the null class) may be given, drawn from one per-step
+    generator for every world size; else drawn here (and the model drops labels at random in train mode).
     """
     N = x.shape[0]
     dev = x.device if generator is None else generator.device
@@ -1052,10 +984,6 @@ def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_id
     mse = (v - target).pow(2).mean(dim=(1, 2, 3))                          # (N,)
     out = {"mse": mse, "t": t}
     loss = mse.mean()
-    if cos_weight:
-        cos = (1 - F.cosine_similarity(v, target, dim=1)).mean(dim=(1, 2))  # (N,)
-        out["cos"] = cos
-        loss = loss + cos_weight * cos.mean()
     if repa_targets is not None and repa_lambda:
         rl = repa_loss(zs, repa_targets)                                   # (N,)
         out["repa"] = rl
@@ -1079,20 +1007,16 @@ def _eval_mode(model):
 
 
 def _sampler_setup(model, y, cfg_scale):
-    """The null class index for CFG (None for unconditional models); checks y."""
+    """The null class index for CFG (None for unconditional models); checks the label values."""
     nc = model.num_classes
-    if nc == 0:
-        if y is not None:
-            raise ValueError("unconditional model: pass y=None")
-        if cfg_scale > 1.0:
-            raise ValueError("classifier-free guidance needs a class-conditional model")
-        return None
-    if y is None:
+    if nc == 0 and cfg_scale > 1.0:
+        raise ValueError("classifier-free guidance needs a class-conditional model")
+    if nc and y is None:
         raise ValueError("class-conditional model: labels y are required")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= nc):
+    if nc and y.numel() and (int(y.min()) < 0 or int(y.max()) >= nc):
         raise ValueError(f"class label out of range: got [{int(y.min())}, {int(y.max())}], expected [0, {nc}) "
                          "(the null class is added by classifier-free guidance)")
-    return nc
+    return nc or None
 
 
 def _guided(model, x, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=None):
@@ -1113,12 +1037,9 @@ def _guided(model, x, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=Non
 
 @torch.no_grad()
 def sample_ode(model, noise, y, steps=50, cfg_scale=1.0, guidance_interval=(0.0, 1.0), heun=False):
-    """Probability-flow ODE from t=1 (noise) to t=0 on linspace(1, 0, steps+1); returns float64 latents.
-
-    As REPA's euler_sampler: state in float64, model called in noise.dtype, CFG when cfg_scale > 1 and
-    low <= t_cur <= high (null class = num_classes); with heun=True the last step stays Euler and the
-    corrector reuses the guidance decision made at t_cur.
-    """
+    """Probability-flow ODE from t=1 (noise) to t=0 on linspace(1, 0, steps+1) -> float64 latents, as REPA's
+    euler_sampler: float64 state, model in noise.dtype, CFG when cfg_scale > 1 and low <= t_cur <= high; Heun's
+    corrector reuses the guidance decision of t_cur, and the last step stays Euler."""
     null_class = _sampler_setup(model, y, cfg_scale)
     low, high = guidance_interval
     dtype = noise.dtype
@@ -1147,9 +1068,8 @@ def _sde_drift(v, x, t):
 
 @torch.no_grad()
 def sample_sde(model, noise, y, steps=250, cfg_scale=1.0, guidance_interval=(0.0, 1.0), generator=None):
-    """Euler-Maruyama (REPA's euler_maruyama_sampler): diffusion 2t on linspace(1, 0.04, steps), then a
-    final noise-free mean step from 0.04 to 0. The float64 noise comes from the global RNG (REPA), or from
-    `generator`, a list with one torch.Generator per sample, so that it does not depend on the batch."""
+    """Euler-Maruyama as REPA's euler_maruyama_sampler: diffusion 2t on linspace(1, 0.04, steps), then a mean step
+    to 0; noise from the global RNG (REPA) or `generator`, one torch.Generator per sample (batch-independent)."""
     null_class = _sampler_setup(model, y, cfg_scale)
     low, high = guidance_interval
     dtype = noise.dtype
@@ -1188,10 +1108,7 @@ DEADLEAVES_SHAPES = ("disk", "square")
 
 
 def deadleaves_image(index, size=64, seed=0, num_classes=10, r_min=None, r_max=0.5, n_shapes=300):
-    """Deterministic dead-leaves image for (index, seed): (uint8 (size, size, 3), label).
-
-    Radii are fractions of the image side; r_min defaults to max(0.02, 3 / size), no sub-pixel leaves.
-    """
+    """Deterministic dead-leaves image for (index, seed): (uint8 (size, size, 3), label); radii in image sides."""
     r_min = max(0.02, 3.0 / size) if r_min is None else r_min
     label = index % num_classes
     palette = np.asarray(DEADLEAVES_PALETTES[(label // 2) % len(DEADLEAVES_PALETTES)])
@@ -1261,75 +1178,47 @@ LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
-def lpips_files(path=None, vgg_path=None):
-    """Local files of the LPIPS v0.1 linear heads and of VGG16 (fetch_weights: given path, cache or download)."""
-    return (fetch_weights(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth", "--lpips-path"),
-            fetch_weights(VGG16_URL, vgg_path, "VGG16", flag="--vgg-path"))
-
-
 def load_lpips(path=None, vgg_path=None):
-    """LPIPS-VGG with pretrained weights: linear heads from `path` and VGG16 from `vgg_path`, else the
-    torch hub cache, else their public URLs. Offline without them: a RuntimeError saying how to
-    provide them or to train with --lpips-weight 0."""
+    """LPIPS-VGG with its v0.1 linear heads (path) and VGG16 (vgg_path), else from the cache or the web."""
     try:
-        lin, vgg = lpips_files(path, vgg_path)
+        lin = fetch_weights(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth", "--lpips-path")
+        vgg = fetch_weights(VGG16_URL, vgg_path, "VGG16", flag="--vgg-path")
     except (RuntimeError, FileNotFoundError) as e:
         raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
     return LPIPS.from_state_dicts(torch.load(lin, map_location="cpu", weights_only=True),
                                   torch.load(vgg, map_location="cpu", weights_only=True))
 
 
-_SAFETENSORS_DTYPES = {k: v for k, v in dict(
-    F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64, I32=torch.int32,
-    I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool, U16=getattr(torch, "uint16", None),
-    U32=getattr(torch, "uint32", None), U64=getattr(torch, "uint64", None),
-    F8_E4M3=getattr(torch, "float8_e4m3fn", None), F8_E5M2=getattr(torch, "float8_e5m2", None),
-).items() if v is not None}
+_SAFETENSORS_DTYPES = {k: getattr(torch, v) for k, v in dict(
+    F64="float64", F32="float32", F16="float16", BF16="bfloat16", I64="int64", I32="int32", I16="int16", I8="int8",
+    U8="uint8", BOOL="bool", U16="uint16", U32="uint32", U64="uint64", F8_E4M3="float8_e4m3fn", F8_E5M2="float8_e5m2",
+).items() if hasattr(torch, v)}
 
 
 def load_safetensors(path, with_metadata=False):
-    """Read a .safetensors file without the safetensors package -> {name: tensor} on the CPU.
+    """Read a .safetensors file without the safetensors package -> {name: tensor} (and its metadata).
 
-    Format (huggingface/safetensors): a u64 little-endian header length N, N bytes of JSON {name: {"dtype",
-    "shape", "data_offsets": [begin, end]}, optional "__metadata__": {str: str}}, then little-endian data,
-    offsets counted from its first byte. with_metadata=True returns (tensors, metadata dict).
+    Format (huggingface/safetensors): a u64 little-endian header length N, N bytes of UTF-8 JSON {name: {"dtype",
+    "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then little-endian data from offset 0.
     """
-    path = os.fspath(path)
     with open(path, "rb") as f:
         raw = f.read()
-    if len(raw) < 8:
-        raise ValueError(f"{path}: not a safetensors file ({len(raw)} bytes; the 8-byte header length is missing)")
-    n = int.from_bytes(raw[:8], "little")
-    if n > len(raw) - 8:
-        raise ValueError(f"{path}: truncated or not a safetensors file (header of {n} bytes, {len(raw) - 8} follow)")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))              # the format requires UTF-8
-        metadata = header.pop("__metadata__", None) or {}
-    except (ValueError, TypeError, AttributeError) as e:      # also UnicodeDecodeError, or not an object
-        raise ValueError(f"{path}: the safetensors header is not a valid JSON object ({e})") from None
-    data, out = memoryview(raw)[8 + n:], {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], map(int, info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
-                             f"(supported: {sorted(_SAFETENSORS_DTYPES)})")
-        dt = _SAFETENSORS_DTYPES[dtype]
-        if end > len(data):
-            raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} "
-                             f"of a {len(data)}-byte data section")
-        if min(shape, default=0) < 0 or not 0 <= begin <= end:
-            raise ValueError(f"{path}: tensor {name!r} has a bad shape {shape} or data_offsets {[begin, end]}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-        if end - begin != nbytes:
-            raise ValueError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} "
-                             f"(expected {nbytes})")
-        t = torch.frombuffer(bytearray(data[begin:end]), dtype=dt) if nbytes else torch.empty(0, dtype=dt)
-        if sys.byteorder == "big":                             # the file is little-endian
-            t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous().view(dt)
-        out[name] = t.reshape(shape)                           # an own, writable copy
+        n = int.from_bytes(raw[:8], "little")
+        if len(raw) < 8 or n > len(raw) - 8:
+            raise ValueError(f"{len(raw)} bytes: too short for the 8-byte length and its {n}-byte header")
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+        metadata, data, out = header.pop("__metadata__", None) or {}, memoryview(raw)[8 + n:], {}
+        for name, info in header.items():
+            dt, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            if not 0 <= begin <= end <= len(data):
+                raise ValueError(f"tensor {name!r} at bytes {begin}..{end} of a {len(data)}-byte data section")
+            t = torch.frombuffer(bytearray(data[begin:end]), dtype=dt) if end > begin else torch.empty(0, dtype=dt)
+            if sys.byteorder == "big":
+                t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous().view(dt)
+            out[name] = t.reshape(info["shape"])               # an own, writable copy
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{os.fspath(path)}: not a valid safetensors file ({type(e).__name__}: {e})") from None
     return (out, dict(metadata)) if with_metadata else out
 
 
@@ -1348,15 +1237,17 @@ def _weights_in(path_or_state_dict, names):
     return load_safetensors(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
 
 
-def _check_fit(sd, expected, what, preset, hint=""):
-    """Raise one clear error when state dict `sd` does not fit the {key: shape} `expected`."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k])]
+def _load_vae_weights(vae, sd, what):
+    """Load a state dict (latent statistics optional) into the VAE; one short ValueError when it does not fit."""
+    own, sd = vae.state_dict(), {"latent_mean": vae.latent_mean, "latent_std": vae.latent_std, **sd}
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{what} do not fit VAE preset {preset!r}: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
-                         f"(e.g. {[(k, tuple(sd[k].shape), tuple(expected[k])) for k in wrong[:3]]}){hint}")
+        raise ValueError(f"{what} do not fit VAE preset {vae.preset or vae.config}: {len(missing)} missing (e.g. "
+                         f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of "
+                         f"another shape (e.g. {wrong[:3]})")
+    vae.load_state_dict(sd)
+    return vae.eval()
 
 
 _OLD_ATTN_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -1369,28 +1260,21 @@ def convert_diffusers_vae_keys(state_dict):
         parts = k.split(".")
         if "attentions" in parts and len(parts) >= 2 and parts[-2] in _OLD_ATTN_KEYS:
             k = ".".join(parts[:-2] + [_OLD_ATTN_KEYS[parts[-2]], parts[-1]])
-        if ".attentions." in k and v.ndim == 4 and v.shape[-2:] == (1, 1) and k.endswith("weight") \
-                and "group_norm" not in k:
-            v = v[:, :, 0, 0]                                  # 1x1-conv attention weights of very old files
         out[k] = v
     return out
 
 
 def load_sd_vae(path_or_state_dict, preset="f8d4"):
-    """Load diffusers-format AutoencoderKL weights (e.g. stabilityai/sd-vae-ft-ema) into a VAE.
+    """Load diffusers AutoencoderKL weights (a .bin / .safetensors file, its folder or a state dict) into a VAE.
 
-    path_or_state_dict: a diffusion_pytorch_model.bin / .safetensors file, its folder, or a state dict (old
-    or new attention key names); asymmetric downsampling padding. f8d4 stores SD's scale as latent_std = 1 / 0.18215.
+    Asymmetric downsampling padding; for f8d4, SD's latent scale 0.18215 is stored as latent_std = 1 / 0.18215.
     """
     sd = _weights_in(path_or_state_dict, ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"))
-    sd = convert_diffusers_vae_keys(sd)
     vae = build_vae(preset, downsample_padding="asymmetric") if isinstance(preset, str) else VAE(**preset)
-    own = {k: v.shape for k, v in vae.state_dict().items() if k not in ("latent_mean", "latent_std")}
-    _check_fit({k: v for k, v in sd.items() if k not in ("latent_mean", "latent_std")}, own, "weights", preset)
-    vae.load_state_dict(sd, strict=False)
+    vae = _load_vae_weights(vae, convert_diffusers_vae_keys(sd), "weights")
     if preset == "f8d4" and "latent_std" not in sd:
         vae.latent_std.fill_(1 / 0.18215)
-    return vae.eval()
+    return vae
 
 
 # Our parameter names -> the authors' (modules/vae.py: VAEEncoder / VAEDecoder / EncoderDecoder;
@@ -1419,83 +1303,33 @@ def _official_vae_key(key):
     return key
 
 
-def _official_config_guess(sd):
-    """VAE kwargs read off the authors' weights (channels, ResNets per level, latent channels), or None."""
-    is_conv = lambda w: torch.is_tensor(w) and w.ndim == 4                     # noqa: E731
-    first_convs = (sd.get(f"encoder.encoder_blocks.{i}.blocks.0.conv1.weight") for i in range(len(sd)))
-    channels = tuple(int(w.shape[0]) for w in itertools.takewhile(is_conv, first_convs))
-    if not channels or not is_conv(sd.get("decoder.conv_in.weight")):
-        return None
-    layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.encoder_blocks.0.blocks.")})
-    return dict(channels=channels, layers_per_block=layers, latent_channels=int(sd["decoder.conv_in.weight"].shape[1]))
-
-
 def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
-    """Load the authors' VAE weights (forever208/SpectrumMatching) into a VAE that reproduces theirs.
-
-    path_or_state_dict: their model.safetensors (accelerate's save_state; model_1 / model_2 are LPIPS and
-    the discriminator), its folder, or a state dict with their key names. preset: a VAE_CONFIGS name, a
-    dict of VAE kwargs, or None to read the layout off the weights. Downsampling is always symmetric.
-    encode / decode then equal their encode's mu / logvar and forward_dec.
-
-    The latent scale is not in the weights: their stage 2 multiplies z by `scaling_constants` from
-    configs/ldm_*.yaml (imagenet 0.9515730, celeba256 0.9010), no shift. Pass it as scale_factor to
-    store latent_std = 1 / scale_factor (latent_mean stays 0); else latent_std = 1.
-    """
+    """Load the authors' VAE weights (forever208/SpectrumMatching: model.safetensors, its folder or a state dict) into
+    a VAE (preset: a VAE_CONFIGS name or kwargs; symmetric padding) that reproduces theirs. Their latent scale is
+    not in the weights: scale_factor stores latent_std = 1 / scale_factor (latent_mean 0), else latent_std = 1."""
     sd = _weights_in(path_or_state_dict, ("model.safetensors", "pytorch_model.bin"))
-    if sd and all(k.startswith("module.") for k in sd):        # saved from a DDP-wrapped model
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    guess = _official_config_guess(sd)
-    if preset is None:
-        if guess is None:
-            raise ValueError("load_official_vae: cannot read the VAE layout off these weights "
-                             "(no encoder.encoder_blocks.*); pass preset=")
-        preset = guess
-    if isinstance(preset, dict) and preset.get("downsample_padding", "symmetric") != "symmetric":
-        raise ValueError("load_official_vae: the authors' VAE pads its downsampling symmetrically; "
-                         f"got downsample_padding={preset['downsample_padding']!r}")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}            # saved from a DDP-wrapped model
     vae = build_vae(preset, downsample_padding="symmetric") if isinstance(preset, str) else \
         VAE(**{**preset, "downsample_padding": "symmetric"})
-    own = vae.state_dict()
-    ours = {_official_vae_key(k): k for k in own if k not in ("latent_mean", "latent_std")}  # theirs -> ours
-    hint = f"; these weights look like {guess}" if guess else ""
-    _check_fit(sd, {k: own[k2].shape for k, k2 in ours.items()}, "the authors' VAE weights", preset, hint)
-    vae.load_state_dict({ours[k]: v for k, v in sd.items()}, strict=False)
+    ours = {_official_vae_key(k): k for k in vae.state_dict()}              # theirs -> ours
+    vae = _load_vae_weights(vae, {ours.get(k, k): v for k, v in sd.items()}, "the authors' VAE weights")
     if scale_factor is not None:
         if not scale_factor > 0:
             raise ValueError(f"load_official_vae: scale_factor must be positive, got {scale_factor}")
         vae.latent_std.fill_(1.0 / scale_factor)
-    return vae.eval()
+    return vae
 
 
-_REPA_SIT_DEFAULTS = dict(
-    input_size=32, patch_size=2, in_channels=4, hidden_size=1152, decoder_hidden_size=None, encoder_depth=8,
-    depth=28, num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=[768],
-    projector_dim=2048, qk_norm=False, projection_layer_type="mlp", proj_kwargs_kernel_size=3,
-)
-_REPA_SIT_IGNORED = {"path_type", "use_cfg", "fused_attn", "eval_mode"}
-
-
-def load_repa_sit(state_dict, which="ema", **repa_kwargs):
-    """Build a DiT from REPA's SiT(...) kwargs and load a REPA train.py state dict (raw, or its 'ema'/'model')."""
-    unknown = set(repa_kwargs) - set(_REPA_SIT_DEFAULTS) - _REPA_SIT_IGNORED
-    if unknown:
-        raise TypeError(f"load_repa_sit: unknown REPA SiT arguments {sorted(unknown)}")
-    kw = {**_REPA_SIT_DEFAULTS, **repa_kwargs}
-    if kw["decoder_hidden_size"] not in (None, kw["hidden_size"]):
-        raise ValueError("REPA SiT with decoder_hidden_size != hidden_size cannot run its forward; not supported")
+def load_repa_sit(state_dict, which="ema", projection_layer_type="mlp", proj_kwargs_kernel_size=3, **repa_kwargs):
+    """Build a DiT from REPA's SiT(...) kwargs (ours and theirs share names and defaults, but the projector's) and
+    load a REPA train.py state dict (raw, or its 'ema' / 'model' entry)."""
+    for k in ("path_type", "use_cfg", "fused_attn", "eval_mode", "decoder_hidden_size"):   # not in the weights
+        repa_kwargs.pop(k, None)
+    model = DiT(**repa_kwargs, projector_type=projection_layer_type, projector_kernel_size=proj_kwargs_kernel_size)
     if "ema" in state_dict or "model" in state_dict:
         state_dict = state_dict[which] if which in state_dict else state_dict["ema" if "ema" in state_dict else "model"]
-    sd = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        k = k.replace(".projection_layer.", ".conv." if kw["projection_layer_type"] == "conv" else ".")
-        sd[k] = v
-    same = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-            "class_dropout_prob", "num_classes", "encoder_depth", "z_dims", "projector_dim", "qk_norm")
-    model = DiT(**{k: kw[k] for k in same}, projector_type=kw["projection_layer_type"],
-                projector_kernel_size=kw["proj_kwargs_kernel_size"])
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod.").replace(
+        ".projection_layer.", ".conv." if projection_layer_type == "conv" else "."): v for k, v in state_dict.items()}
     key = "y_embedder.embedding_table.weight"
     if key in sd and model.y_embedder is not None and sd[key].shape[0] == model.num_classes:
         # REPA with class_dropout_prob=0 has no null row; append an (unused) zero row
@@ -1505,19 +1339,9 @@ def load_repa_sit(state_dict, which="ema", **repa_kwargs):
 
 
 def resample_abs_pos_embed(pos_embed, new_hw, num_prefix_tokens=1, old_hw=None):
-    """Resample absolute position embeddings (1, P + h*w, D) to a new grid, keeping the P prefix tokens.
-
-    Antialiased bicubic interpolation of the (h, w) grid (align_corners=False), as timm's
-    resample_abs_pos_embed that REPA applies to DINOv2 at load time; old_hw defaults to a square grid.
-    Returns (1, P + new_h*new_w, D) in the input dtype (interpolated in float32).
-    """
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must be (1, tokens, dim), got {tuple(pos_embed.shape)}")
-    T = pos_embed.shape[1] - num_prefix_tokens
-    h, w = (math.isqrt(T),) * 2 if old_hw is None else (int(old_hw[0]), int(old_hw[1]))
-    if T < 1 or h * w != T:
-        raise ValueError(f"{T} position tokens (after {num_prefix_tokens} prefix tokens) do not form "
-                         f"{'a square grid; pass old_hw' if old_hw is None else f'the grid {h}x{w}'}")
+    """Position embeddings (1, P + h*w, D) -> (1, P + h'*w', D), P prefix tokens kept: antialiased bicubic on the
+    grid in float32, as timm's resample_abs_pos_embed (REPA's DINOv2 step); old_hw defaults to a square."""
+    h, w = _grid_of(pos_embed.shape[1] - num_prefix_tokens, old_hw)
     new_hw = (int(new_hw[0]), int(new_hw[1]))
     if (h, w) == new_hw:
         return pos_embed
@@ -1529,31 +1353,11 @@ def resample_abs_pos_embed(pos_embed, new_hw, num_prefix_tokens=1, old_hw=None):
     return torch.cat([prefix, g], dim=1)
 
 
-def repa_token_grid(resolution, patch_size=14):
-    """Token grid side of the target encoder at a training resolution: images are resized to
-    224 * resolution / 256 (preprocess_repa_images), so 16 at 256 px and 32 at 512 px as REPA."""
-    return (224 * resolution // 256) // patch_size
-
-
-def resample_encoder_pos_embed(encoder, resolution):
-    """Resample a ViT encoder's pos_embed once to its token grid at `resolution` (REPA's load-time step),
-    so DINOv2's per-call interpolate_pos_encoding returns it unchanged. No-op without pos_embed."""
-    pe = getattr(encoder, "pos_embed", None)
-    if pe is None:
-        return encoder
-    n = repa_token_grid(resolution, int(getattr(encoder, "patch_size", 14)))
-    if n < 1:
-        raise ValueError(f"resolution {resolution} gives no {getattr(encoder, 'patch_size', 14)}-pixel patches")
-    pe.data = resample_abs_pos_embed(pe.data, (n, n), num_prefix_tokens=1)
-    return encoder
-
-
 def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
     """Frozen DINOv2 target encoder via torch.hub (path: a local clone of facebookresearch/dinov2).
 
-    Its position embeddings (37x37 grid, trained at 518 px) are resampled once to the token grid at
-    `resolution` (16x16 at 256 px, 32x32 at 512 px) with antialiased bicubic interpolation, as REPA's
-    load_encoders (utils.py) does with timm's resample_abs_pos_embed; pass the training image size.
+    Its position embeddings (37x37 grid, trained at 518 px) are resampled once to the token grid of the images
+    preprocess_repa_images makes at `resolution` (16x16 at 256 px, 32x32 at 512 px), as REPA's load_encoders.
     """
     try:
         if path is not None:
@@ -1566,5 +1370,6 @@ def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
             f"'facebookresearch/dinov2', '{name}') on a machine with network and copy $TORCH_HOME/hub (default "
             "~/.cache/torch/hub) here, pass path=<a clone of facebookresearch/dinov2>, or train without alignment "
             "(--repa-encoder none).") from None
-    enc = resample_encoder_pos_embed(enc, resolution)
+    n = (224 * resolution // 256) // enc.patch_size                        # preprocess_repa_images' size / patch
+    enc.pos_embed.data = resample_abs_pos_embed(enc.pos_embed.data, (n, n), num_prefix_tokens=1)
     return enc.to(device).eval().requires_grad_(False)

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def parse_value(name, text, default):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"--{name} takes true or false, got {text!r}")
         return text.lower() in ("true", "1")
-    if isinstance(default, str):
+    if isinstance(default, str) or name.replace("-", "_") in PATHS:
         return text
     try:
         v = ast.literal_eval(text)
@@ -141,7 +142,7 @@ def parse_value(name, text, default):
 def get_args(argv=None):
     """Every recipe entry is a flag: --name value (or --name=value; a bare --name sets a boolean)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    first = dict(zip(argv, argv[1:]))
+    first = dict(zip(argv, argv[1:])) | dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     r = base_recipe(first.get("--dataset", "deadleaves"), first.get("--variant"))
     if "-h" in argv or "--help" in argv:
         print(__doc__ + f"\nrecipe {r['dataset']}{' / ' + r['variant'] if r['variant'] else ''}; every entry is a "
@@ -167,6 +168,7 @@ def get_args(argv=None):
     return recipe(**given)
 
 
+PATHS = ("data_path", "out", "vae_ckpt", "sd_vae", "official_vae", "lpips_path", "vgg_path", "variant")
 POSITIVE = ("image_size", "vae_batch", "vae_steps", "dit_batch", "dit_steps", "log_every", "ckpt_every",
             "vis_every", "stats_samples", "dataset_size", "sample_steps", "num_fid_samples", "dsm_block",
             "dsm_group", "depth", "width", "encoder_depth", "max_steps")
@@ -207,7 +209,7 @@ def validate(cfg):
     sources = [k for k in ("vae_ckpt", "sd_vae", "official_vae") if getattr(cfg, k)]
     if len(sources) > 1:
         raise ValueError(f"--{' and --'.join(s.replace('_', '-') for s in sources)}: choose one autoencoder")
-    if cfg.dataset != "deadleaves" and not cfg.data_path and cfg.stage in ("all", "vae", "latents"):
+    if cfg.dataset != "deadleaves" and not cfg.data_path and cfg.stage in ("all", "vae", "latents") and not cfg.bench:
         raise ValueError(f"--dataset {cfg.dataset} needs --data-path")
     if cfg.cfg_scale < 1 or (cfg.unconditional and cfg.cfg_scale != 1):
         raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), and 1 for an unconditional model; got "
@@ -385,7 +387,9 @@ class ImageFiles(torch.utils.data.Dataset):
         if root is None or not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root} (pass --data-path)")
         self.root, self.image_size, self.skip_bad, self.jpeg_quality = root, image_size, skip_bad, jpeg_quality
-        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        up = lambda n: os.path.commonpath([os.path.realpath(root), os.path.realpath(os.path.join(root, n))]) == \
+            os.path.realpath(os.path.join(root, n))                # a link to the root or above it    # noqa: E731
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".") and not up(e.name))
         top = sorted(n for n in os.listdir(root) if _is_image(n))
         if subdirs and top:
             raise ValueError(f"{root} mixes {len(top)} images with {len(subdirs)} subfolders: expected class folders "
@@ -612,7 +616,10 @@ def lock_run_folder(out, d):
     killed or not); a second job on the same folder is refused by name."""
     import fcntl
     out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
     ok = torch.ones(1, device=d.device)
     if d.main and out not in _LOCKS:
         f = open(os.path.join(out, ".lock"), "a+")
@@ -764,7 +771,7 @@ def vae_batch_randomness(cfg, step, B, latent_shape):
 
 def lr_at(updates, base, warmup):
     """The authors' constant_with_warmup: base * updates / warmup after `updates` earlier updates, then base."""
-    return base * min(1.0, updates / max(1, warmup))
+    return base if updates >= warmup else base * updates / warmup
 
 
 def disc_updates_before(step, disc_start):
@@ -793,7 +800,7 @@ def lpips_or_none(cfg, d):
         return sm.load_lpips(cfg.lpips_path, cfg.vgg_path).to(d.device)
     except (RuntimeError, FileNotFoundError) as e:
         if cfg.dataset != "deadleaves" or "lpips_weight" in cfg.explicit:
-            raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
+            raise
         log(d, f"quickstart: LPIPS weights unavailable, training with lpips_weight 0 ({e})")
         cfg.lpips_weight = 0.0
         return None
@@ -949,6 +956,11 @@ def vae_source(cfg, d, ds):
     if not ckpt.get("finished"):
         raise ValueError(f"{path} is an unfinished stage-1 run (step {ckpt['step']} of "
                          f"{ckpt.get('args', {}).get('vae_steps', '?')}): finish it with --stage vae --resume first")
+    trained = {k: ckpt["args"].get(k) for k in ("dataset", "image_size")}
+    if trained != {k: getattr(cfg, k) for k in trained}:
+        raise ValueError(f"{path} was trained on {trained['dataset']} at {trained['image_size']} px, but this run's "
+                         f"recipe is {cfg.dataset} at {cfg.image_size} px: pass --dataset {trained['dataset']} (and "
+                         f"its --data-path)")
     return dict(kind="ckpt", path=os.path.relpath(os.path.abspath(path), os.path.abspath(cfg.out)), step=ckpt["step"])
 
 
@@ -1195,6 +1207,9 @@ def train_dit(cfg, d):
         if stop:
             stop_now(d, f"stage dit: {path} saved at step {step}")
     bar.close()
+    if ckpt is not None and step == ckpt["step"] == cfg.dit_steps:   # resumed at exactly dit_steps: finish it
+        dit_pictures(ema, vae, meta, mcfg, cfg, d)
+        save_run(d, dict(ckpt, finished=True, args=settings(cfg)), path, (model, ema))
     return path
 
 
@@ -1306,8 +1321,8 @@ def run_all(cfg, d):
 def main(argv=None):
     cfg = get_args(argv)
     d = Dist()
-    for sig in (signal.SIGTERM, signal.SIGINT):             # finish the step, save, exit RESUMABLE
-        signal.signal(sig, lambda num, frame: STOP.update(signal=signal.Signals(num).name))
+    old = {sig: signal.signal(sig, lambda num, frame: STOP.update(signal=signal.Signals(num).name))
+           for sig in (signal.SIGTERM, signal.SIGINT)}       # finish the step, save, exit RESUMABLE
     try:
         log(d, describe(cfg))
         if cfg.bench:
@@ -1316,6 +1331,11 @@ def main(argv=None):
             return run_all(cfg, d)
         return run(cfg, d, (cfg.stage,))
     finally:
+        if sys.exc_info()[1] is not None:                     # free the failed stage's DataLoader now: its workers
+            traceback.clear_frames(sys.exc_info()[2])         # ignore SIGTERM, so exit could not terminate them
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        STOP["signal"] = None
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1328,7 +1348,10 @@ def cli(main_fn, name):
     try:
         main_fn()
     except USER_ERRORS as e:
-        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        msg = str(e).strip()
+        if msg.startswith("Caught "):                          # raised in a DataLoader worker: its own message
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        print(f"{name}: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
