@@ -230,13 +230,16 @@ def generate(ckpt, num_samples, out, d, seed=0, batch_size=64, labels="random", 
     png = [os.path.join(img, f"{i:06d}.png") for i in range(num_samples)]
     blocks = [range(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
     bar = train.progress(d, 0, num_samples, "sampling")
-    for block in blocks[d.rank::d.world]:                               # fixed blocks, dealt round-robin to ranks
-        idx = [i for i in block if not os.path.exists(png[i])]         # resume: keyed, any subset draws the same
+    mine = blocks[d.rank::d.world]                                      # fixed blocks, dealt round-robin to ranks
+    for r in range(-(-len(blocks) // d.world)):                         # the same number of rounds on every rank
+        idx = [i for i in mine[r] if not os.path.exists(png[i])] if r < len(mine) else []   # resume: keyed draws
         if idx:
             images = draw(model, vae, idx, sample_labels(idx, seed, nc, labels), seed, p, precision, d.device)
             for i, im in zip(idx, images):
                 train.atomic_write(png[i], lambda f: Image.fromarray(im).save(f, format="PNG"))
-        bar.update(len(block) * d.world)
+        bar.update(sum(len(b) for b in blocks[r * d.world:(r + 1) * d.world]))
+        if train.stop_requested(d):                                     # SIGTERM / SIGINT: the PNGs so far are kept
+            train.stop_now(d, f"sample.py: {img} keeps the images written so far")
     bar.close()
     d.barrier()
     npz = os.path.join(out, "samples.npz")
@@ -285,7 +288,8 @@ def main(argv=None):
     d = train.Dist()
     try:
         if a.num_samples:
-            generate(ckpt, a.num_samples, a.out, d, batch_size=a.batch_size, labels=a.labels, **kw)
+            with train.stop_signals():
+                generate(ckpt, a.num_samples, a.out, d, batch_size=a.batch_size, labels=a.labels, **kw)
         elif d.main:
             out = a.out or os.path.dirname(os.path.abspath(ckpt))
             grid(ckpt, os.path.join(out, "sample_grid.png"), d, classes=a.classes, **kw)

@@ -23,7 +23,6 @@ lazily where a pretrained network needs it. Copy this file into your project as 
 """
 
 import collections
-import contextlib
 import functools
 import itertools
 import json
@@ -161,12 +160,8 @@ def block_lowpass(t, k, block=8):
 
 
 def dsm_mask(x, z, k, block=8):
-    """Decoding Spectrum Matching (§3.3): the same block-DCT low-pass on image and latent (k = 0: unchanged).
-
-    Coefficients with u + v >= 2(block-1) - (k-1) are zeroed in every tile (block 8: k = 8/10/12 zero 36/49/58).
-    """
-    if not (isinstance(k, (int, np.integer)) or torch.is_tensor(k) and not k.is_floating_point()) \
-            or not 0 <= k <= 2 * block - 2:
+    """Decoding Spectrum Matching (§3.3): the block-DCT low-pass dsm_keep_mask on image and latent (k = 0: none)."""
+    if k != int(k) or not 0 <= k <= 2 * block - 2:
         raise ValueError(f"dsm_mask: k must be an integer in [0, {2 * block - 2}] for block {block}")
     k = int(k)
     if k == 0:
@@ -192,7 +187,6 @@ VAE_CONFIGS = {
     "f64d256": dict(_AUTHORS, channels=(128, 128, 256, 256, 512, 512, 1024), latent_channels=256),
     "tiny":    dict(_AUTHORS, channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8),  # ours, f4
 }
-DOWNSAMPLE_PADDINGS = ("asymmetric", "symmetric")
 
 
 def _group_norm(c, groups=32):
@@ -334,18 +328,14 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """KL autoencoder with the SD-VAE layout; latents are normalised with latent_mean / latent_std.
-
-    downsample_padding: "asymmetric" (SD-VAE; the default, as configs saved before this field) or "symmetric".
-    """
+    """KL autoencoder with the SD-VAE layout; latents are normalised with latent_mean / latent_std."""
 
     def __init__(self, channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  esm_blur=1.2, norm_groups=32, downsample_padding="asymmetric", quant_conv=True,
                  post_quant_conv=True, preset=None):
         super().__init__()
-        if downsample_padding not in DOWNSAMPLE_PADDINGS:
-            raise ValueError(f"VAE: downsample_padding must be one of {DOWNSAMPLE_PADDINGS}, "
-                             f"got {downsample_padding!r}")
+        if downsample_padding not in ("asymmetric", "symmetric"):
+            raise ValueError(f"VAE: downsample_padding must be 'asymmetric' or 'symmetric', got {downsample_padding!r}")
         self.config = dict(channels=tuple(channels), layers_per_block=layers_per_block,
                            latent_channels=latent_channels, esm_blur=esm_blur, norm_groups=norm_groups,
                            downsample_padding=downsample_padding, quant_conv=bool(quant_conv),
@@ -509,9 +499,8 @@ def kl_loss(mean, logvar):
 
 
 def eq_vae_scale(x, z, factor, vae_factor, min_image_size=1):
-    """EQ-VAE scale equivariance (Kouzelis et al., 2025): bilinearly downscale z by `factor`
-    and the image to the matching size; the decoder must map one to the other. The scaled image
-    keeps at least min_image_size pixels per side (LPIPS and PatchGAN need about 32)."""
+    """EQ-VAE scale equivariance (Kouzelis et al., 2025): z bilinearly downscaled by `factor`, x to the matching
+    size; the image keeps at least min_image_size pixels per side (LPIPS and PatchGAN need about 32)."""
     h, w = z.shape[-2:]
     lo = -(-min_image_size // vae_factor)                      # ceil: smallest latent side allowed
     hs, ws = min(h, max(1, lo, round(h * factor))), min(w, max(1, lo, round(w * factor)))
@@ -705,10 +694,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))    # (N, T, p*p*C)
 
 
-def _pair(v):
-    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
-
-
 class DiT(nn.Module):
     """SiT/DiT with adaLN-Zero and REPA projectors; forward returns (velocity, [projections])."""
 
@@ -716,8 +701,8 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dims=(768,),
                  projector_dim=2048, projector_type="mlp", projector_kernel_size=1, qk_norm=False):
         super().__init__()
-        self.input_size = _pair(input_size)
-        H, W = self.input_size
+        H, W = (input_size, input_size) if np.ndim(input_size) == 0 else input_size
+        self.input_size = (int(H), int(W))
         if H % patch_size or W % patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {patch_size}")
         self.grid_size = (H // patch_size, W // patch_size)
@@ -898,12 +883,8 @@ def resize_token_grid(Z, grid_hw, src_grid_hw=None):
 
 
 def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, eps=1e-6):
-    """REPA target from tokens Z (N, T, C): 'raw' (REPA), 'zscore' (iREPA) or 'dog' (REPA-DoG, §4).
-
-    zscore: (Z - alpha mean_T) / (std_T + eps), alpha 0.6 as iREPA's ldm/train.py --zscore-alpha (iREPA@99ad4ac).
-    dog: G_sigma1 * Z - G_sigma2 * Z per channel on the token grid (reflect padding), its small spatial mean
-      removed, / spatial std. The paper gives no sigmas; 0.5 and 2.0 tokens are ours.
-    """
+    """REPA target from tokens Z (N, T, C): 'raw' (REPA), 'zscore' (iREPA@99ad4ac, alpha as its --zscore-alpha) or
+    'dog' (REPA-DoG, §4: a DoG per channel on the token grid; the paper gives no sigmas, 0.5 and 2.0 are ours)."""
     if mode == "raw":
         return Z
     if mode not in ("zscore", "dog"):
@@ -924,8 +905,7 @@ def repa_target(Z, mode="raw", alpha=0.6, sigma1=0.5, sigma2=2.0, grid_hw=None, 
 def directional_spectral_energy(Z, grid=None, reduction="mean"):
     """sqrt(mean_t |u_t - mean(u)|^2) for u_t = Z_t / |Z_t| (N,) or its mean: by Parseval, the root of the non-DC
     spectral energy of the L2-normalised tokens (orthonormal 2-D DFT over the grid, / T)."""
-    N, T, C = Z.shape
-    _grid_of(T, grid)                                                      # validates the grid
+    _grid_of(Z.shape[1], grid)                                             # validates the grid
     u = F.normalize(Z.float(), dim=-1)
     e = (u - u.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1).sqrt()   # (N,)
     return e.mean() if reduction == "mean" else e
@@ -963,11 +943,8 @@ def sample_time(n, weighting="uniform", generator=None, device=None):
 
 def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_ids=None, repa_targets=None,
               repa_lambda=0.5, generator=None):
-    """Flow-matching loss dict: per-sample 'mse' and 'repa' (N,), 't', and 'loss' = mean(mse) + repa_lambda mean(repa).
-
-    t, noise and drop_ids (N,) bool (labels replaced by the null class) may be given, drawn from one per-step
-    generator for every world size; else drawn here (and the model drops labels at random in train mode).
-    """
+    """Flow-matching loss dict: per-sample 'mse' and 'repa' (N,), 't', and 'loss' = mean(mse) + repa_lambda mean(repa);
+    t, noise and drop_ids (N,) bool (null class) are drawn here (from `generator`) unless given."""
     N = x.shape[0]
     dev = x.device if generator is None else generator.device
     if t is None:
@@ -985,9 +962,8 @@ def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_id
     out = {"mse": mse, "t": t}
     loss = mse.mean()
     if repa_targets is not None and repa_lambda:
-        rl = repa_loss(zs, repa_targets)                                   # (N,)
-        out["repa"] = rl
-        loss = loss + repa_lambda * rl.mean()
+        out["repa"] = repa_loss(zs, repa_targets)                          # (N,)
+        loss = loss + repa_lambda * out["repa"].mean()
     out["loss"] = loss
     return out
 
@@ -996,18 +972,10 @@ def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_id
 #          8. Samplers (REPA's euler_sampler / euler_maruyama_sampler)          #
 #################################################################################
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """The model in eval mode (no label dropout), its mode restored afterwards."""
-    was_training = model.training
-    try:
-        yield model.eval()
-    finally:
-        model.train(was_training)
-
-
-def _sampler_setup(model, y, cfg_scale):
-    """The null class index for CFG (None for unconditional models); checks the label values."""
+@torch.no_grad()
+def _integrate(model, noise, y, t_steps, cfg_scale, guidance_interval, heun=False, sde=False, generator=None):
+    """REPA's samplers from t_steps[0] to t_steps[-1] -> float64 latents: float64 state, model in noise.dtype, CFG
+    when cfg_scale > 1 and low <= t_cur <= high (Heun's corrector reuses that decision); the last step is Euler."""
     nc = model.num_classes
     if nc == 0 and cfg_scale > 1.0:
         raise ValueError("classifier-free guidance needs a class-conditional model")
@@ -1016,78 +984,51 @@ def _sampler_setup(model, y, cfg_scale):
     if nc and y.numel() and (int(y.min()) < 0 or int(y.max()) >= nc):
         raise ValueError(f"class label out of range: got [{int(y.min())}, {int(y.max())}], expected [0, {nc}) "
                          "(the null class is added by classifier-free guidance)")
-    return nc or None
-
-
-def _guided(model, x, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=None):
-    """Model velocity (or drift(v, x, t)) at x, t_cur in float64, with CFG on all channels when use_cfg."""
-    if use_cfg:
-        x_in, y_in = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)])
-    else:
-        x_in, y_in = x, y
-    t_in = torch.full((x_in.shape[0],), float(t_cur), dtype=torch.float64, device=x.device)
-    out = model(x_in.to(dtype), t_in.to(dtype), y_in)[0].to(torch.float64)
-    if drift is not None:
-        out = drift(out, x_in, t_in)
-    if use_cfg:
-        cond, uncond = out.chunk(2)
-        out = uncond + cfg_scale * (cond - uncond)
-    return out
-
-
-@torch.no_grad()
-def sample_ode(model, noise, y, steps=50, cfg_scale=1.0, guidance_interval=(0.0, 1.0), heun=False):
-    """Probability-flow ODE from t=1 (noise) to t=0 on linspace(1, 0, steps+1) -> float64 latents, as REPA's
-    euler_sampler: float64 state, model in noise.dtype, CFG when cfg_scale > 1 and low <= t_cur <= high; Heun's
-    corrector reuses the guidance decision of t_cur, and the last step stays Euler."""
-    null_class = _sampler_setup(model, y, cfg_scale)
     low, high = guidance_interval
-    dtype = noise.dtype
-    t_steps = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    x_next = noise.to(torch.float64)
-    with _eval_mode(model):
+
+    def velocity(x, t, use_cfg):                                           # or the SDE drift, at x, t in float64
+        x_in, y_in = (torch.cat([x, x]), torch.cat([y, torch.full_like(y, nc)])) if use_cfg else (x, y)
+        t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float64, device=x.device)
+        out = model(x_in.to(noise.dtype), t_in.to(noise.dtype), y_in)[0].to(torch.float64)
+        # reverse-SDE drift v - 0.5 g^2 score, g^2 = 2t, score = -(x + (1 - t) v) / t on the linear path (REPA)
+        out = x_in + (2 - float(t)) * out if sde else out
+        if not use_cfg:
+            return out
+        cond, uncond = out.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    x_next, was_training = noise.to(torch.float64), model.training
+    model.eval()                                                           # no label dropout
+    try:
         for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-            x_cur = x_next
+            x_cur, last = x_next, i == len(t_steps) - 2
             use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
-            d_cur = _guided(model, x_cur, t_cur, y, cfg_scale, use_cfg, dtype, null_class)
+            if sde and not last:                                           # one torch.Generator per sample
+                eps = torch.randn_like(x_cur) if generator is None else torch.stack([torch.randn(
+                    x_cur.shape[1:], generator=g, dtype=torch.float64) for g in generator]).to(x_cur.device)
+            d_cur = velocity(x_cur, t_cur, use_cfg)
             x_next = x_cur + (t_next - t_cur) * d_cur
-            if heun and i < steps - 1:
-                d_prime = _guided(model, x_next, t_next, y, cfg_scale, use_cfg, dtype, null_class)
+            if heun and not last:
+                d_prime = velocity(x_next, t_next, use_cfg)
                 x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+            if sde and not last:
+                x_next = x_next + torch.sqrt(2 * t_cur) * eps * torch.sqrt(torch.abs(t_next - t_cur))
+    finally:
+        model.train(was_training)
     return x_next
 
 
-def _sde_drift(v, x, t):
-    """Reverse-SDE drift v - 0.5 g^2 score with g^2 = 2t; score from the velocity (linear path, as REPA)."""
-    t = t.view(-1, *([1] * (x.ndim - 1)))
-    alpha_ratio = -(1 - t)                                                 # alpha_t / d(alpha_t)/dt
-    var = t ** 2 - alpha_ratio * t
-    score = (alpha_ratio * v - x) / var
-    return v - 0.5 * (2 * t) * score
+def sample_ode(model, noise, y, steps=50, cfg_scale=1.0, guidance_interval=(0.0, 1.0), heun=False):
+    """Probability-flow ODE from t=1 (noise) to t=0 on linspace(1, 0, steps+1), Euler or Heun (REPA's euler_sampler)."""
+    t_steps = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return _integrate(model, noise, y, t_steps, cfg_scale, guidance_interval, heun=heun)
 
 
-@torch.no_grad()
 def sample_sde(model, noise, y, steps=250, cfg_scale=1.0, guidance_interval=(0.0, 1.0), generator=None):
-    """Euler-Maruyama as REPA's euler_maruyama_sampler: diffusion 2t on linspace(1, 0.04, steps), then a mean step
+    """Euler-Maruyama (REPA's euler_maruyama_sampler) with diffusion 2t on linspace(1, 0.04, steps), then a mean step
     to 0; noise from the global RNG (REPA) or `generator`, one torch.Generator per sample (batch-independent)."""
-    null_class = _sampler_setup(model, y, cfg_scale)
-    low, high = guidance_interval
-    dtype = noise.dtype
     t_steps = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    x_next = noise.to(torch.float64)
-    with _eval_mode(model):
-        for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
-            dt = t_next - t_cur
-            x_cur = x_next
-            use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
-            eps = torch.randn_like(x_cur) if generator is None else torch.stack(
-                [torch.randn(x_cur.shape[1:], generator=g, dtype=torch.float64) for g in generator]).to(x_cur.device)
-            d_cur = _guided(model, x_cur, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=_sde_drift)
-            x_next = x_cur + d_cur * dt + torch.sqrt(2 * t_cur) * eps * torch.sqrt(torch.abs(dt))
-        t_cur, t_next = t_steps[-2], t_steps[-1]
-        use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
-        d_cur = _guided(model, x_next, t_cur, y, cfg_scale, use_cfg, dtype, null_class, drift=_sde_drift)
-        return x_next + (t_next - t_cur) * d_cur
+    return _integrate(model, noise, y, t_steps, cfg_scale, guidance_interval, sde=True, generator=generator)
 
 
 #################################################################################
@@ -1196,11 +1137,8 @@ _SAFETENSORS_DTYPES = {k: getattr(torch, v) for k, v in dict(
 
 
 def load_safetensors(path, with_metadata=False):
-    """Read a .safetensors file without the safetensors package -> {name: tensor} (and its metadata).
-
-    Format (huggingface/safetensors): a u64 little-endian header length N, N bytes of UTF-8 JSON {name: {"dtype",
-    "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then little-endian data from offset 0.
-    """
+    """Read a .safetensors file without the safetensors package -> {name: tensor} (and its metadata); format: a u64
+    header length N, N bytes of UTF-8 JSON {name: {dtype, shape, data_offsets}, "__metadata__"}, little-endian data."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -1250,28 +1188,24 @@ def _load_vae_weights(vae, sd, what):
     return vae.eval()
 
 
-_OLD_ATTN_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+def _renamed(key, rules):
+    """A state-dict name with every (pattern, replacement) rule applied in turn."""
+    for pattern, repl in rules:
+        key = pattern.sub(repl, key)
+    return key
 
 
-def convert_diffusers_vae_keys(state_dict):
-    """Map old diffusers attention names (query/key/value/proj_attn) to to_q/to_k/to_v/to_out.0."""
-    out = {}
-    for k, v in state_dict.items():
-        parts = k.split(".")
-        if "attentions" in parts and len(parts) >= 2 and parts[-2] in _OLD_ATTN_KEYS:
-            k = ".".join(parts[:-2] + [_OLD_ATTN_KEYS[parts[-2]], parts[-1]])
-        out[k] = v
-    return out
+# Old diffusers attention names (query / key / value / proj_attn) -> ours.
+_OLD_ATTN_KEY_RULES = [(re.compile(rf"(\.attentions\.\d+)\.{a}\."), rf"\1.{b}.")
+                       for a, b in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))]
 
 
 def load_sd_vae(path_or_state_dict, preset="f8d4"):
-    """Load diffusers AutoencoderKL weights (a .bin / .safetensors file, its folder or a state dict) into a VAE.
-
-    Asymmetric downsampling padding; for f8d4, SD's latent scale 0.18215 is stored as latent_std = 1 / 0.18215.
-    """
+    """Load diffusers AutoencoderKL weights (a .bin / .safetensors file, its folder or a state dict) into a VAE; for
+    f8d4, SD's latent scale 0.18215 is stored as latent_std = 1 / 0.18215."""
     sd = _weights_in(path_or_state_dict, ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors"))
     vae = build_vae(preset, downsample_padding="asymmetric") if isinstance(preset, str) else VAE(**preset)
-    vae = _load_vae_weights(vae, convert_diffusers_vae_keys(sd), "weights")
+    vae = _load_vae_weights(vae, {_renamed(k, _OLD_ATTN_KEY_RULES): v for k, v in sd.items()}, "weights")
     if preset == "f8d4" and "latent_std" not in sd:
         vae.latent_std.fill_(1 / 0.18215)
     return vae
@@ -1296,13 +1230,6 @@ _OFFICIAL_KEY_RULES = [(re.compile(a), b) for a, b in (
 )]
 
 
-def _official_vae_key(key):
-    """The authors' state-dict name (model.safetensors) of one of our VAE parameter names."""
-    for pattern, repl in _OFFICIAL_KEY_RULES:
-        key = pattern.sub(repl, key)
-    return key
-
-
 def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
     """Load the authors' VAE weights (forever208/SpectrumMatching: model.safetensors, its folder or a state dict) into
     a VAE (preset: a VAE_CONFIGS name or kwargs; symmetric padding) that reproduces theirs. Their latent scale is
@@ -1311,7 +1238,7 @@ def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
     sd = {k.removeprefix("module."): v for k, v in sd.items()}            # saved from a DDP-wrapped model
     vae = build_vae(preset, downsample_padding="symmetric") if isinstance(preset, str) else \
         VAE(**{**preset, "downsample_padding": "symmetric"})
-    ours = {_official_vae_key(k): k for k in vae.state_dict()}              # theirs -> ours
+    ours = {_renamed(k, _OFFICIAL_KEY_RULES): k for k in vae.state_dict()}            # theirs -> ours
     vae = _load_vae_weights(vae, {ours.get(k, k): v for k, v in sd.items()}, "the authors' VAE weights")
     if scale_factor is not None:
         if not scale_factor > 0:
@@ -1354,11 +1281,8 @@ def resample_abs_pos_embed(pos_embed, new_hw, num_prefix_tokens=1, old_hw=None):
 
 
 def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
-    """Frozen DINOv2 target encoder via torch.hub (path: a local clone of facebookresearch/dinov2).
-
-    Its position embeddings (37x37 grid, trained at 518 px) are resampled once to the token grid of the images
-    preprocess_repa_images makes at `resolution` (16x16 at 256 px, 32x32 at 512 px), as REPA's load_encoders.
-    """
+    """Frozen DINOv2 target encoder via torch.hub (path: a local clone), its position embeddings resampled once to
+    the token grid preprocess_repa_images makes at `resolution` (16x16 at 256 px), as REPA's load_encoders."""
     try:
         if path is not None:
             enc = torch.hub.load(path, name, source="local")

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -1145,7 +1146,8 @@ if SCRIPTS_HERE:
 def scripts(test):
     """Tag a test that needs the scripts: keyword "scripts" for -k, and a skip when they are absent."""
     test.scripts = True                                        # a function attribute is a -k keyword
-    return pytest.mark.skipif(not SCRIPTS_HERE, reason="train.py, sample.py and evaluate.py are not beside test_sm.py")(test)
+    absent = "train.py, sample.py and evaluate.py are not beside test_sm.py"
+    return pytest.mark.skipif(not SCRIPTS_HERE, reason=absent)(test)
 
 
 
@@ -1557,6 +1559,41 @@ def test_hidden_files_and_folders_are_skipped(tmp_path):
     assert [os.path.relpath(f, root / "a") for f in train.image_files(root / "a")] == ["x.png", "sub/z.png"]
     flat = train.ImageFiles(str(root / "a" / "sub"), 8)
     assert flat.classes == [] and len(flat) == 1
+
+
+@scripts
+@pytest.mark.parametrize("damage", ["garbage", "short", "meta"])
+def test_damaged_latents_files_are_named(tmp_path, damage):
+    """A damaged moments / labels array or meta.json is one error that names the file, before any training."""
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps(dict(num_images=3, has_images=False)) if damage != "meta" else "{3")
+    np.save(folder / "labels.npy", np.zeros(3 if damage != "short" else 2, np.int64))
+    if damage == "garbage":
+        (folder / "moments.npy").write_bytes(b"\x93NUMPY not an array")
+    else:
+        np.save(folder / "moments.npy", np.zeros((3, 2, 4, 2, 2), np.float32))
+    named = {"garbage": "moments.npy is not a readable array", "short": "labels.npy has 2 rows, meta.json says 3",
+             "meta": "meta.json is not valid JSON"}[damage]
+    with pytest.raises(ValueError, match=re.escape(named)):
+        train.LatentData(str(folder), False)
+
+
+@scripts
+def test_links_up_the_tree_are_walked_once(tmp_path):
+    """A link from a class folder to itself (train/a/self -> .) or from the root to itself or above it
+    (train/loop -> train) neither loops nor makes a class; a link to another folder is an ordinary class."""
+    from PIL import Image
+    root = tmp_path / "train"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / c / "x.png")
+    os.symlink(".", root / "a" / "self")
+    os.symlink(root, root / "loop")
+    os.symlink(tmp_path, root / "up")
+    os.symlink(root / "b", root / "c")
+    ds = train.ImageFiles(str(root), 8)
+    assert ds.classes == ["a", "b", "c"] and len(ds) == 3 and ds.labels == [0, 1, 2]
 
 
 @scripts
@@ -2565,6 +2602,27 @@ def test_sample_resume_only_with_the_same_configuration(sample_ckpt, tmp_path):
     with pytest.raises(FileExistsError, match="holds 6 PNGs but no config.json"):
         _generate(sample_ckpt, out)
     assert "use a fresh --out" in _cli_error(["--ckpt", sample_ckpt, "--num-samples", 2, "--out", out])
+
+
+@scripts
+def test_sample_sigterm_finishes_the_batch_exits_resumable_and_resumes(sample_ckpt, tmp_path, monkeypatch):
+    """SIGTERM during a batch: that batch's PNGs are written, the run exits with RESUMABLE, a rerun completes them
+    and equals an uninterrupted run."""
+    full = _generate(sample_ckpt, tmp_path / "full", n=6)
+    draw, calls = sample.draw, []
+
+    def draw_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)               # the scheduler's notice, mid-batch
+        return draw(*a, **k)
+    monkeypatch.setattr(sample, "draw", draw_then_signal)
+    with train.stop_signals(), pytest.raises(SystemExit) as e:
+        _generate(sample_ckpt, tmp_path / "s", n=6)
+    assert e.value.code == train.RESUMABLE
+    assert sorted(p.name for p in (tmp_path / "s" / "images").glob("*.png")) == ["000000.png", "000001.png"]
+    monkeypatch.setattr(sample, "draw", draw)
+    assert np.array_equal(_generate(sample_ckpt, tmp_path / "s", n=6), full)
 
 
 @scripts

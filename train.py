@@ -6,8 +6,8 @@ Train Spectrum Matching latent diffusion: the autoencoder (stage 1), its latents
     torchrun --nproc_per_node=8 train.py --dataset imagenet --variant kl --stage vae --data-path DIR
 
 --dataset chooses the recipe (RECIPES below: deadleaves is the quickstart, imagenet and celebahq the
-published ones); --variant picks one of its variants; every flag, and any recipe entry written as
-`--name value`, overrides it. `--dataset NAME --help` lists the values that will be used.
+published ones) and --variant one of its variants; every recipe entry is a flag that overrides it
+(`--vae-steps 1000`), and `--dataset NAME ... --help` lists the values that will be used.
 
 Stages: all (vae, latents, dit, then samples and metrics; a finished stage is skipped, an interrupted
 one resumed), vae, latents, dit. Every random number of a step is drawn for the global batch from a
@@ -144,10 +144,8 @@ def get_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     first = dict(zip(argv, argv[1:])) | dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     r = base_recipe(first.get("--dataset", "deadleaves"), first.get("--variant"))
-    if "-h" in argv or "--help" in argv:
-        print(__doc__ + f"\nrecipe {r['dataset']}{' / ' + r['variant'] if r['variant'] else ''}; every entry is a "
-              "flag (--vae-steps 1000 sets vae_steps):\n" + "\n".join(f"  {k} = {v!r}" for k, v in r.items()))
-        sys.exit(0)
+    wants_help = bool({"-h", "--help"} & set(argv))
+    argv = [a for a in argv if a not in ("-h", "--help")]
     given, i = {}, 0
     while i < len(argv):
         name, eq, text = argv[i].removeprefix("--").partition("=")
@@ -165,6 +163,11 @@ def get_args(argv=None):
         given[key] = (tuple(parse_value(name, t, x) for t, x in zip(vals, r[key])) if n > 1
                       else parse_value(name, vals[0], r[key]))
         i += 1
+    if wants_help:                                             # the values this command line would use
+        entries = "\n".join(f"  {k} = {v!r}" for k, v in {**r, **given}.items())
+        print(__doc__ + f"\nrecipe {r['dataset']}{' / ' + r['variant'] if r['variant'] else ''}; every entry is a "
+              f"flag (--vae-steps 1000 sets vae_steps):\n{entries}")
+        sys.exit(0)
     return recipe(**given)
 
 
@@ -387,9 +390,9 @@ class ImageFiles(torch.utils.data.Dataset):
         if root is None or not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root} (pass --data-path)")
         self.root, self.image_size, self.skip_bad, self.jpeg_quality = root, image_size, skip_bad, jpeg_quality
-        up = lambda n: os.path.commonpath([os.path.realpath(root), os.path.realpath(os.path.join(root, n))]) == \
-            os.path.realpath(os.path.join(root, n))                # a link to the root or above it    # noqa: E731
-        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".") and not up(e.name))
+        real = os.path.join(os.path.realpath(root), "")
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                         and not real.startswith(os.path.join(os.path.realpath(e.path), "")))   # no link up the tree
         top = sorted(n for n in os.listdir(root) if _is_image(n))
         if subdirs and top:
             raise ValueError(f"{root} mixes {len(top)} images with {len(subdirs)} subfolders: expected class folders "
@@ -411,10 +414,6 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.files)
-
-    def select(self, indices):
-        """Keep only the files at these indices, in this order."""
-        self.files, self.labels = [self.files[i] for i in indices], [self.labels[i] for i in indices]
 
     def load(self, k):
         """uint8 (H, W, 3) of image k."""
@@ -641,6 +640,19 @@ def lock_run_folder(out, d):
 
 STOP = {"signal": None}                                       # set by SIGTERM / SIGINT (see main)
 RESUMABLE = 75                                                # exit status: stopped cleanly, --resume continues
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While inside, SIGTERM / SIGINT ask the loops to stop after their current step (stop_requested)."""
+    old = {sig: signal.signal(sig, lambda num, frame: STOP.update(signal=signal.Signals(num).name))
+           for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        STOP["signal"] = None
 
 
 def stop_requested(d):
@@ -1062,7 +1074,7 @@ def check_space(folder, need):
 
 
 class LatentData(torch.utils.data.Dataset):
-    """Rows of a latents folder: (moments (V, 2, C, h, w), label, image uint8 (H, W, 3) or 0)."""
+    """Rows of a latents folder: (posterior mean and std (2, C, h, w), label, image uint8 (H, W, 3) or 0)."""
 
     def __init__(self, folder, with_images):
         meta_path = os.path.join(folder, "meta.json")
@@ -1072,9 +1084,15 @@ class LatentData(torch.utils.data.Dataset):
         if with_images and not self.meta["has_images"]:
             raise ValueError(f"{folder} was encoded without images, which REPA needs: rerun --stage latents with "
                              "--repa-encoder set")
-        labels = np.load(os.path.join(folder, "labels.npy"), mmap_mode="r")
-        if len(labels) != self.meta["num_images"]:
-            raise ValueError(f"{folder}/labels.npy has {len(labels)} rows, meta.json says {self.meta['num_images']}")
+        for name in ["moments", "labels"] + (["images"] if with_images else []):
+            path = os.path.join(folder, name + ".npy")
+            try:
+                rows = len(np.load(path, mmap_mode="r"))
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"{path} is not a readable array ({e}): re-encode (remove {folder})") from None
+            if rows != self.meta["num_images"]:
+                raise ValueError(f"{path} has {rows} rows, meta.json says {self.meta['num_images']}: re-encode "
+                                 f"(remove {folder})")
 
     def __len__(self):
         return self.meta["num_images"]
@@ -1307,6 +1325,8 @@ def run_all(cfg, d):
     import evaluate                                            # the only import of later scripts, here
     import sample
     t0 = time.time()
+    if cfg.dataset != "deadleaves":                            # the metrics' held-out images, before hours of work
+        split_folder(cfg.data_path, "val")
     run(cfg, d)
     npz = os.path.join(cfg.out, "samples", "samples.npz")
     sample.generate(os.path.join(cfg.out, "dit.pt"), cfg.num_fid_samples, os.path.dirname(npz), d,
@@ -1321,21 +1341,17 @@ def run_all(cfg, d):
 def main(argv=None):
     cfg = get_args(argv)
     d = Dist()
-    old = {sig: signal.signal(sig, lambda num, frame: STOP.update(signal=signal.Signals(num).name))
-           for sig in (signal.SIGTERM, signal.SIGINT)}       # finish the step, save, exit RESUMABLE
     try:
-        log(d, describe(cfg))
-        if cfg.bench:
-            return bench(cfg, d)
-        if cfg.stage == "all":
-            return run_all(cfg, d)
-        return run(cfg, d, (cfg.stage,))
+        with stop_signals():
+            log(d, describe(cfg))
+            if cfg.bench:
+                return bench(cfg, d)
+            if cfg.stage == "all":
+                return run_all(cfg, d)
+            return run(cfg, d, (cfg.stage,))
     finally:
         if sys.exc_info()[1] is not None:                     # free the failed stage's DataLoader now: its workers
             traceback.clear_frames(sys.exc_info()[2])         # ignore SIGTERM, so exit could not terminate them
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        STOP["signal"] = None
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
