@@ -991,7 +991,7 @@ def main(argv=None):
             return evaluate_samples(args, d)
         return evaluate_run(args.run, d)
     finally:
-        if d.world > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

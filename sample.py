@@ -294,7 +294,7 @@ def main(argv=None):
             out = a.out or os.path.dirname(os.path.abspath(ckpt))
             grid(ckpt, os.path.join(out, "sample_grid.png"), d, classes=a.classes, **kw)
     finally:
-        if d.world > 1:
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -244,9 +244,9 @@ class Dist:
             torch.backends.cudnn.allow_tf32 = True
         else:
             self.device = torch.device("cpu")
-        if self.world > 1 and not dist.is_initialized():
+        if ("RANK" in os.environ or self.world > 1) and not dist.is_initialized():   # under torchrun, even 1 process
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
+        self.group, self.main = dist.is_initialized(), self.rank == 0
 
     def autocast(self, precision="bf16"):
         """bf16 / fp16 autocast on CUDA; float32 (TF32 allowed) for fp32 and on CPU."""
@@ -259,17 +259,17 @@ class Dist:
         return torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and precision == "fp16")
 
     def barrier(self):
-        if self.world > 1:
+        if self.group:
             dist.barrier()
 
     def all_reduce(self, t):
-        if self.world > 1:
+        if self.group:
             dist.all_reduce(t)
         return t
 
     def all_reduce_mean(self, t):
         """Average of t over ranks (a new tensor)."""
-        return self.all_reduce(t.clone()) / self.world if self.world > 1 else t
+        return self.all_reduce(t.clone()) / self.world if self.group else t
 
     def shard(self, t):
         """This rank's slice of a global-batch tensor (or list)."""
@@ -277,7 +277,7 @@ class Dist:
         return t[self.rank * n:(self.rank + 1) * n]
 
     def wrap(self, model):
-        if self.world == 1:
+        if not self.group:
             return model
         return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda"
                                                    else None)
@@ -829,7 +829,7 @@ def train_vae(cfg, d):
     ds = open_dataset(cfg, d)
     vae = new_vae(cfg, d, ckpt)
     disc = sm.PatchGAN().to(d.device)
-    if d.world > 1 and d.device.type == "cuda":
+    if d.group and d.device.type == "cuda":
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.999), weight_decay=0.005)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.9, 0.999), weight_decay=0.005)
@@ -1352,7 +1352,7 @@ def main(argv=None):
     finally:
         if sys.exc_info()[1] is not None:                     # free the failed stage's DataLoader now: its workers
             traceback.clear_frames(sys.exc_info()[2])         # ignore SIGTERM, so exit could not terminate them
-        if d.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
