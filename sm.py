@@ -482,11 +482,13 @@ def hinge_d_loss(logits_real, logits_fake):
     return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
 
 
-def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None, eps=1e-8):
-    """VQGAN's adaptive weight as the authors': scale * min(|grad L_rec| / max(|grad L_gen|, eps), max_weight) at
-    the decoder's last layer, detached; reduce(g) averages the gradients over ranks first (same weight on all)."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
+def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None, eps=1e-8,
+                        loss_scale=1.0):
+    """VQGAN's adaptive weight as the authors': scale * min(|grad L_rec| / max(|grad L_gen|, eps), max_weight) at the
+    decoder's last layer, detached; reduce(g) averages the gradients over ranks first; loss_scale (fp16's) keeps them
+    from underflowing and is divided out."""
+    g_rec = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0].float() / loss_scale
+    g_gen = torch.autograd.grad(gen_loss * loss_scale, last_layer, retain_graph=True)[0].float() / loss_scale
     if reduce is not None:
         g_rec, g_gen = reduce(g_rec), reduce(g_gen)
     w = g_rec.norm() / g_gen.norm().clamp_min(eps)
@@ -519,10 +521,11 @@ REG_PRESETS = {            # stage-1 regularisers: weights of KL and ESM, DSM on
 DSM_KS = (0, 8, 10, 12)    # the DSM ks the authors draw from (one per GPU batch), 0 = unmasked
 
 
-def stage1_loss(vae, x, eps, ks, w, lpips=None, disc=None, eq_factor=None, forward=None, reduce=None):
+def stage1_loss(vae, x, eps, ks, w, lpips=None, disc=None, eq_factor=None, forward=None, reduce=None,
+                loss_scale=1.0):
     """The authors' stage-1 generator objective -> dict of terms incl. "loss": L1 + LPIPS on the (DSM-masked, EQ-
-    scaled) image, KL, ESM (§3.2) and in the GAN phase (disc) -D(rec) with the adaptive weight (grads averaged by
-    reduce). w: dict or namespace of the *_weight's, esm_delta, dsm_block; forward: the VAE or DDP(VAE)."""
+    scaled) image, KL, ESM (§3.2) and with disc -D(rec) times the adaptive weight (its arguments reduce, loss_scale).
+    w: dict or namespace of the *_weight's, esm_delta, dsm_block; forward: the VAE or DDP(VAE)."""
     w = w if isinstance(w, dict) else vars(w)
     eq_min = 32 if lpips is not None or disc is not None else 1            # LPIPS / PatchGAN input size
     rec, target, mean, logvar, z = (forward or vae)(x, eps, ks, w["dsm_block"], eq_factor, eq_min)
@@ -542,7 +545,7 @@ def stage1_loss(vae, x, eps, ks, w, lpips=None, disc=None, eq_factor=None, forwa
         t["gan"] = -disc(rec).mean()
         disc.requires_grad_(True)
         t["gan_weight"] = adaptive_gan_weight(rec_loss, t["gan"], vae.decoder.conv_out.weight, w["disc_weight"],
-                                              reduce=reduce)
+                                              reduce=reduce, loss_scale=loss_scale)
         loss = loss + t["gan_weight"] * t["gan"]
     t["loss"] = loss
     return t

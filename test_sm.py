@@ -587,6 +587,18 @@ def test_adaptive_weight_closed_form():
     assert sm.adaptive_gan_weight((1e9 * A * W).sum(), (B * W).sum(), W, 0.5).item() == 0.5e4     # clamp
     out = sm.adaptive_gan_weight((A * W).sum(), (B * W).sum(), W)
     assert not out.requires_grad
+    # fp16's loss scale is divided out (a power of two: exact in float32), eps and clamp included
+    for scale in (2.0 ** 16, 2.0 ** -3):
+        assert sm.adaptive_gan_weight((A * W).sum(), (B * W).sum(), W, 0.5, loss_scale=scale).item() \
+            == sm.adaptive_gan_weight((A * W).sum(), (B * W).sum(), W, 0.5).item()
+        assert sm.adaptive_gan_weight((1e-6 * A * W).sum(), (tiny * W).sum(), W, 1.0, max_weight=1e9,
+                                      loss_scale=scale).item() == pytest.approx(w, rel=1e-6)
+    half = W.detach().half().requires_grad_(True)              # an fp16 layer: gradients 3e-8 * A underflow in fp16
+    rec, gen = (half.float() * (3e-8 * A)).sum(), (half.float() * (3e-8 * B)).sum()
+    assert sm.adaptive_gan_weight(rec, gen, half, 1.0).item() != pytest.approx(want, rel=0.1)          # unscaled
+    # scaled by 2^16 the gradients are normal fp16 numbers: each norm within u = 2^-11, their ratio within 2u
+    scaled = sm.adaptive_gan_weight(rec, gen, half, 1.0, loss_scale=2.0 ** 16).item()
+    assert scaled == pytest.approx(want, rel=2 * 2 ** -11)
 
 
 def test_kl_loss_closed_form():

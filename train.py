@@ -863,7 +863,8 @@ def train_vae(cfg, d):
                 with ctx:
                     with d.autocast(cfg.precision):
                         terms = sm.stage1_loss(vae, x[s], eps[s], ks[s], vars(cfg), lpips, disc if gan else None,
-                                               eq, forward=vae_ddp, reduce=d.all_reduce_mean)
+                                               eq, forward=vae_ddp, reduce=d.all_reduce_mean,
+                                               loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
                     scaler.scale(w * terms["loss"]).backward()
                 parts.append((w, terms))
             terms = finish_update(opt, vae.parameters(), scaler, parts, d, step, path, saved)
