@@ -458,7 +458,7 @@ def build_dataset(name, path=None, image_size=256, split="train", seed=0, length
 
 
 def open_dataset(cfg, d, split="train"):
-    """The dataset of a run, scanned with --scan-images, and described in the log."""
+    """The dataset of a run, described in the log."""
     ds = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, split, cfg.seed, cfg.dataset_size,
                        cfg.skip_bad_images, cfg.jpeg_quality)
     where = f" at {ds.root}" if isinstance(ds, ImageFiles) else " (procedural)"
