@@ -3855,24 +3855,7 @@ import torch.distributed as dist
 import sm, train
 
 
-class TinyDINOv2(torch.nn.Module):
-    def __init__(self, patch_size=14, embed_dim=32):
-        super().__init__()
-        self.patch_size, self.embed_dim = patch_size, embed_dim
-        self.patch_embed = torch.nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
-        self.norm = torch.nn.LayerNorm(embed_dim, eps=1e-6)
-
-    def forward_features(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        return {"x_norm_clstoken": x.mean(1), "x_norm_patchtokens": self.norm(x)}
-
-
-def tiny_repa_encoder(name, device, resolution=256):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        enc = TinyDINOv2()
-    return enc.to(device).eval().requires_grad_(False)
-
+''' + "\n\n".join(inspect.getsource(f) for f in (TinyEncoder, tiny_repa_encoder)) + r'''
 
 train.load_repa_encoder = tiny_repa_encoder
 FACTS, GRADS, LABEL = {}, {}, None
