@@ -774,11 +774,12 @@ def evaluate_run(out, d):
 
 PROBE_BUDGETS = {   # the probe's image counts, and recipe entries (of its DiT, and of the comparison's stage 1)
     "short": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=500, sample_steps=25),
-    "long": dict(probe_images=4096, probe_eval=1024, vae_steps=600, dit_steps=3000, sample_steps=50),
+    "long": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=2000, sample_steps=25),   # 4x the DiT
 }
 PROBE_RECIPE = dict(unconditional=True, repa_encoder="none", repa_lambda=0.0, class_dropout=0.0)   # latents differ only
 PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and autoencoder
-PROBE_VAL_POINTS = 5         # validation-loss checkpoints along the DiT budget
+PROBE_VAL_POINTS = 5         # snapshots along the DiT budget: the curves of every metric
+SCRAMBLE_SEED = 0            # the positive control's permutation of latent positions
 PROBE_METRICS = (("gap_ratio", "gap / floor"), ("gap_swd", "gap SWD"), ("floor_swd", "floor SWD"),
                  ("latent_fd_ratio", "latent FD / floor"), ("latent_fd", "latent FD"), ("psnr", "PSNR"),
                  ("ssim", "SSIM"), ("spectrum_kl", "spectrum KL"), ("equivariance_error", "EQ error"),
@@ -836,20 +837,39 @@ def probe_source(path):
     return dict(vae_ckpt=os.path.abspath(path), image_size=train.load_checkpoint(path, "vae")["args"]["image_size"])
 
 
-def probe(vae_path, d, seed=0, budget="short", out=None):
-    """The diffusability probe of one autoencoder -> OUT/probe.json (metrics + protocol), probe.png, probe-loss.png."""
+def scrambled_vae(vae_path, out, d):
+    """The positive control: OUT/vae-scramble.pt, the checkpoint with its latent positions shuffled by a fixed
+    permutation (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum."""
+    if os.path.isdir(vae_path) or not vae_path.endswith(".pt"):
+        raise ValueError(f"the scramble control needs a train.py VAE checkpoint (.pt), got {vae_path}")
+    path = os.path.join(out, "vae-scramble.pt")
+    if d.main and not os.path.exists(path):
+        ckpt = train.load_checkpoint(vae_path, "vae")
+        os.makedirs(out, exist_ok=True)
+        train.save_checkpoint(dict(ckpt, vae_config=dict(ckpt["vae_config"], scramble=SCRAMBLE_SEED)), path)
+    d.barrier()
+    return path
+
+
+def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
+    """The diffusability probe of one autoencoder (control "scramble": of its scrambled copy) -> OUT/probe.json
+    (metrics at every DiT snapshot + protocol), probe.png, probe-curves.png, probe-spectrum.png."""
     t0 = time.time()
-    out = out or os.path.join(os.path.dirname(os.path.abspath(vae_path)), f"probe-seed{seed}")
+    name = f"probe-seed{seed}" + (f"-{control}" if control else "")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(vae_path)), name)
     result_path = os.path.join(out, "probe.json")
     if os.path.exists(result_path):
         train.log(d, f"probe: {result_path} is finished, skipping")
         return json.loads(Path(result_path).read_text())
-    entries = dict(PROBE_BUDGETS[budget])
+    if control not in (None, "scramble"):
+        raise ValueError(f"unknown probe control {control!r}: scramble or none")
+    source = scrambled_vae(vae_path, out, d) if control else vae_path
+    entries = {k: v for k, v in PROBE_BUDGETS[budget].items() if k != "image_size"}
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
-    if n_eval < 4 or n_eval % 2:
-        raise ValueError(f"the probe's held-out images must be even and at least 4 (two halves), got {n_eval}")
-    every = max(1, entries["dit_steps"] // PROBE_VAL_POINTS)                # snapshots for the validation curve
-    entries.update(**PROBE_RECIPE, **probe_source(vae_path), out=out, dataset_size=n_train, ckpt_every=every,
+    if n_eval < 16 or n_eval % 8:
+        raise ValueError(f"the probe's held-out images must be a multiple of 8 and at least 16, got {n_eval}")
+    every = max(1, entries["dit_steps"] // PROBE_VAL_POINTS)                # the snapshots of the curves
+    entries.update(**PROBE_RECIPE, **probe_source(source), out=out, dataset_size=n_train, ckpt_every=every,
                    keep_every=every, vis_every=entries["dit_steps"], resume=True)
     train.run(train.recipe("deadleaves", seed=PROBE_DATA_SEED, **entries), d, stages=("latents",))   # fixed images
     cfg = train.recipe("deadleaves", seed=seed, **entries)
@@ -857,26 +877,36 @@ def probe(vae_path, d, seed=0, budget="short", out=None):
     if not d.main:
         d.barrier()
         return None
-    # rank 0 measures: EMA samples vs held-out latents, the autoencoder on the held-out images, the curves
+    # rank 0 measures every snapshot's EMA samples against the held-out latents, and the autoencoder
     model, vae, ckpt = train.load_dit(os.path.join(out, "dit.pt"), d.device)
     x, _, z = heldout(vae, cfg.dataset, cfg.data_path, cfg.image_size, n_eval, PROBE_DATA_SEED)
     m = n_eval // 2
-    samples = torch.cat([sample.sample_latents(model, range(i, min(i + 64, m)), None, z.shape[1:], seed, d.device,
-                                               steps=cfg.sample_steps) for i in range(0, m, 64)])   # (m, C, h, w)
     decode = lambda v: vae.decode(vae.denormalize(v)).clamp(-1, 1)          # noqa: E731
-    res = generation_gap(samples, z, decode)
+    draw = lambda net: torch.cat([sample.sample_latents(net, range(i, min(i + 64, m)), None, z.shape[1:], seed,  # noqa
+                                                        d.device, steps=cfg.sample_steps) for i in range(0, m, 64)])
+    curve = []
+    snapshots = sorted(glob.glob(os.path.join(out, "dit-*.pt")))            # dit-0000400.pt: sorted by step
+    if not snapshots or int(os.path.basename(snapshots[-1])[4:-3]) != ckpt["step"]:
+        snapshots.append(os.path.join(out, "dit.pt"))
+    for path in snapshots:
+        snap, _, snap_ckpt = train.load_dit(path, d.device)
+        samples = draw(snap)                                                # (m, C, h, w)
+        curve.append(dict(step=snap_ckpt["step"], dit_val_loss=flow_val_loss(snap, z),
+                          **generation_gap(samples, z, decode)))
+    res = dict(curve[-1])
+    # the floor's dependence on the images per half: the last snapshot on nested subsets of both halves
+    res["by_images"] = [generation_gap(samples[:k], torch.cat([z[:k], z[m:m + k]]), decode)
+                        for k in (m // 4, m // 2, m)]
     ae, _ = autoencoder_metrics(vae, (x[i:i + 64] for i in range(0, n_eval, 64)))
     res.update({k: ae[k] for k in ("psnr", "ssim", "spectrum_kl", "equivariance_error")})
-    curve = {}
-    for path in sorted(glob.glob(os.path.join(out, "dit-*.pt"))) + [os.path.join(out, "dit.pt")]:
-        snap, _, snap_ckpt = train.load_dit(path, d.device)
-        curve[snap_ckpt["step"]] = flow_val_loss(snap, z)
-    res["val_curve"] = [[s, curve[s]] for s in sorted(curve)]
-    res["dit_val_loss"] = res["val_curve"][-1][1]
+    res["curve"] = curve
     res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt.get("history", [])]
     res["protocol"] = dict(
         budget=budget, seed=seed, data_seed=PROBE_DATA_SEED, vae=os.path.abspath(vae_path), sampler="ode",
-        probe_images=n_train, eval_images=n_eval,
+        control=dict(kind="scramble", seed=SCRAMBLE_SEED, vae=os.path.abspath(source),
+                     what="one fixed permutation of the latent grid's positions, after the encoder, inverted "
+                          "before the decoder (sm.VAE.permute_latent)") if control else None,
+        probe_images=n_train, eval_images=n_eval, snapshots=[c["step"] for c in curve],
         eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
         normalisation="the autoencoder's stored latent_mean / latent_std",
         latent_std_heldout=z.transpose(0, 1).flatten(1).std(1).tolist(),      # ~1 when the normalisation fits
@@ -889,14 +919,34 @@ def probe(vae_path, d, seed=0, budget="short", out=None):
     n = min(8, m)
     train.save_grid(np.concatenate([train.to_uint8(v[:n]) for v in (x, decode(z[:n]), decode(samples[:n]))]),
                     os.path.join(out, "probe.png"), n)                      # rows: real, reconstructed, sampled
-    train.plot_lines({"train (batch)": ([v for _, v in res["train_curve"]] or [res["dit_val_loss"]], (150,) * 3),
-                      "validation (EMA)": ([v for _, v in res["val_curve"]], (220, 60, 30))},
-                     os.path.join(out, "probe-loss.png"), title="the probe's DiT flow loss",
-                     xlabel="training (start -> end of the budget)", ylabel="MSE")
+    plot_curves({"gap / floor": [res], "latent FD / floor": [dict(curve=[dict(c, gap_ratio=c["latent_fd_ratio"])
+                                                                          for c in curve])]},
+                os.path.join(out, "probe-curves.png"), label="distance / floor")
+    z_raw = vae.encode(x[:64])[0]                                           # the spectrum the DiT sees, and
+    rep = train.spectrum_report(x[:64], z_raw, cfg.esm_delta, vae.esm_blur)
+    series = {"image": (rep["image"], (40, 40, 40)), "latent the DiT sees": (rep["latent"], (30, 90, 220))}
+    if control:                                                              # the unscrambled latent's beside it
+        series["latent unscrambled"] = (train.spectrum_report(x[:64], vae.permute_latent(z_raw, inverse=True),
+                                                              cfg.esm_delta, vae.esm_blur)["latent"], (220, 60, 30))
+    train.plot_lines(series, os.path.join(out, "probe-spectrum.png"), title="normalised log radial spectra",
+                     xlabel="frequency bin (low -> high)", ylabel="share")
     train.write_json(res, result_path)                                     # written last: marks the probe finished
     train.log(d, "probe: " + ", ".join(f"{name} {res[k]:.4g}" for k, name in PROBE_METRICS) + f" -> {result_path}")
     d.barrier()
     return res
+
+
+CURVE_COLORS = [(30, 90, 220), (220, 60, 30), (40, 150, 60), (150, 60, 180), (220, 160, 0), (90, 90, 90),
+                (0, 170, 170), (140, 90, 40)]
+
+
+def plot_curves(rows, path, key="gap_ratio", label="gap / floor"):
+    """One metric against DiT steps: rows {name: [probe results]}, the mean over a row's results."""
+    series = {name: (np.mean([[c[key] for c in r["curve"]] for r in results], 0), color)
+              for (name, results), color in zip(rows.items(), CURVE_COLORS * 2)}
+    steps = [c["step"] for c in next(iter(rows.values()))[0]["curve"]]
+    train.plot_lines(series, path, title=f"{label} against DiT steps (1 = the floor of real images)",
+                     xlabel=f"DiT steps {steps[0]} -> {steps[-1]} ({len(steps)} snapshots)", ylabel=label)
 
 
 def compare_table(runs):
@@ -918,26 +968,39 @@ def compare_table(runs):
 
 
 def compare(out, d, seeds=(0, 1, 2), budget="short"):
-    """Every regulariser preset (sm.REG_PRESETS) x seeds: stage 1 at the budget's steps, then the probe; one table
-    of mean ± std -> OUT/compare.md, OUT/compare.json. One folder per run (OUT/<reg>-seed<seed>): resumable."""
+    """Every regulariser preset (sm.REG_PRESETS) x seeds: stage 1 at the budget, then the probe; with the controls on
+    the first preset: its autoencoders scrambled (positive), its first autoencoder probed with the other DiT seeds
+    (negative). One table of mean ± std -> OUT/compare.md, .json, curves -> OUT/compare-*.png; resumable."""
     runs, t0 = {}, time.time()
     entries = {k: v for k, v in PROBE_BUDGETS[budget].items() if not k.startswith("probe_")}
+    first = next(iter(sm.REG_PRESETS))
     for reg in sm.REG_PRESETS:
         for seed in seeds:
             folder = os.path.join(out, f"{reg.replace('+', '_')}-seed{seed}")
             train.run(train.recipe("deadleaves", out=folder, seed=seed, reg=reg, resume=True, **entries), d,
                       stages=("vae",))
-            runs.setdefault(reg, {})[seed] = probe(os.path.join(folder, "vae.pt"), d, seed, budget,
-                                                   os.path.join(folder, "probe"))
+            vae = os.path.join(folder, "vae.pt")
+            runs.setdefault(reg, {})[seed] = probe(vae, d, seed, budget, os.path.join(folder, "probe"))
+            if reg == first:
+                runs.setdefault(f"{first} scrambled", {})[seed] = probe(
+                    vae, d, seed, budget, os.path.join(folder, "probe-scramble"), control="scramble")
+        if reg == first:                                   # the same autoencoder, only the DiT's seed differs
+            neg, folder = runs.setdefault(f"{first} seed {seeds[0]}, DiT seeds", {}), os.path.join(out, f"{first}-seed{seeds[0]}")
+            for seed in seeds:
+                neg[seed] = runs[first][seed] if seed == seeds[0] else probe(
+                    os.path.join(folder, "vae.pt"), d, seed, budget, os.path.join(folder, f"probe-dit-seed{seed}"))
     if d.main:
         table, summary = compare_table(runs)
-        p = runs[next(iter(runs))][seeds[0]]["protocol"]
+        p = runs[first][seeds[0]]["protocol"]
         head = (f"`python evaluate.py --compare {out} --budget {budget} --seeds {' '.join(map(str, seeds))}`, "
                 f"{p['date']}, {p['machine']}, {(time.time() - t0) / 60:.0f} min this invocation; mean ± std over "
                 f"{len(seeds)} seeds")
         train.atomic_write(os.path.join(out, "compare.md"), lambda f: f.write(f"{head}\n\n{table}\n"), binary=False)
         train.write_json(dict(summary=summary, budget=PROBE_BUDGETS[budget], seeds=list(seeds), protocol=p, runs=runs),
                          os.path.join(out, "compare.json"))
+        rows = {reg: list(by_seed.values()) for reg, by_seed in runs.items()}
+        plot_curves(rows, os.path.join(out, "compare-gap.png"))
+        plot_curves(rows, os.path.join(out, "compare-latent-fd.png"), "latent_fd_ratio", "latent FD / floor")
         print(head + "\n\n" + table)
     d.barrier()
     return runs
@@ -970,6 +1033,7 @@ def build_parser():
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--lpips", help="LPIPS weights path (sm.load_lpips)")
     p.add_argument("--seed", type=int, default=0, help="--probe: the DiT's seed")
+    p.add_argument("--control", choices=["scramble"], help="--probe: of the autoencoder's scrambled copy")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare: seeds per preset")
     p.add_argument("--budget", choices=list(PROBE_BUDGETS), default="short", help="--probe / --compare budget")
     return p
@@ -980,7 +1044,7 @@ def main(argv=None):
     d = train.Dist()
     try:
         if args.probe:
-            return probe(args.probe, d, args.seed, args.budget)
+            return probe(args.probe, d, args.seed, args.budget, control=args.control)
         if args.compare:
             return compare(args.compare, d, args.seeds, args.budget)
         if args.vae:

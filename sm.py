@@ -332,7 +332,7 @@ class VAE(nn.Module):
 
     def __init__(self, channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  esm_blur=1.2, norm_groups=32, downsample_padding="asymmetric", quant_conv=True,
-                 post_quant_conv=True, preset=None):
+                 post_quant_conv=True, scramble=None, preset=None):
         super().__init__()
         if downsample_padding not in ("asymmetric", "symmetric"):
             raise ValueError(f"VAE: downsample_padding must be 'asymmetric' or 'symmetric', got {downsample_padding!r}")
@@ -340,6 +340,9 @@ class VAE(nn.Module):
                            latent_channels=latent_channels, esm_blur=esm_blur, norm_groups=norm_groups,
                            downsample_padding=downsample_padding, quant_conv=bool(quant_conv),
                            post_quant_conv=bool(post_quant_conv))
+        if scramble is not None:                               # the probe's positive control (permute_latent)
+            self.config["scramble"] = int(scramble)
+        self.scramble = scramble
         self.preset = preset
         self.factor = 2 ** (len(channels) - 1)
         self.latent_channels = latent_channels
@@ -366,11 +369,21 @@ class VAE(nn.Module):
         self.check_size(x)
         moments = self.quant_conv(self.encoder(x))
         mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return self.permute_latent(mean), self.permute_latent(logvar.clamp(-30.0, 20.0))
 
     def decode(self, z):
         """Latents (B, C, h, w) -> images (B, 3, h*f, w*f)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(self.permute_latent(z, inverse=True)))
+
+    def permute_latent(self, z, inverse=False):
+        """A fixed shuffle of the latent grid's positions when `scramble` (its seed) is set, else z: the same
+        information and reconstructions with the spatial structure (and so the spectrum) destroyed. A control
+        for the diffusability probe, not a regulariser: keep it off when training."""
+        if self.scramble is None:
+            return z
+        perm = torch.randperm(z.shape[-2] * z.shape[-1], generator=torch.Generator().manual_seed(self.scramble))
+        perm = torch.argsort(perm) if inverse else perm
+        return z.flatten(2)[..., perm.to(z.device)].view_as(z)      # (B, C, h, w), the same for every image
 
     @staticmethod
     def sample(mean, logvar, eps=None):

@@ -285,6 +285,31 @@ def test_vae_bad_image_size():
         vae.encode(torch.zeros(1, 1, 32, 32))
 
 
+def test_scramble_is_decoder_neutral_and_whitens_the_latent_spectrum():
+    """The probe's positive control: encode shuffles the latent grid's positions by one seeded permutation, the same
+    for every image, and decode undoes it first, so reconstructions are bitwise the plain VAE's."""
+    torch.manual_seed(0)
+    vae = sm.build_vae("tiny").eval()
+    scr = sm.VAE(**vae.config, scramble=3, preset="tiny").eval()
+    scr.load_state_dict(vae.state_dict())
+    assert "scramble" not in vae.config and sm.VAE(**scr.config).scramble == 3       # a checkpoint keeps it
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        (m, lv), (ms, lvs) = vae.encode(x), scr.encode(x)
+        perm = torch.randperm(m.shape[-2] * m.shape[-1], generator=torch.Generator().manual_seed(3))
+        assert torch.equal(ms.flatten(2), m.flatten(2)[..., perm]) and torch.equal(lvs.flatten(2), lv.flatten(2)[..., perm])
+        one = vae.encode(x[2:3])[0].flatten(2)[..., perm]                          # alone in its batch: the same
+        assert torch.equal(scr.encode(x[2:3])[0].flatten(2), one) and not torch.equal(ms, m)
+        assert torch.equal(scr.decode(ms), vae.decode(m))                          # decoder-neutral, bit for bit
+    # A random permutation gives every nonzero DCT coefficient the same expected power (the permuted field is
+    # exchangeable): smooth fields (power falling ~1e4 over the bins) turn flat up to the sampling spread of a
+    # bin's few coefficients under one fixed permutation (tens of percent).
+    z = sm.gaussian_blur(torch.randn(256, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 1.0, 7, "reflect")
+    before, after = sm.radial_spectrum(z).mean(0), sm.radial_spectrum(scr.permute_latent(z)).mean(0)
+    assert before.max() / before.min() > 100 and after.max() / after.min() < 2
+    assert torch.equal(scr.permute_latent(scr.permute_latent(z), inverse=True), z)
+
+
 def test_downsample_padding_formulas():
     """Stride-2 3x3 conv: symmetric = zero pad 1 on every side (the authors' DownSampleBlock2D);
     asymmetric = zero pad right/bottom only (diffusers): y[i, j] = sum_ab w[a, b] x[2i + a - p, 2j + b - p]."""
@@ -3509,16 +3534,19 @@ def test_probe_deterministic_for_a_seed_and_seed_dependent_train_run(tiny_vae, t
          for name, seed in (("a", 0), ("b", 0), ("c", 1))}
     keys = [k for k, _ in evaluate.PROBE_METRICS]
     assert all(math.isfinite(r["a"][k]) for k in keys)
-    assert all(r["a"][k] == r["b"][k] for k in keys) and r["a"]["val_curve"] == r["b"]["val_curve"]
+    assert all(r["a"][k] == r["b"][k] for k in keys) and r["a"]["curve"] == r["b"]["curve"]
     assert r["a"]["gap_swd"] != r["c"]["gap_swd"] and r["a"]["dit_val_loss"] != r["c"]["dit_val_loss"]
     for k in ("psnr", "ssim", "spectrum_kl", "equivariance_error", "floor_swd"):   # images fixed: seed-free
         assert r["a"][k] == r["c"][k], k
-    assert [s for s, _ in r["a"]["val_curve"]] == [1, 2, 3, 4, 5] and len(r["a"]["train_curve"]) == 5
+    assert [c["step"] for c in r["a"]["curve"]] == [1, 2, 3, 4, 5] and len(r["a"]["train_curve"]) == 5
+    assert [g["num_images"] for g in r["a"]["by_images"]] == [2, 4, 8] and r["a"]["by_images"][-1]["gap_swd"] == \
+        r["a"]["gap_swd"] and r["a"]["curve"][-1]["gap_ratio"] == r["a"]["gap_ratio"]
     saved = json.loads((tmp_path / "a" / "probe.json").read_text())
     p = saved["protocol"]
     assert (p["recipe"]["dit_steps"], p["probe_images"], p["eval_images"], p["seed"]) == (5, 32, 16, 0)
     assert p["budget"] == "tiny" and p["code_version"] and p["recipe"]["dataset"] == "deadleaves"
-    assert (tmp_path / "a" / "probe.png").is_file() and (tmp_path / "a" / "probe-loss.png").is_file()
+    assert all((tmp_path / "a" / f"probe{f}.png").is_file() for f in ("", "-curves", "-spectrum"))
+    assert p["control"] is None and p["snapshots"] == [1, 2, 3, 4, 5]
     again = evaluate.probe(str(tiny_vae), d, 0, "tiny", out=str(tmp_path / "a"))      # finished: read back
     assert again["gap_swd"] == r["a"]["gap_swd"]
 
@@ -3532,8 +3560,9 @@ train.cli(evaluate.main, "evaluate.py")
 
 @scripts
 def test_probe_through_the_cli_on_one_and_two_processes_train_run(tiny_vae, tmp_path):
-    """`evaluate.py --probe` under torchrun: one probe.json from rank 0, the same protocol and, for what does not
-    depend on the DiT (fixed images, the autoencoder), the same numbers as one process."""
+    """`evaluate.py --probe` under torchrun, of the scrambled control: one probe.json from rank 0; both ranks
+    encode with the one permutation; the control is decoder-neutral, so what goes through the decoder (PSNR,
+    SSIM, the floor) equals the plain probe's on one process, and recorded."""
     import shutil
     (tmp_path / "wrapper.py").write_text(PROBE_WRAPPER.format(budget=TINY_BUDGET))
     r = {}
@@ -3543,18 +3572,33 @@ def test_probe_through_the_cli_on_one_and_two_processes_train_run(tiny_vae, tmp_
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
                                   if n > 1 else []) + [str(tmp_path / "wrapper.py"), "--probe",
                                                        str(tmp_path / str(n) / "vae.pt"), "--budget", "tiny"]
+        cmd += ["--control", "scramble"] if n > 1 else []
         p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE))
         assert p.returncode == 0, p.stderr[-3000:]
-        folder = tmp_path / str(n) / "probe-seed0"
+        folder = tmp_path / str(n) / ("probe-seed0-scramble" if n > 1 else "probe-seed0")
         assert not [f for f in os.listdir(folder) if ".tmp" in f]
         r[n] = json.loads((folder / "probe.json").read_text())
-    for k in ("psnr", "ssim", "spectrum_kl", "equivariance_error", "floor_swd"):
+    for k in ("psnr", "ssim", "floor_swd"):
         assert r[1][k] == r[2][k], k
-    assert [s for s, _ in r[2]["val_curve"]] == [1, 2, 3, 4, 5] == [s for s, _ in r[1]["val_curve"]]
+    assert r[1]["spectrum_kl"] != r[2]["spectrum_kl"]                   # the latent the DiT sees is another
+    assert [c["step"] for c in r[2]["curve"]] == [1, 2, 3, 4, 5] == [c["step"] for c in r[1]["curve"]]
     assert all(math.isfinite(r[2][k]) for k, _ in evaluate.PROBE_METRICS)
-    p1, p2 = ({k: v for k, v in r[n]["protocol"].items() if k not in ("minutes", "date", "vae")} for n in (1, 2))
+    control = r[2]["protocol"].pop("control")
+    assert control["kind"] == "scramble" and control["seed"] == evaluate.SCRAMBLE_SEED and r[1]["protocol"]["control"] is None
+    p1, p2 = ({k: v for k, v in r[n]["protocol"].items() if k not in ("minutes", "date", "vae", "control")} for n in (1, 2))
     assert p1 == p2
+    # the rows each rank encoded are the scrambled copy's, with the one permutation (rank 1 wrote the odd rows)
+    folder = tmp_path / "2" / "probe-seed0-scramble"
+    vae = train.load_vae(str(folder / "vae-scramble.pt"))
+    assert vae.scramble == evaluate.SCRAMBLE_SEED
+    ds = train.build_dataset("deadleaves", None, 32, seed=evaluate.PROBE_DATA_SEED, length=4)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    with torch.no_grad():
+        mean = vae.encode(x)[0].numpy()
+    rows = np.load(folder / "latents" / "moments.npy")[:4, 0]
+    assert np.abs(rows - mean).max() < 1e-4 * np.abs(mean).max()         # float32 across batch sizes; a wrong
+    assert np.abs(rows - train.load_vae(str(tiny_vae)).encode(x)[0].detach().numpy()).max() > 1e-2  # order: O(1)
 
 
 @scripts
@@ -3563,7 +3607,7 @@ def test_probe_bad_input(tmp_path, monkeypatch):
     with pytest.raises(train.USER_ERRORS, match="checkpoint not found"):
         evaluate.main(["--probe", str(tmp_path / "missing.pt")])
     torch.save({"kind": "vae", "args": {}}, tmp_path / "vae.pt")
-    with pytest.raises(ValueError, match="even and at least 4"):
+    with pytest.raises(ValueError, match="multiple of 8 and at least 16"):
         evaluate.probe(str(tmp_path / "vae.pt"), train.Dist(), budget="odd")
     assert not (tmp_path / "probe-seed0").exists()
 
@@ -3573,13 +3617,18 @@ def test_compare_through_train_run(tmp_path, monkeypatch):
     """--compare: stage 1 per preset and seed, then the probe; compare.md / compare.json; a rerun resumes."""
     monkeypatch.setitem(evaluate.PROBE_BUDGETS, "tiny", TINY_BUDGET)
     monkeypatch.setattr(sm, "REG_PRESETS", {k: sm.REG_PRESETS[k] for k in ("kl", "esm+dsm")})   # 2 of the 5
-    runs = evaluate.main(["--compare", str(tmp_path), "--seeds", "0", "--budget", "tiny"])
-    assert set(runs) == {"kl", "esm+dsm"} and (tmp_path / "kl-seed0" / "probe" / "probe.json").is_file()
+    runs = evaluate.main(["--compare", str(tmp_path), "--seeds", "0", "1", "--budget", "tiny"])
+    assert list(runs) == ["kl", "kl scrambled", "kl seed 0, DiT seeds", "esm+dsm"]
+    assert (tmp_path / "kl-seed1" / "probe-scramble" / "probe.json").is_file()
+    neg = runs["kl seed 0, DiT seeds"]                                  # one autoencoder, two DiT seeds
+    assert neg[0] == runs["kl"][0] and neg[1]["protocol"]["vae"] == neg[0]["protocol"]["vae"] != runs["kl"][1][
+        "protocol"]["vae"] and neg[1]["psnr"] == neg[0]["psnr"] and neg[1]["gap_swd"] != neg[0]["gap_swd"]
+    assert (tmp_path / "compare-gap.png").is_file() and (tmp_path / "compare-latent-fd.png").is_file()
     assert train.load_checkpoint(tmp_path / "kl-seed0" / "vae.pt")["args"]["kl_weight"] == 1e-6      # the preset
     summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
-    assert summary["esm+dsm"]["gap_ratio"]["n"] == 1 and "| esm+dsm |" in (tmp_path / "compare.md").read_text()
+    assert summary["esm+dsm"]["gap_ratio"]["n"] == 2 and "| kl scrambled |" in (tmp_path / "compare.md").read_text()
     before = (tmp_path / "esm_dsm-seed0" / "probe" / "probe.json").stat().st_mtime_ns
-    evaluate.main(["--compare", str(tmp_path), "--seeds", "0", "--budget", "tiny"])
+    evaluate.main(["--compare", str(tmp_path), "--seeds", "0", "1", "--budget", "tiny"])
     assert (tmp_path / "esm_dsm-seed0" / "probe" / "probe.json").stat().st_mtime_ns == before
 
 
