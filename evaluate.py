@@ -4,8 +4,8 @@
   python evaluate.py                             # the run runs/deadleaves (or --run OUT) -> OUT/metrics.json
   python evaluate.py SAMPLES REFERENCE           # folders, arr_0 .npz, mu/sigma .npz (--save-stats caches them)
   python evaluate.py SAMPLES --dataset imagenet --data-path DIR     # reference: held-out images of a dataset
-  python evaluate.py --vae CKPT --dataset imagenet --data-path DIR --num-images 10000
-  python evaluate.py --probe VAE_CKPT [--seed S] [--budget short|long]
+  python evaluate.py --vae CKPT --dataset imagenet --data-path DIR [--rfid-protocol ours|authors]
+  python evaluate.py --probe VAE_CKPT [--seed S] [--budget short|long] [--control scramble]
   python evaluate.py --compare OUT [--seeds 0 1 2] [--budget short|long]
   torchrun --nproc_per_node=8 evaluate.py SAMPLES REFERENCE         # DDP feature extraction
 
@@ -17,6 +17,7 @@ Inception: pytorch-fid's FID network (TF 2015-12-05 graph) in torchvision's layo
 Features: pool (N, 2048) for FID and P/R; logits_unbiased (N, 1008) = pool @ W without the fc bias, ADM's IS
 input; spatial (N, 2023), ADM's sFID features. FID / sFID / P-R / rFID are refused below 2,048 images on either
 side unless --allow-small, then labelled with their size (`fid-512`).
+FD-DINOv2 (beside FID when DINOv2 ViT-L/14 loads from the torch.hub cache or --dinov2 CLONE): EDM2's protocol.
 """
 
 import argparse
@@ -50,6 +51,13 @@ MIN_IMAGES_UNBIASED = 2048                                  # below: FID & co. r
 IS_SPLIT_SIZE = 5000                                        # ADM's compute_inception_score(split_size=5000)
 DSM_KS = (8, 10, 12)                                        # the DSM k checked: the nonzero k training draws
 RUN_EVAL_IMAGES = 1024                                      # held-out images of a run's metrics.json
+DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # FD-DINOv2's ImageNet normalisation
+RFID_PROTOCOLS = {  # --vae --rfid-protocol: the reconstructions measured, the JPEG quality of the files, Inception input
+    "ours": dict(posterior="mean", jpeg_quality=0, resize=None, num_images=10_000),
+    # the authors' stage1_vae_evaluation.py: JPEG-75 crops, a posterior sample decoded, both sides written as .jpg
+    # (Pillow's quality 75) and read by pytorch-fid
+    "authors": dict(posterior="sample", jpeg_quality=75, resize="pytorch-fid", num_images=50_000),
+}
 
 
 # ----------------------------------------------------------------------------------------
@@ -200,6 +208,47 @@ def random_inception_state_dict(seed=0):
 
 
 # ----------------------------------------------------------------------------------------
+# FD-DINOv2: the Frechet distance in DINOv2 ViT-L/14 features (Stein et al. 2023), as EDM2 computes it
+# ----------------------------------------------------------------------------------------
+
+def dinov2_preprocess(x):
+    """uint8 (N, 3, H, W) -> EDM2's DINOv2Detector input (resize_mode 'torch'): bicubic antialiased resize of the
+    0..255 values to 224 x 224, / 255, ImageNet mean / std; float32 (N, 3, 224, 224)."""
+    x = F.interpolate(x.to(torch.float32), size=(224, 224), mode="bicubic", antialias=True) / 255
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (DINOV2_MEAN, DINOV2_STD))
+    return (x - mean) / std
+
+
+def try_dinov2(path, device):
+    """DINOv2 ViT-L/14 from torch.hub as it is (path: a local clone), or None (said on stderr) when unavailable."""
+    try:
+        return sm.load_dinov2("dinov2_vitl14", path, device, resolution=None)
+    except RuntimeError as e:
+        print(f"[evaluate] no FD-DINOv2: {e}", file=sys.stderr)
+        return None
+
+
+@torch.no_grad()
+def dinov2_features(model, images, d=None, batch_size=50, num_workers=0):
+    """The model's output (DINOv2: the normalised CLS token) for Images, float32 (N, D), in order on every rank."""
+    loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=lambda b: torch.cat([dinov2_preprocess(x[None]) for x in b]))
+    device = next(model.parameters()).device
+    feats = [model(x.to(device)).float().cpu().numpy() for x in tqdm(
+        loader, desc="dinov2", unit="batch", leave=False, disable=d is not None and not d.main)]
+    return gather({"dinov2": np.concatenate(feats)}, d)["dinov2"]
+
+
+def dinov2_record(model, path):
+    """The FD-DINOv2 protocol of a result (None: not computed)."""
+    return None if model is None else dict(
+        model="dinov2_vitl14 (torch.hub facebookresearch/dinov2, positions as the hub interpolates them)",
+        weights=path or "torch.hub cache", features="the model's output: the normalised CLS token",
+        preprocessing="EDM2 calculate_metrics.DINOv2Detector, resize_mode 'torch': bicubic antialias 224, / 255, "
+                      "ImageNet mean / std", statistics="mean, covariance (N - 1)")
+
+
+# ----------------------------------------------------------------------------------------
 # Inputs (image folders, ADM .npz, statistics .npz, datasets), features, FID, IS, precision / recall
 # ----------------------------------------------------------------------------------------
 
@@ -235,7 +284,7 @@ def open_input(path):
     except Exception as e:
         raise ValueError(f"cannot read {p}: {e}") from None
     out = {"path": str(p), "n": int(data["num_images"]) if "num_images" in keys else None}
-    if {"mu", "sigma"} <= keys:
+    if {"mu", "sigma"} <= keys or {"mu_dinov2", "sigma_dinov2"} <= keys:
         out["stats"] = {k: data[k] for k in keys if k != "arr_0"}
         out["n"] = out["n"] or (len(data["pool"]) if "pool" in keys else None)
     elif "arr_0" not in keys:
@@ -254,15 +303,16 @@ def check_reference(ref, resize):
     if stats is None:
         return
     tag = str(stats.get("resize", "adm"))
-    if tag != resize:
+    if resize is not None and tag != resize:
         raise ValueError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use --resize "
                          f"{resize}; FIDs across protocols are not comparable")
     shapes = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023),
-              "pool": (len(stats.get("pool", ())), 2048)}
+              "pool": (len(stats.get("pool", ())), 2048), "sigma_dinov2": (len(stats.get("mu_dinov2", ())),) * 2}
     for key in [k for k in shapes if k in stats]:
         if stats[key].shape != shapes[key]:
-            raise ValueError(f"{ref['path']}: '{key}' has shape {stats[key].shape}, but Inception features need "
+            raise ValueError(f"{ref['path']}: '{key}' has shape {stats[key].shape}, but its features need "
                              f"{shapes[key]}: a wrong dimension")
+    for key in [k for k in ("mu", "sigma", "mu_s", "sigma_s", "pool", "mu_dinov2", "sigma_dinov2") if k in stats]:
         if not np.isfinite(stats[key]).all():
             raise ValueError(f"{ref['path']}: '{key}' holds NaN or inf")
 
@@ -507,16 +557,29 @@ def downsample2(x):
     return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
 
 
+def jpeg_pixels(x, quality):
+    """[-1, 1] images (B, 3, H, W) written as JPEG files at `quality` would be read back (uint8 values)."""
+    back = np.stack([train.jpeg_round_trip(a, quality) for a in train.to_uint8(x)])     # (B, H, W, 3)
+    return torch.from_numpy(back).permute(0, 3, 1, 2).to(x.device).float() / 127.5 - 1
+
+
 @torch.no_grad()
-def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rfid=False):
-    """Metrics of batches of [-1, 1] images (this rank's share) -> (scalars and spectra, gathered per-image arrays)."""
+def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rfid=False, posterior="mean",
+                        jpeg_quality=0, seed=0):
+    """Metrics of batches of [-1, 1] images (this rank's share) -> (scalars and spectra, gathered per-image arrays).
+    The reconstruction decodes the posterior mean or a sample (noise seeded by seed + rank); with jpeg_quality,
+    PSNR and rFID compare both sides after a JPEG round trip (SSIM, LPIPS: before)."""
     per, delta = {}, float(getattr(vae, "esm_delta", 1.0))     # the ESM target's delta (1: every recipe)
+    g = torch.Generator().manual_seed(seed + (d.rank if d is not None else 0))
     for x in batches:                                       # (B, 3, H, W)
-        mean, _ = vae.encode(x)                             # posterior mean (B, C, h, w)
-        images = {"x": x, "rec": vae.decode(mean).clamp(-1, 1)}
-        out = {"psnr": psnr(unit(x), unit(images["rec"])), "ssim": ssim(unit(x), unit(images["rec"]))}
+        mean, logvar = vae.encode(x)                        # posterior (B, C, h, w)
+        z = mean if posterior == "mean" else vae.sample(mean, logvar, torch.randn(mean.shape, generator=g).to(x.device))
+        rec = vae.decode(z).clamp(-1, 1)
+        out = {"ssim": ssim(unit(x), unit(rec))}
         if lpips is not None:
-            out["lpips"] = lpips(x, images["rec"]).flatten()
+            out["lpips"] = lpips(x, rec).flatten()
+        images = {k: jpeg_pixels(v, jpeg_quality) if jpeg_quality else v for k, v in (("x", x), ("rec", rec))}
+        out["psnr"] = psnr(unit(images["x"]), unit(images["rec"]))
         for k in DSM_KS:                                    # decoded DSM low-passed latent vs low-passed image
             images[f"x{k}"], zk = sm.dsm_mask(x, mean, k)
             images[f"d{k}"] = vae.decode(zk).clamp(-1, 1)
@@ -547,11 +610,13 @@ def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rf
 
 
 def evaluate_vae(args, d):
-    """--vae: reconstruction metrics, DSM check, rFIDs and spectra of a VAE on held-out images of --dataset."""
-    vae = train.load_vae(args.vae, d.device)
-    ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val")
-    ds = torch.utils.data.Subset(ds, range(min(args.num_images, len(ds))))
-    inception = try_inception(args.inception, args.resize, d.device)
+    """--vae: reconstruction metrics, DSM check, rFIDs and spectra of a VAE on held-out images of --dataset, under
+    one of RFID_PROTOCOLS."""
+    vae, proto = train.load_vae(args.vae, d.device), RFID_PROTOCOLS[args.rfid_protocol]
+    ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val",
+                             jpeg_quality=proto["jpeg_quality"])
+    ds = torch.utils.data.Subset(ds, range(min(args.num_images or proto["num_images"], len(ds))))
+    inception = try_inception(args.inception, proto["resize"] or args.resize, d.device)
     if inception is not None:
         check_sample_sizes(len(ds), len(ds), args.allow_small, "rFID")
     lpips = None
@@ -561,11 +626,13 @@ def evaluate_vae(args, d):
         print(f"[evaluate] no LPIPS: {e}", file=sys.stderr)
     loader = torch.utils.data.DataLoader(shard(ds, d), batch_size=args.batch_size, num_workers=args.workers)
     batches = (x.to(d.device) for x, _ in tqdm(loader, desc="vae", unit="batch", leave=False, disable=not d.main))
-    res, _ = autoencoder_metrics(vae, batches, d, inception, lpips, dsm_rfid=True)
+    res, _ = autoencoder_metrics(vae, batches, d, inception, lpips, dsm_rfid=True, posterior=proto["posterior"],
+                                 jpeg_quality=proto["jpeg_quality"])
     if not d.main:
         return None
     res = {"vae": args.vae, **res}
-    res["protocol"] = {**inception_record(inception), "num_images": res["num_images"], "dataset": args.dataset,
+    res["protocol"] = {**inception_record(inception), "rfid_protocol": dict(proto, name=args.rfid_protocol),
+                       "num_images": res["num_images"], "dataset": args.dataset,
                        "data_path": args.data_path, "split": "val", "image_size": args.image_size,
                        "checkpoint": args.vae, "checkpoint_sha256": sha256_input(args.vae),
                        "code_version": train.code_version()}
@@ -673,23 +740,39 @@ def evaluate_samples(args, d):
     if side is not None and side.get("num_samples") not in (None, n):
         warnings.warn(f"{args.samples} holds {n} images but its side file says num_samples={side['num_samples']}",
                       stacklevel=2)
-    model = try_inception(args.inception, args.resize, d.device)
-    if model is not None:                                                  # every rank extracts its share
-        check_reference(ref, model.resize)
+    model, dino = try_inception(args.inception, args.resize, d.device), try_dinov2(args.dinov2, d.device)
+    check_reference(ref, None if model is None else model.resize)
+    if model is not None or dino is not None:
         check_sample_sizes(n, n_ref, args.allow_small)
+    r_stats = dict(ref.get("stats", {}))
+    if model is not None:                                                  # every rank extracts its share
         extract = functools.partial(extract_features, model, d=d, batch_size=args.batch_size, num_workers=args.workers)
         fs = extract(samples["images"])
-        r_stats = ref["stats"] if "stats" in ref else inception_stats(extract(ref["images"]), model.resize)
+        if "mu" not in r_stats:
+            r_stats.update(inception_stats(extract(ref["images"]), model.resize))
         r_pool = r_stats.get("pool")
         if r_pool is None and "images" in ref and not args.no_pr:
             r_pool = extract(ref["images"], keys=("pool",))["pool"]
+    if dino is not None and ("mu_dinov2" in r_stats or "images" in ref):  # FD-DINOv2, EDM2's protocol
+        dino_features = functools.partial(dinov2_features, dino, d=d, batch_size=args.batch_size,
+                                          num_workers=args.workers)
+        st_dino = compute_statistics(dino_features(samples["images"]))
+        if "mu_dinov2" not in r_stats:
+            r_stats["mu_dinov2"], r_stats["sigma_dinov2"] = compute_statistics(dino_features(ref["images"]))
+            r_stats.setdefault("num_images", n_ref)
+    elif dino is not None:
+        print(f"[evaluate] no FD-DINOv2: the statistics {ref['path']} have no DINOv2 features", file=sys.stderr)
+        dino = None
     if not d.main:
         return None
     res = {"samples": samples["path"], "reference": ref["path"], "num_samples": n}
+    if args.save_stats and (model is not None or dino is not None):
+        save_stats(args.save_stats, r_stats)
+        print(f"[evaluate] reference statistics -> {args.save_stats}")
+    if dino is not None:
+        res[metric_key("fd_dinov2", n, n_ref)] = frechet_distance(*st_dino, r_stats["mu_dinov2"],
+                                                                  r_stats["sigma_dinov2"])
     if model is not None:
-        if args.save_stats:
-            save_stats(args.save_stats, r_stats)
-            print(f"[evaluate] reference statistics -> {args.save_stats}")
         st, key = inception_stats(fs, model.resize), functools.partial(metric_key, n=n, n_ref=n_ref)
         res[key("fid")] = frechet_distance(st["mu"], st["sigma"], r_stats["mu"], r_stats["sigma"])
         if "mu_s" in r_stats:
@@ -698,11 +781,12 @@ def evaluate_samples(args, d):
         if r_pool is not None and not args.no_pr:
             res[key("precision")], res[key("recall")] = precision_recall(r_pool, fs["pool"], k=3, device=d.device)
     if (args.swd or model is None) and "images" in ref:
-        pics = [np.stack([s["images"].get(i) for i in range(min(args.num_images, len(s["images"])))])
+        pics = [np.stack([s["images"].get(i) for i in range(min(args.num_images or 10_000, len(s["images"])))])
                 for s in (samples, ref)]                                    # (N, H, W, 3) uint8
         s = swd(*pics)
         res.update(swd_mean=s["mean"], **{f"swd_{r}px": v for r, v in s["levels"].items()})
-    res["protocol"] = {**inception_record(model), "num_samples": n, "num_reference": n_ref,
+    res["protocol"] = {**inception_record(model), "fd_dinov2": dinov2_record(dino, args.dinov2),
+                       "num_samples": n, "num_reference": n_ref,
                        "samples_file": samples["path"], "samples_sha256": sha256_input(samples["path"]),
                        "reference_file": ref["path"], "reference_sha256": sha256_input(ref["path"]),
                        "is_split_size": IS_SPLIT_SIZE, "code_version": train.code_version(), "samples": side}
@@ -774,7 +858,7 @@ def evaluate_run(out, d):
 
 PROBE_BUDGETS = {   # the probe's image counts, and recipe entries (of its DiT, and of the comparison's stage 1)
     "short": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=500, sample_steps=25),
-    "long": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=2000, sample_steps=25),   # 4x the DiT
+    "long": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=1500, sample_steps=25),   # 3x the DiT
 }
 PROBE_RECIPE = dict(unconditional=True, repa_encoder="none", repa_lambda=0.0, class_dropout=0.0)   # latents differ only
 PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and autoencoder
@@ -1021,9 +1105,11 @@ def build_parser():
     p.add_argument("--dataset", help="held-out images of this dataset: --vae's, or the reference without REFERENCE")
     p.add_argument("--data-path", help="dataset root")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--num-images", type=int, default=10000, help="at most this many images for --vae and SWD")
+    p.add_argument("--num-images", type=int, help="at most this many images for --vae (10,000; authors: 50,000), SWD")
     p.add_argument("--inception", help="path to pt_inception-2015-12-05-6726825d.pth (else the hub cache / URL)")
     p.add_argument("--resize", choices=RESIZE_PROTOCOLS, default="adm", help="Inception input protocol")
+    p.add_argument("--dinov2", help="FD-DINOv2: a local clone of facebookresearch/dinov2 (else the torch.hub cache)")
+    p.add_argument("--rfid-protocol", choices=list(RFID_PROTOCOLS), default="ours", help="--vae: RFID_PROTOCOLS")
     p.add_argument("--allow-small", action="store_true", help="FID & co. below 2,048 images, labelled fid-N")
     p.add_argument("--save-stats", help="write the reference statistics to this .npz")
     p.add_argument("--json", help="output JSON (default: next to SAMPLES / CKPT, X.npz -> X.metrics.json)")

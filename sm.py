@@ -1297,8 +1297,9 @@ def resample_abs_pos_embed(pos_embed, new_hw, num_prefix_tokens=1, old_hw=None):
 
 
 def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
-    """Frozen DINOv2 target encoder via torch.hub (path: a local clone), its position embeddings resampled once to
-    the token grid preprocess_repa_images makes at `resolution` (16x16 at 256 px), as REPA's load_encoders."""
+    """Frozen DINOv2 encoder via torch.hub (path: a local clone), its position embeddings resampled once to the
+    token grid preprocess_repa_images makes at `resolution` (16x16 at 256 px), as REPA's load_encoders; resolution
+    None keeps the hub model as it is (FD-DINOv2)."""
     try:
         if path is not None:
             enc = torch.hub.load(path, name, source="local")
@@ -1306,10 +1307,11 @@ def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
             enc = torch.hub.load("facebookresearch/dinov2", name, trust_repo=True, skip_validation=True)
     except Exception as e:                                                 # offline, missing cache, bad name
         raise RuntimeError(
-            f"could not load the REPA target encoder {name!r} ({type(e).__name__}: {e}). Offline: run torch.hub.load("
+            f"could not load the DINOv2 encoder {name!r} ({type(e).__name__}: {e}). Offline: run torch.hub.load("
             f"'facebookresearch/dinov2', '{name}') on a machine with network and copy $TORCH_HOME/hub (default "
             "~/.cache/torch/hub) here, pass path=<a clone of facebookresearch/dinov2>, or train without alignment "
             "(--repa-encoder none).") from None
-    n = (224 * resolution // 256) // enc.patch_size                        # preprocess_repa_images' size / patch
-    enc.pos_embed.data = resample_abs_pos_embed(enc.pos_embed.data, (n, n), num_prefix_tokens=1)
+    if resolution is not None:
+        n = (224 * resolution // 256) // enc.patch_size                    # preprocess_repa_images' size / patch
+        enc.pos_embed.data = resample_abs_pos_embed(enc.pos_embed.data, (n, n), num_prefix_tokens=1)
     return enc.to(device).eval().requires_grad_(False)

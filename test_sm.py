@@ -1180,6 +1180,8 @@ if SCRIPTS_HERE:
     import evaluate  # noqa: E402
     import sample  # noqa: E402
     import train  # noqa: E402
+    try_dinov2 = evaluate.try_dinov2                           # tested with torch.hub patched; elsewhere: none,
+    evaluate.try_dinov2 = lambda *a, **k: None                 # never a download attempt from the tests
 
 
 def scripts(test):
@@ -1506,6 +1508,35 @@ def test_user_errors_are_one_line(tmp_path, capsys):
             train.cli(lambda: main(stage, tmp_path / "r", *extra), "train.py")
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("train.py: error: ") and message in err and err.count("\n") == 1
+
+
+REPA_SIT_STAND_IN = """
+import sm
+def _b2(input_size, num_classes, use_cfg, z_dims, encoder_depth, fused_attn, qk_norm):   # REPA's SiT(...) arguments
+    return sm.DiT(input_size=input_size, patch_size=2, in_channels=4, hidden_size=32, depth=encoder_depth,
+                  num_heads=2, num_classes=num_classes, z_dims=z_dims, encoder_depth=encoder_depth)
+SiT_models = {"SiT-B/2": _b2}
+"""
+
+
+@scripts
+def test_bench_counts_forward_and_backward_flops_and_runs_repas_sit(tmp_path, capsys):
+    """--bench: FLOPs per image and step by a closed form: two more DiT blocks (width D, T tokens) add 3x (forward +
+    backward = 2x forward) their forward FLOPs 2 T 12 D^2 (qkv, proj, 4x MLP) + 2 * 2 T^2 D (QK^T, AV, attention
+    in its math form) + 2 D 6D (adaLN, once per image); REPA's models/sit.py (a stand-in here) beside ours; stage 1
+    with LPIPS and the discriminator."""
+    (tmp_path / "sit.py").write_text(REPA_SIT_STAND_IN)
+    d, D, T = train.Dist(), 64, 16                                          # 32 px, tiny f4, patch 2: 4x4 tokens
+    common = dict(stage="dit", bench=True, dit_batch=2, width=D, repa_encoder="dinov2_vitb14")
+    two, four = (train.bench(train.recipe("deadleaves", depth=n, encoder_depth=1, repa_sit=str(tmp_path / "sit.py"),
+                                          **common), d) for n in (2, 4))
+    assert set(two) == {"DiT-S/2", "REPA's SiT-B/2"} and two["REPA's SiT-B/2"]["images_per_s"] > 0
+    per_block = 2 * T * 12 * D * D + 2 * 2 * T * T * D + 2 * D * 6 * D
+    assert four["DiT-S/2"]["flops_per_image"] - two["DiT-S/2"]["flops_per_image"] == 3 * 2 * per_block
+    vae = train.bench(train.recipe("deadleaves", stage="vae", bench=True, vae_batch=2), d)
+    assert list(vae) == ["tiny + LPIPS + PatchGAN"] and vae["tiny + LPIPS + PatchGAN"]["flops_per_image"] > 0
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert "REPA's SiT-B/2 32px batch 2 on cpu" in out and "GFLOPs per image per step" in out
 
 
 @scripts
@@ -2368,6 +2399,40 @@ def test_image_dataset_through_the_stages_is_described_and_recorded(tmp_path, ca
     assert np.load(tmp_path / "run" / "latents" / "labels.npy").tolist() == [0] * 4 + [1] * 4
     main("dit", tmp_path / "run", *run, "--max-steps", "1", "--dit-batch", "4")
     assert ckpt_of(tmp_path / "run" / "dit.pt")["dit_config"]["num_classes"] == 2
+    # the held-out measurements read ROOT/val (flat, as ImageNet is distributed), never the training images
+    _png_folder(root / "val", n=2, seed=99)
+    vae = train.load_vae(tmp_path / "run" / "vae.pt")
+    x, y, _ = evaluate.heldout(vae, "imagenet", str(root), 32, 2, 0)
+    val = train.build_dataset("imagenet", str(root), 32, split="val")
+    assert val.root == str(root / "val") and torch.equal(x, torch.stack([val[0][0], val[1][0]])) and y.tolist() == [0, 0]
+    tr = train.build_dataset("imagenet", str(root), 32)
+    assert all(not torch.equal(x[0], tr[i][0]) for i in range(len(tr)))
+    # the statistics' seeded subset (4 of 8, seed 0) takes both classes; the first 4 files are all cats
+    idx = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:4].tolist()
+    assert {tr[i][1] for i in idx} == {0, 1} and {tr[i][1] for i in range(4)} == {0}
+
+
+@scripts
+def test_official_vae_scale_is_computed_from_the_data_unless_given(tmp_path, monkeypatch):
+    """--official-vae: the authors' yaml scale 0.9515730 is a placeholder; the latents stage computes 1 / std of
+    their latents on the seeded statistics subset (scalar, as their get_latent_scaler), unless --official-scale."""
+    g = _official_golden()
+    monkeypatch.setitem(sm.VAE_CONFIGS, "golden", g["sm_preset"])
+    write_safetensors(tmp_path / "model.safetensors", g["state_dict"], metadata={"format": "pt"})
+    d = train.Dist()
+    cfg = train.recipe("deadleaves", vae="golden", official_vae=str(tmp_path / "model.safetensors"), image_size=32,
+                       dataset_size=32, stats_samples=16, out=str(tmp_path / "run"))
+    ds = train.open_dataset(cfg, d)
+    src = train.vae_source(cfg, d, ds)
+    vae = sm.load_official_vae(g["state_dict"], g["sm_preset"], scale_factor=1.0)
+    idx = torch.randperm(32, generator=torch.Generator().manual_seed(cfg.seed))[:16].tolist()
+    with torch.no_grad():
+        std = sm.latent_stats(sm.latent_moments(*vae.encode(torch.stack([ds[i][0] for i in idx]))))[1][0]
+    assert src["kind"] == "official" and src["scale"] == pytest.approx(1 / float(std), rel=1e-5)
+    assert abs(src["scale"] - 0.9515730) > 1e-3
+    given = train.recipe("deadleaves", vae="golden", official_vae=str(tmp_path / "model.safetensors"), image_size=32,
+                         official_scale=0.5, out=str(tmp_path / "run"))
+    assert train.vae_source(given, d, ds)["scale"] == 0.5
 
 
 @scripts
@@ -3161,8 +3226,8 @@ def test_mixed_image_sizes_are_resized_like_inception(resize):
 
 @scripts
 def test_reference_is_checked_before_the_samples_inception_pass(tmp_path, monkeypatch):
-    """Issue 19 item 8: a reference of the wrong dimension, with NaN, or of the other protocol (untagged statistics
-    are ADM's batches) is refused before any feature extraction."""
+    """A reference of the wrong dimension, with NaN, or of the other protocol (untagged statistics are ADM's
+    batches) is refused before any feature extraction."""
     _, inc = _biased_inception(tmp_path)
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
 
@@ -3179,6 +3244,10 @@ def test_reference_is_checked_before_the_samples_inception_pass(tmp_path, monkey
         np.savez(tmp_path / name, **stats)
         with pytest.raises(train.USER_ERRORS, match=msg):
             evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / name), "--inception", inc, "--allow-small"] + extra)
+    for stats, msg in ((dict(mu_dinov2=np.zeros(4), sigma_dinov2=np.eye(5)), "'sigma_dinov2'.*wrong dimension"),
+                       (dict(mu_dinov2=np.full(4, np.nan), sigma_dinov2=np.eye(4)), "'mu_dinov2' holds NaN")):
+        with pytest.raises(ValueError, match=msg):
+            evaluate.check_reference({"path": "p", "stats": dict(mu=mu, sigma=sigma, **stats)}, "adm")
     ok = {"path": "ok", "stats": dict(mu=mu, sigma=sigma, pool=np.zeros((3, 2048)))}
     evaluate.check_reference(ok, "adm")                                   # untagged = ADM's protocol: accepted
     with pytest.raises(ValueError, match="'pool'.*wrong dimension"):
@@ -3213,6 +3282,100 @@ def test_cli_folder_vs_npz_and_cached_stats(tmp_path, capsys):
         again = evaluate.main([str(tmp_path / "samples"), str(tmp_path / "ref_stats.npz"), "--allow-small",
                                "--inception", str(tmp_path / "inc.pth"), "--json", str(tmp_path / "r2.json")])
     assert again["fid-5"] == pytest.approx(res["fid-5"], rel=1e-6) and again["precision-5"] == res["precision-5"]
+
+
+def _edm2_stand_in():
+    """testdata/make_dinov2_golden.py's stand-in for DINOv2 (a 14x14 stride-14 conv to 2 channels, flattened)."""
+    g = np.load(os.path.join(DATA, "dinov2_golden.npz"))
+    conv = torch.nn.Conv2d(3, 2, 14, stride=14)
+    conv.weight.data, conv.bias.data = torch.from_numpy(g["weight"]), torch.from_numpy(g["bias"])
+    return torch.nn.Sequential(conv, torch.nn.Flatten()).eval(), g
+
+
+def _rng_images(n, size, seed):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+@scripts
+def test_dinov2_features_match_edm2_preprocessing():
+    """FD-DINOv2's input is EDM2's DINOv2Detector's (bicubic antialias to 224, / 255, ImageNet mean / std), up- and
+    downsampling: golden features from EDM2's own code with a random stand-in model. The same float32 operations
+    in the same order: equal up to float32 rounding of the conv's sums (~1e-7 relative)."""
+    model, g = _edm2_stand_in()
+    for key, (n, size, seed) in (("features_48", (4, 48, 1)), ("features_300", (2, 300, 2))):
+        imgs = _rng_images(n, size, seed)
+        ours = evaluate.dinov2_features(model, evaluate.Images(n, lambda i: imgs[i].permute(1, 2, 0).numpy()),
+                                        batch_size=3)                      # batches of 3: per-image preprocessing
+        np.testing.assert_allclose(ours, g[key], rtol=1e-5, atol=1e-5 * np.abs(g[key]).max())
+
+
+@scripts
+def test_try_dinov2_keeps_the_hub_model_or_says_why_not(monkeypatch, capsys):
+    model, _ = _edm2_stand_in()
+    model.patch_size, model.pos_embed = 14, torch.nn.Parameter(torch.randn(1, 1 + 37 * 37, 8))
+    before = model.pos_embed.detach().clone()
+    monkeypatch.setattr(torch.hub, "load", lambda *a, **k: model)
+    assert try_dinov2(None, "cpu") is model and torch.equal(model.pos_embed, before)   # positions as the hub's
+
+    def offline(*a, **k):
+        raise RuntimeError("no internet connection")
+    monkeypatch.setattr(torch.hub, "load", offline)
+    assert try_dinov2(None, "cpu") is None and "no FD-DINOv2" in capsys.readouterr().err
+
+
+@scripts
+def test_fd_dinov2_of_samples_and_of_saved_statistics(tmp_path, monkeypatch, capsys):
+    """SAMPLES vs REFERENCE with a DINOv2 at hand: fd_dinov2 = the Frechet distance of the two sets' feature
+    statistics (N - 1 covariance), kept by --save-stats, recorded; statistics without DINOv2 features: skipped."""
+    model, _ = _edm2_stand_in()
+    monkeypatch.setattr(evaluate, "try_dinov2", lambda *a, **k: model)
+    monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: None)
+    a, b = _rng_images(6, 32, 3), _rng_images(5, 32, 4)
+    np.savez(tmp_path / "s.npz", arr_0=a.permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "r.npz", arr_0=b.permute(0, 2, 3, 1).numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--allow-small", "--save-stats",
+                             str(tmp_path / "st.npz"), "--json", str(tmp_path / "r.json")])
+        with torch.no_grad():
+            fa, fb = (model(evaluate.dinov2_preprocess(x)).double().numpy() for x in (a, b))
+        want = evaluate.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+        assert res["fd_dinov2-6-ref5"] == pytest.approx(want, rel=1e-6)
+        assert "EDM2" in res["protocol"]["fd_dinov2"]["preprocessing"]
+        again = evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "st.npz"), "--allow-small", "--json",
+                               str(tmp_path / "r2.json")])
+        assert again["fd_dinov2-6-ref5"] == pytest.approx(res["fd_dinov2-6-ref5"], rel=1e-9)
+        np.savez(tmp_path / "inc_only.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+        capsys.readouterr()
+        other = evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "inc_only.npz"), "--allow-small", "--json",
+                               str(tmp_path / "r3.json")])
+    assert not any(k.startswith("fd_dinov2") for k in other) and other["protocol"]["fd_dinov2"] is None
+    assert "have no DINOv2 features" in capsys.readouterr().err
+
+
+@scripts
+def test_rfid_protocol_of_the_authors_sample_and_jpeg(tmp_path):
+    """--rfid-protocol authors: a posterior *sample* decoded, PSNR on both sides after a JPEG-75 round trip (their
+    .jpg files), computed here by hand with Pillow; 'ours' decodes the mean without JPEG."""
+    torch.manual_seed(0)
+    vae = sm.build_vae("tiny").eval()
+    x = jpeg_x = torch.rand(4, 3, 32, 32) * 2 - 1
+    res, _ = evaluate.autoencoder_metrics(vae, [x], posterior="sample", jpeg_quality=75, seed=5)
+    with torch.no_grad():
+        mean, logvar = vae.encode(x)
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
+        rec = vae.decode(mean + torch.exp(0.5 * logvar) * eps).clamp(-1, 1)
+        plain = vae.decode(mean).clamp(-1, 1)
+    jpeg = lambda v: np.stack([train.jpeg_round_trip(im, 75) for im in train.to_uint8(v)]).astype(np.float64)  # noqa
+    jpeg_x, jpeg_rec = jpeg(x), jpeg(rec)
+    want = np.mean([10 * np.log10(255.0 ** 2 / ((p - q) ** 2).mean()) for p, q in zip(jpeg_x, jpeg_rec)])
+    assert res["psnr"] == pytest.approx(want, abs=1e-4)                   # float32 PSNR of uint8 values
+    ours, _ = evaluate.autoencoder_metrics(vae, [x])
+    assert ours["psnr"] == pytest.approx(float(evaluate.psnr(evaluate.unit(x), evaluate.unit(plain)).mean()))
+    assert ours["psnr"] != res["psnr"] and ours["ssim"] != res["ssim"]     # the sample, not the mean
+    p = evaluate.build_parser().parse_args(["--vae", "v.pt", "--rfid-protocol", "authors"])
+    assert evaluate.RFID_PROTOCOLS[p.rfid_protocol] == dict(posterior="sample", jpeg_quality=75,
+                                                            resize="pytorch-fid", num_images=50_000)
 
 
 @scripts
@@ -3408,6 +3571,11 @@ def test_vae_mode_train_run(tmp_path, monkeypatch):
     with pytest.raises(train.USER_ERRORS, match="rFID on 8 samples.*--allow-small"):
         monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: _net())
         evaluate.main(base)
+    monkeypatch.setattr(evaluate, "try_inception", lambda path, resize, device: _net(resize))
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
+    auth = evaluate.main(base + ["--rfid-protocol", "authors", "--allow-small"])   # pytorch-fid's Inception input
+    assert auth["protocol"]["features"] == "pytorch-fid" and auth["protocol"]["rfid_protocol"]["name"] == "authors"
+    assert auth["rfid-8"] == 1.0 and auth["psnr"] != res["psnr"]
     with pytest.raises(train.USER_ERRORS, match="'dit' checkpoint, but a 'vae' checkpoint"):
         train.save_checkpoint({"kind": "dit"}, tmp_path / "dit.pt")
         evaluate.main(["--vae", str(tmp_path / "dit.pt"), "--dataset", "deadleaves"])
@@ -3635,6 +3803,7 @@ def test_compare_through_train_run(tmp_path, monkeypatch):
 DDP_WRAPPER = """
 import train, evaluate
 evaluate.frechet_distance = lambda *a, **k: 1.0          # 2048-d eigh: slow, tested above
+evaluate.try_dinov2 = lambda *a, **k: None               # no download attempt
 train.cli(evaluate.main, "evaluate.py")
 """
 

@@ -55,7 +55,7 @@ RECIPES["imagenet"] = dict(
     dit_lr=1e-4, ema=0.9999, class_dropout=0.1, unconditional=False, weighting="uniform",
     repa_encoder="dinov2_vitb14", repa_target="dog", repa_lambda=None, zscore_alpha=0.6, dog_sigmas=(0.5, 2.0),
     projector="mlp", projector_kernel=1, qk_norm=False,
-    precision="bf16", micro_batch=0, compile=False, grad_checkpoint=False,
+    precision="bf16", micro_batch=0, compile=False, grad_checkpoint=False, repa_sit=None,
     sample_steps=50, cfg_scale=1.0, num_fid_samples=50_000,
     log_every=100, ckpt_every=10_000, keep_every=50_000, vis_every=10_000, max_steps=None,
 )
@@ -171,7 +171,8 @@ def get_args(argv=None):
     return recipe(**given)
 
 
-PATHS = ("data_path", "out", "vae_ckpt", "sd_vae", "official_vae", "lpips_path", "vgg_path", "variant")
+PATHS = ("data_path", "out", "vae_ckpt", "sd_vae", "official_vae", "lpips_path", "vgg_path", "variant",
+         "repa_sit")
 POSITIVE = ("image_size", "vae_batch", "vae_steps", "dit_batch", "dit_steps", "log_every", "ckpt_every",
             "vis_every", "stats_samples", "dataset_size", "sample_steps", "num_fid_samples", "dsm_block",
             "dsm_group", "depth", "width", "encoder_depth", "max_steps")
@@ -1256,47 +1257,57 @@ def load_dit(path, device="cpu"):
 
 # ----------------------------------------------------------------------------- benchmark
 
+def repa_sit_b2(path, device):
+    """REPA's own SiT-B/2 from their models/sit.py (REPA's environment: timm), as their train.py builds it for
+    ImageNet 256 with DINOv2-B (32x32x4 SD-VAE latents, 256 tokens), called as our DiTs are."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("repa_sit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sit = mod.SiT_models["SiT-B/2"](input_size=32, num_classes=1000, use_cfg=True, z_dims=[768], encoder_depth=4,
+                                    fused_attn=True, qk_norm=False).to(device)
+    return sit, lambda x, t, y, force_drop_ids=None: sit(x, t, y)
+
+
 def bench(cfg, d):
-    """--bench: images/s (and on CUDA TFLOP/s, MFU against the measured bf16 matmul rate, peak memory) of one
-    training step of the stage on random data of the recipe's per-rank batch."""
+    """--bench: training steps of the stage on random data of the recipe's per-rank batch -> {model: images/s,
+    FLOPs per image and step}, printed with, on CUDA, TFLOP/s, MFU against the measured bf16 matmul rate and peak
+    memory. FLOPs: forward + backward, counted by torch's FlopCounterMode in a warm-up step with attention in
+    its math form (every device counts it). Stage 1: the generator step with LPIPS (random VGG offline: the same
+    FLOPs) and the GAN term, and the discriminator step, alternating as in training. Stage 2 with repa_sit
+    (REPA's models/sit.py): their SiT-B/2 on SD-VAE latents too, in the same process."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
     S, B = cfg.image_size, (cfg.vae_batch if cfg.stage == "vae" else cfg.dit_batch) // d.world
     vae = sm.build_vae(cfg.vae).to(d.device)
-    h = S // vae.factor
+    h, enc = S // vae.factor, 768 if cfg.repa_encoder != "none" else 0
     x = torch.rand(B, 3, S, S, device=d.device) * 2 - 1
+    y = torch.randint(0, 1000, (B,), device=d.device)
+    cases = []                                                  # (name, [(modules, loss function)] per turn)
     if cfg.stage == "vae":
-        params, flops = vae.parameters(), None
+        lpips = sm.LPIPS().to(d.device).eval().requires_grad_(False) if cfg.lpips_weight else None
+        disc = sm.PatchGAN().to(d.device)
         eps = torch.randn(B, vae.latent_channels, h, h, device=d.device)
-        loss_fn = lambda: sm.stage1_loss(vae, x, eps, [8] * B, vars(cfg))["loss"]      # noqa: E731
+        w = dict(vars(cfg), disc_weight=cfg.disc_weight or 0.5)
+        cases.append((f"{cfg.vae} + LPIPS + PatchGAN" if lpips else f"{cfg.vae} + PatchGAN", [
+            (vae, lambda: sm.stage1_loss(vae, x, eps, [8] * B, w, lpips, disc)["loss"]),
+            (disc, lambda: sm.discriminator_loss(vae, disc, x, eps, [8] * B, cfg.dsm_block))]))
     elif cfg.stage == "dit":
-        enc = 768 if cfg.repa_encoder != "none" else 0
         model = sm.build_dit(cfg.model, **dit_config(cfg, dict(latent_shape=[vae.latent_channels, h, h],
                                                                  num_classes=1000), enc)).to(d.device)
-        runner, params = torch.compile(model) if cfg.compile else model, model.parameters()
-        z, y = torch.randn(B, vae.latent_channels, h, h, device=d.device), torch.randint(0, 1000, (B,), device=d.device)
-        T = model.grid_size[0] * model.grid_size[1]
-        tgt = [torch.randn(B, T, enc, device=d.device)] if enc else None
-        loss_fn = lambda: sm.flow_loss(runner, z, y, repa_targets=tgt)["loss"]            # noqa: E731
-        n_tok = sum(p.numel() for n, p in model.blocks.named_parameters() if "adaLN" not in n)
-        flops = 3 * B * (2 * n_tok * T + 4 * len(model.blocks) * T * T * model.hidden_size)   # fwd + bwd = 3 fwd
+        runner = torch.compile(model) if cfg.compile else model
+        z = torch.randn(B, vae.latent_channels, h, h, device=d.device)
+        tgt = [torch.randn(B, model.grid_size[0] * model.grid_size[1], enc, device=d.device)] if enc else None
+        cases.append((cfg.model, [(model, lambda: sm.flow_loss(runner, z, y, repa_targets=tgt)["loss"])]))
+        if cfg.repa_sit:
+            sit, call = repa_sit_b2(cfg.repa_sit, d.device)
+            z8, t8 = torch.randn(B, 4, 32, 32, device=d.device), [torch.randn(B, 256, 768, device=d.device)]
+            cases.append(("REPA's SiT-B/2", [(sit, lambda: sm.flow_loss(call, z8, y, repa_targets=t8)["loss"])]))
     else:
         raise ValueError("--bench measures --stage vae or --stage dit")
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(3 + (20 if d.device.type == "cuda" else 3)):          # the first 3 are warm-up
-        sync()
-        t = time.time()
-        with d.autocast(cfg.precision):
-            loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync()
-        times.append(time.time() - t)
-    sec = float(np.median(times[3:]))
-    msg = f"bench {cfg.stage} {cfg.vae if cfg.stage == 'vae' else cfg.model} {S}px batch {B} on {d.device}: " \
-          f"{B / sec:.2f} images/s"
-    if d.device.type == "cuda":
+    cuda = d.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:                                                    # the peak: the measured bf16 matmul rate
         a = torch.randn(8192, 8192, device=d.device, dtype=torch.bfloat16)
         a @ a
         sync()
@@ -1305,11 +1316,36 @@ def bench(cfg, d):
             a @ a
         sync()
         peak = 20 * 2 * 8192 ** 3 / (time.time() - t)
-        if flops:
-            msg += f", {flops / sec / 1e12:.1f} TFLOP/s, MFU {100 * flops / sec / peak:.1f}% of {peak / 1e12:.0f}"
-        msg += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-    log(d, msg)
-    return B / sec
+    rates = {}
+    for name, turns in cases:
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m, _ in turns]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, flops = [], 0
+        for i in range(len(turns) * (3 + (20 if cuda else 3))):  # the first 3 of each turn are warm-up
+            (module, loss_fn), opt = turns[i % len(turns)], opts[i % len(turns)]
+            counter = FlopCounterMode(display=False) if i < len(turns) else contextlib.nullcontext()
+            math_sdpa = sdpa_kernel(SDPBackend.MATH) if i < len(turns) else contextlib.nullcontext()  # counted
+            sync()
+            t = time.time()
+            with counter, math_sdpa:                           # one context: it restarts its count on entry
+                with d.autocast(cfg.precision):
+                    loss = loss_fn()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            sync()
+            times.append(time.time() - t)
+            flops += counter.get_total_flops() if i < len(turns) else 0
+        sec = float(np.mean(times[3 * len(turns):])) * len(turns)      # one turn each: len(turns) batches
+        rates[name] = dict(images_per_s=len(turns) * B / sec, flops_per_image=flops / len(turns) / B)
+        msg = f"bench {cfg.stage} {name} {S}px batch {B} on {d.device}: {rates[name]['images_per_s']:.2f} " \
+              f"images/s, {rates[name]['flops_per_image'] / 1e9:.1f} GFLOPs per image per step"
+        if cuda:
+            msg += (f", {flops / sec / 1e12:.1f} TFLOP/s, MFU {100 * flops / sec / peak:.1f}% of {peak / 1e12:.0f}, "
+                    f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        log(d, msg)
+    return rates
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
