@@ -858,7 +858,7 @@ def evaluate_run(out, d):
 
 PROBE_BUDGETS = {   # the probe's image counts, and recipe entries (of its DiT, and of the comparison's stage 1)
     "short": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=500, sample_steps=25),
-    "long": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=1500, sample_steps=25),   # 3x the DiT
+    "long": dict(probe_images=2048, probe_eval=512, vae_steps=300, dit_steps=1000, sample_steps=25),   # 2x the DiT
 }
 PROBE_RECIPE = dict(unconditional=True, repa_encoder="none", repa_lambda=0.0, class_dropout=0.0)   # latents differ only
 PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and autoencoder
@@ -1006,7 +1006,8 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     plot_curves({"gap / floor": [res], "latent FD / floor": [dict(curve=[dict(c, gap_ratio=c["latent_fd_ratio"])
                                                                           for c in curve])]},
                 os.path.join(out, "probe-curves.png"), label="distance / floor")
-    z_raw = vae.encode(x[:64])[0]                                           # the spectrum the DiT sees, and
+    with torch.no_grad():
+        z_raw = vae.encode(x[:64])[0]                                       # the spectrum the DiT sees, and
     rep = train.spectrum_report(x[:64], z_raw, cfg.esm_delta, vae.esm_blur)
     series = {"image": (rep["image"], (40, 40, 40)), "latent the DiT sees": (rep["latent"], (30, 90, 220))}
     if control:                                                              # the unscrambled latent's beside it

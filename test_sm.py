@@ -3782,22 +3782,27 @@ def test_probe_bad_input(tmp_path, monkeypatch):
 
 @scripts
 def test_compare_through_train_run(tmp_path, monkeypatch):
-    """--compare: stage 1 per preset and seed, then the probe; compare.md / compare.json; a rerun resumes."""
+    """--compare: stage 1 per preset and seed, then the probe, and the controls on the first preset: its scrambled
+    copies (positive), its first autoencoder with the other DiT seeds (negative); compare.md / .json, the curves;
+    a rerun resumes."""
     monkeypatch.setitem(evaluate.PROBE_BUDGETS, "tiny", TINY_BUDGET)
-    monkeypatch.setattr(sm, "REG_PRESETS", {k: sm.REG_PRESETS[k] for k in ("kl", "esm+dsm")})   # 2 of the 5
+    monkeypatch.setattr(sm, "REG_PRESETS", {"kl": sm.REG_PRESETS["kl"]})   # the controls' preset alone
+    monkeypatch.setitem(train.RECIPES["deadleaves"], "reg", "kl")
     runs = evaluate.main(["--compare", str(tmp_path), "--seeds", "0", "1", "--budget", "tiny"])
-    assert list(runs) == ["kl", "kl scrambled", "kl seed 0, DiT seeds", "esm+dsm"]
+    assert list(runs) == ["kl", "kl scrambled", "kl seed 0, DiT seeds"]
     assert (tmp_path / "kl-seed1" / "probe-scramble" / "probe.json").is_file()
+    assert train.load_checkpoint(tmp_path / "kl-seed0" / "vae.pt")["args"]["kl_weight"] == 1e-6      # the preset
     neg = runs["kl seed 0, DiT seeds"]                                  # one autoencoder, two DiT seeds
     assert neg[0] == runs["kl"][0] and neg[1]["protocol"]["vae"] == neg[0]["protocol"]["vae"] != runs["kl"][1][
         "protocol"]["vae"] and neg[1]["psnr"] == neg[0]["psnr"] and neg[1]["gap_swd"] != neg[0]["gap_swd"]
+    scr = runs["kl scrambled"][1]                                       # decoder-neutral: the same pixels
+    assert scr["psnr"] == runs["kl"][1]["psnr"] and scr["protocol"]["control"]["kind"] == "scramble"
     assert (tmp_path / "compare-gap.png").is_file() and (tmp_path / "compare-latent-fd.png").is_file()
-    assert train.load_checkpoint(tmp_path / "kl-seed0" / "vae.pt")["args"]["kl_weight"] == 1e-6      # the preset
     summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
-    assert summary["esm+dsm"]["gap_ratio"]["n"] == 2 and "| kl scrambled |" in (tmp_path / "compare.md").read_text()
-    before = (tmp_path / "esm_dsm-seed0" / "probe" / "probe.json").stat().st_mtime_ns
+    assert summary["kl scrambled"]["gap_ratio"]["n"] == 2 and "| kl scrambled |" in (tmp_path / "compare.md").read_text()
+    before = (tmp_path / "kl-seed0" / "probe" / "probe.json").stat().st_mtime_ns
     evaluate.main(["--compare", str(tmp_path), "--seeds", "0", "1", "--budget", "tiny"])
-    assert (tmp_path / "esm_dsm-seed0" / "probe" / "probe.json").stat().st_mtime_ns == before
+    assert (tmp_path / "kl-seed0" / "probe" / "probe.json").stat().st_mtime_ns == before
 
 
 DDP_WRAPPER = """
