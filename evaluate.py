@@ -749,6 +749,9 @@ def evaluate_samples(args, d):
         extract = functools.partial(extract_features, model, d=d, batch_size=args.batch_size, num_workers=args.workers)
         fs = extract(samples["images"])
         if "mu" not in r_stats:
+            if "images" not in ref:
+                raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
+                                 f"reference images, or statistics saved with Inception")
             r_stats.update(inception_stats(extract(ref["images"]), model.resize))
         r_pool = r_stats.get("pool")
         if r_pool is None and "images" in ref and not args.no_pr:
@@ -948,7 +951,7 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     if control not in (None, "scramble"):
         raise ValueError(f"unknown probe control {control!r}: scramble or none")
     source = scrambled_vae(vae_path, out, d) if control else vae_path
-    entries = {k: v for k, v in PROBE_BUDGETS[budget].items() if k != "image_size"}
+    entries = dict(PROBE_BUDGETS[budget])
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
     if n_eval < 16 or n_eval % 8:
         raise ValueError(f"the probe's held-out images must be a multiple of 8 and at least 16, got {n_eval}")
@@ -1003,9 +1006,7 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     n = min(8, m)
     train.save_grid(np.concatenate([train.to_uint8(v[:n]) for v in (x, decode(z[:n]), decode(samples[:n]))]),
                     os.path.join(out, "probe.png"), n)                      # rows: real, reconstructed, sampled
-    plot_curves({"gap / floor": [res], "latent FD / floor": [dict(curve=[dict(c, gap_ratio=c["latent_fd_ratio"])
-                                                                          for c in curve])]},
-                os.path.join(out, "probe-curves.png"), label="distance / floor")
+    plot_curves({name: [res]}, os.path.join(out, "probe-curves.png"), PROBE_CURVES)
     with torch.no_grad():
         z_raw = vae.encode(x[:64])[0]                                       # the spectrum the DiT sees, and
     rep = train.spectrum_report(x[:64], z_raw, cfg.esm_delta, vae.esm_blur)
@@ -1025,13 +1026,19 @@ CURVE_COLORS = [(30, 90, 220), (220, 60, 30), (40, 150, 60), (150, 60, 180), (22
                 (0, 170, 170), (140, 90, 40)]
 
 
-def plot_curves(rows, path, key="gap_ratio", label="gap / floor"):
-    """One metric against DiT steps: rows {name: [probe results]}, the mean over a row's results."""
-    series = {name: (np.mean([[c[key] for c in r["curve"]] for r in results], 0), color)
-              for (name, results), color in zip(rows.items(), CURVE_COLORS * 2)}
+PROBE_CURVES = (("gap_ratio", "gap / floor"), ("latent_fd_ratio", "latent FD / floor"))
+
+
+def plot_curves(rows, path, keys=PROBE_CURVES[:1]):
+    """Metrics (key, label) against DiT steps: rows {name: [probe results]}, the mean over a row's results."""
+    lines = [(name, results, key, label) for name, results in rows.items() for key, label in keys]
+    series = {f"{name}: {label}" if len(keys) > 1 else name: (
+        np.mean([[c[key] for c in r["curve"]] for r in results], 0), color)
+        for (name, results, key, label), color in zip(lines, CURVE_COLORS * 2)}
     steps = [c["step"] for c in next(iter(rows.values()))[0]["curve"]]
+    label = " and ".join(label for _, label in keys)
     train.plot_lines(series, path, title=f"{label} against DiT steps (1 = the floor of real images)",
-                     xlabel=f"DiT steps {steps[0]} -> {steps[-1]} ({len(steps)} snapshots)", ylabel=label)
+                     xlabel=f"DiT steps {steps[0]} -> {steps[-1]} ({len(steps)} snapshots)", ylabel="ratio")
 
 
 def compare_table(runs):
@@ -1084,8 +1091,8 @@ def compare(out, d, seeds=(0, 1, 2), budget="short"):
         train.write_json(dict(summary=summary, budget=PROBE_BUDGETS[budget], seeds=list(seeds), protocol=p, runs=runs),
                          os.path.join(out, "compare.json"))
         rows = {reg: list(by_seed.values()) for reg, by_seed in runs.items()}
-        plot_curves(rows, os.path.join(out, "compare-gap.png"))
-        plot_curves(rows, os.path.join(out, "compare-latent-fd.png"), "latent_fd_ratio", "latent FD / floor")
+        plot_curves(rows, os.path.join(out, "compare-gap.png"), PROBE_CURVES[:1])
+        plot_curves(rows, os.path.join(out, "compare-latent-fd.png"), PROBE_CURVES[1:])
         print(head + "\n\n" + table)
     d.barrier()
     return runs

@@ -3351,6 +3351,9 @@ def test_fd_dinov2_of_samples_and_of_saved_statistics(tmp_path, monkeypatch, cap
                                str(tmp_path / "r3.json")])
     assert not any(k.startswith("fd_dinov2") for k in other) and other["protocol"]["fd_dinov2"] is None
     assert "have no DINOv2 features" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: _net())   # DINOv2-only statistics: named
+    with pytest.raises(train.USER_ERRORS, match="st.npz: statistics without Inception features"):
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "st.npz"), "--allow-small"])
 
 
 @scripts

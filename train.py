@@ -1283,7 +1283,7 @@ def bench(cfg, d):
     h, enc = S // vae.factor, 768 if cfg.repa_encoder != "none" else 0
     x = torch.rand(B, 3, S, S, device=d.device) * 2 - 1
     y = torch.randint(0, 1000, (B,), device=d.device)
-    cases = []                                                  # (name, [(modules, loss function)] per turn)
+    cases = []                                                  # (name, [(module, loss function)] per turn)
     if cfg.stage == "vae":
         lpips = sm.LPIPS().to(d.device).eval().requires_grad_(False) if cfg.lpips_weight else None
         disc = sm.PatchGAN().to(d.device)
@@ -1337,10 +1337,10 @@ def bench(cfg, d):
             sync()
             times.append(time.time() - t)
             flops += counter.get_total_flops() if i < len(turns) else 0
-        sec = float(np.mean(times[3 * len(turns):])) * len(turns)      # one turn each: len(turns) batches
-        rates[name] = dict(images_per_s=len(turns) * B / sec, flops_per_image=flops / len(turns) / B)
-        msg = f"bench {cfg.stage} {name} {S}px batch {B} on {d.device}: {rates[name]['images_per_s']:.2f} " \
-              f"images/s, {rates[name]['flops_per_image'] / 1e9:.1f} GFLOPs per image per step"
+        sec, flops = float(np.mean(times[3 * len(turns):])), flops / len(turns)    # per step (a batch)
+        rates[name] = dict(images_per_s=B / sec, flops_per_image=flops / B)
+        msg = f"bench {cfg.stage} {name} {S}px batch {B} on {d.device}: {B / sec:.2f} images/s, " \
+              f"{flops / B / 1e9:.1f} GFLOPs per image per step"
         if cuda:
             msg += (f", {flops / sec / 1e12:.1f} TFLOP/s, MFU {100 * flops / sec / peak:.1f}% of {peak / 1e12:.0f}, "
                     f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
