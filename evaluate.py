@@ -181,32 +181,6 @@ def try_inception(path, resize, device):
         return None
 
 
-def random_inception_state_dict(seed=0):
-    """Deterministic pseudo-random FID-Inception weights (golden tests).
-
-    Recipe (reproducible on any side that has the torchvision key names): for every key
-    in sorted order, draw from one torch.Generator(seed) on CPU in float32:
-      conv / fc weight   N(0,1) * sqrt(2 / fan_in)     (fc: sqrt(1 / fan_in))
-      bn.weight          U(0.5, 1.5)        bn.bias, bn.running_mean, fc.bias  0.1 * N(0,1)
-      bn.running_var     U(0.5, 1.5)        num_batches_tracked                0
-    """
-    g = torch.Generator().manual_seed(seed)
-    template = FIDInception().net.state_dict()
-    out = {}
-    for key in sorted(template):
-        t = template[key]
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.zeros_like(t)
-        elif key.endswith("weight") and t.dim() > 1:
-            gain = 1.0 if key.startswith("fc.") else 2.0
-            out[key] = torch.randn(t.shape, generator=g) * math.sqrt(gain / t[0].numel())
-        elif key.endswith(("bn.weight", "running_var")):
-            out[key] = torch.rand(t.shape, generator=g) + 0.5
-        else:                                               # biases, running means
-            out[key] = 0.1 * torch.randn(t.shape, generator=g)
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # FD-DINOv2: the Frechet distance in DINOv2 ViT-L/14 features (Stein et al. 2023), as EDM2 computes it
 # ----------------------------------------------------------------------------------------
@@ -868,7 +842,8 @@ PROBE_DATA_SEED = 0          # the probe's images: the same for every seed and a
 PROBE_VAL_POINTS = 5         # snapshots along the DiT budget: the curves of every metric
 SCRAMBLE_SEED = 0            # the positive control's permutation of latent positions
 PROBE_METRICS = (("gap_ratio", "gap / floor"), ("gap_swd", "gap SWD"), ("floor_swd", "floor SWD"),
-                 ("latent_fd_ratio", "latent FD / floor"), ("latent_fd", "latent FD"), ("psnr", "PSNR"),
+                 ("latent_fd_ratio", "latent FD / floor"), ("latent_fd", "latent FD"),
+                 ("latent_participation", "latent dims"), ("psnr", "PSNR"),
                  ("ssim", "SSIM"), ("spectrum_kl", "spectrum KL"), ("equivariance_error", "EQ error"),
                  ("dit_val_loss", "DiT val loss"))
 
@@ -882,6 +857,16 @@ def latent_features(z, dims=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(flat.shape[1], dims, generator=g, dtype=torch.float64))   # (D, dims)
     return (flat @ q).numpy()
+
+
+def gaussian_floor(features, m):
+    """What sampling alone gives two m-image halves of a Gaussian with the features' covariance (eigenvalues l):
+    E[FD] ~ (3 sum l + sum_{i != j} l_i l_j / (l_i + l_j)) / m to first order in 1 / m, and the participation ratio
+    (sum l)^2 / sum l^2 (the effective number of dimensions): a concentrated spectrum has a lower floor."""
+    lam = np.clip(np.linalg.eigvalsh(np.cov(features, rowvar=False)), 1e-12, None)
+    pair = np.outer(lam, lam) / np.add.outer(lam, lam)                    # its diagonal sums to sum(l) / 2
+    return dict(latent_fd_floor_gaussian=float((2.5 * lam.sum() + pair.sum()) / m),
+                latent_participation=float(lam.sum() ** 2 / (lam ** 2).sum()))
 
 
 @torch.no_grad()
@@ -903,7 +888,7 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
                latent_fd=fd(S, A), latent_fd_floor=fd(B, A), num_images=m)
     res["gap_ratio"] = res["gap_swd"] / max(res["floor_swd"], 1e-12)
     res["latent_fd_ratio"] = res["latent_fd"] / max(res["latent_fd_floor"], 1e-12)
-    return res
+    return dict(res, **gaussian_floor(latent_features(real_latents[:2 * m]), m))
 
 
 def cpu_name():

@@ -1323,7 +1323,7 @@ def bench(cfg, d):
             torch.cuda.reset_peak_memory_stats()
         times, flops = [], 0
         for i in range(len(turns) * (3 + (20 if cuda else 3))):  # the first 3 of each turn are warm-up
-            (module, loss_fn), opt = turns[i % len(turns)], opts[i % len(turns)]
+            (_, loss_fn), opt = turns[i % len(turns)], opts[i % len(turns)]
             counter = FlopCounterMode(display=False) if i < len(turns) else contextlib.nullcontext()
             math_sdpa = sdpa_kernel(SDPBackend.MATH) if i < len(turns) else contextlib.nullcontext()  # counted
             sync()

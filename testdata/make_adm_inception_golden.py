@@ -10,7 +10,7 @@ torch-fidelity's FeatureExtractorInceptionV3 reproduces the input pipeline of th
 that ADM's evaluator feeds (guided-diffusion evaluations/evaluator.py: uint8 pixels as float into
 "ExpandDims:0"): TF1 bilinear resize to 299 (align_corners=False, src = dst * in / out; its
 interpolate_bilinear_2d_like_tensorflow1x), then (x - 128) / 128. It is loaded here with the weights
-evaluate.random_inception_state_dict(0), written to a temporary .pth.
+of testdata/inception_weights.py (seed 0), written to a temporary .pth.
 
 Contents, for each case c in CASES (uint8 NHWC inputs at 256x256, 32x32 and a non-square 48x80):
   c_images                 (N, H, W, 3) uint8
@@ -30,7 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402  (only for the weight recipe)
+import evaluate  # noqa: E402  (only for the network's parameter names and shapes)
+from testdata.inception_weights import random_inception_state_dict  # noqa: E402
 import torch_fidelity  # noqa: E402
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: E402
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x  # noqa: E402
@@ -51,7 +52,7 @@ def main():
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "inception_random.pth"
-        torch.save(evaluate.random_inception_state_dict(0), path)
+        torch.save(random_inception_state_dict(evaluate.FIDInception().net.state_dict(), 0), path)
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
                                           feature_extractor_weights_path=str(path))
     grabbed = {}

@@ -11,7 +11,7 @@ the Schur-based one (<= 1.15), since newer scipy never takes pytorch-fid's eps f
 Contents (all small):
   images (4,64,64,3) uint8               deterministic test pictures
   pool (4,2048) / logits (4,1008) / spatial (4,2023) float32
-      pytorch-fid's FID Inception with evaluate.random_inception_state_dict(0) loaded
+      pytorch-fid's FID Inception with the weights of testdata/inception_weights.py (seed 0) loaded
       (its weight download is patched to return that state dict); logits = its fc
       output, spatial = first 7 channels of Mixed_6d.branch1x1, flattened in (H, W, C)
       order like ADM's NHWC tensor
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402  (only for the weight recipe)
+import evaluate  # noqa: E402  (only for the network's parameter names and shapes)
+from testdata.inception_weights import random_inception_state_dict  # noqa: E402
 from pytorch_fid import inception as pfi  # noqa: E402
 from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: E402
 
@@ -51,7 +52,7 @@ def make_images():
 
 def inception_features(images):
     """pool / logits / spatial from pytorch-fid's own network and blocks."""
-    state = evaluate.random_inception_state_dict(0)
+    state = random_inception_state_dict(evaluate.FIDInception().net.state_dict(), 0)
     with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
         wrapper = pfi.InceptionV3([3]).eval()
         full = pfi.fid_inception_v3().eval()
