@@ -3608,7 +3608,7 @@ def _toy_decode(z):
 
 @scripts
 def test_probe_generation_gap_floor_and_noise():
-    m = 64
+    m = 32
     real = _deadleaves_latents(2 * m, seed=1)
     # samples = the real latents of half A: the latent FD is exactly 0 (identical statistics); the SWD is not 0
     # (it draws other random patches of the same images) but it lacks the image-sampling part of the floor
@@ -3620,12 +3620,13 @@ def test_probe_generation_gap_floor_and_noise():
     other = evaluate.generation_gap(_deadleaves_latents(m, seed=2), real, _toy_decode)
     assert other["floor_swd"] == same["floor_swd"]                       # same halves, same SWD seed
     assert 0.5 < other["gap_ratio"] < 2 and 0.3 < other["latent_fd_ratio"] < 3
-    # samples = Gaussian noise of the latents' shape: far above the floor in both spaces
-    noise = evaluate.generation_gap(torch.randn(m, *real.shape[1:], generator=torch.Generator().manual_seed(0)),
+    # samples = Gaussian noise of the latents' shape: far above the floor in both spaces (64 images per half)
+    real = _deadleaves_latents(128, seed=1)
+    noise = evaluate.generation_gap(torch.randn(64, *real.shape[1:], generator=torch.Generator().manual_seed(0)),
                                     real, _toy_decode)
     assert noise["gap_ratio"] > 3 and noise["latent_fd_ratio"] > 3
     with pytest.raises(ValueError, match="m samples"):
-        evaluate.generation_gap(real[:m - 1], real, _toy_decode)
+        evaluate.generation_gap(real[:63], real, _toy_decode)
 
 
 @scripts
