@@ -1,7 +1,7 @@
 """
 Train Spectrum Matching latent diffusion: the autoencoder (stage 1), its latents, the DiT (stage 2).
 
-    python train.py                                              # quickstart: dead leaves, CPU, ~10 min
+    python train.py                                              # quickstart: dead leaves, CPU, ~20 min
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data-path /data/imagenet
     torchrun --nproc_per_node=8 train.py --dataset imagenet --variant kl --stage vae --data-path DIR
 
