@@ -3859,8 +3859,28 @@ def test_compare_through_train_run(tmp_path, monkeypatch):
     assert (tmp_path / "kl-seed0" / "vae.pt").stat().st_mtime_ns == before and len(calls) == 14
 
 
-DDP_WRAPPER = """
+FEATURES_STAND_IN = """
+import torch
+import torch.nn.functional as F
+
+
+class Features(torch.nn.Module):
+    \"\"\"The Inception network's outputs from fixed random projections of 8x8-pooled pixels: what is under test is
+    the sharding and gathering around it (the network itself is golden-tested).\"\"\"
+    resize, weights_path = "adm", None
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(3 * 8 * 8, 2048 + 1008 + 2023, generator=g) / 14)
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(x.float(), 8).flatten(1) @ self.proj
+        return dict(zip(("pool", "logits_unbiased", "spatial"), f.split([2048, 1008, 2023], 1)))
+"""
+DDP_WRAPPER = FEATURES_STAND_IN + """
 import train, evaluate
+evaluate.try_inception = lambda path, resize, device: Features()
 evaluate.frechet_distance = lambda *a, **k: 1.0          # 2048-d eigh: slow, tested above
 evaluate.try_dinov2 = lambda *a, **k: None               # no download attempt
 train.cli(evaluate.main, "evaluate.py")
@@ -3871,13 +3891,15 @@ train.cli(evaluate.main, "evaluate.py")
 def test_ddp_feature_extraction_matches_one_process(tmp_path, monkeypatch):
     """torchrun with 2 gloo processes: each extracts its share, rank 0 reports; the gathered features are in sample
     order (the saved reference features equal one process's), and IS / P-R are the same."""
-    _, inc = _biased_inception(tmp_path)
     rng = np.random.RandomState(4)
     for name in ("s", "r"):
         np.savez(tmp_path / f"{name}.npz", arr_0=rng.randint(0, 256, (5, 32, 32, 3), dtype=np.uint8))
     (tmp_path / "wrapper.py").write_text(DDP_WRAPPER)
-    args = lambda n: [str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--inception", inc, "--allow-small",  # noqa
-                      "--batch-size", "2", "--json", str(tmp_path / f"{n}.json"), "--save-stats", str(tmp_path / f"{n}.npz")]
+    args = lambda n: [str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--allow-small", "--batch-size", "2",  # noqa
+                      "--json", str(tmp_path / f"{n}.json"), "--save-stats", str(tmp_path / f"{n}.npz")]
+    stand_in = {}
+    exec(FEATURES_STAND_IN, stand_in)
+    monkeypatch.setattr(evaluate, "try_inception", lambda path, resize, device: stand_in["Features"]())
     monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                                # 5 images: biased, labelled
@@ -3887,8 +3909,9 @@ def test_ddp_feature_extraction_matches_one_process(tmp_path, monkeypatch):
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE))
     assert p.returncode == 0, p.stderr[-3000:]
     out = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2)}
-    np.testing.assert_allclose(np.load(tmp_path / "2.npz")["pool"], np.load(tmp_path / "1.npz")["pool"], rtol=1e-5,
-                               atol=1e-6)
+    pool = [np.load(tmp_path / f"{n}.npz")["pool"] for n in (1, 2)]
+    assert pool[0].shape == (5, 2048) and len({tuple(r[:4]) for r in pool[0]}) == 5      # 5 distinct images
+    np.testing.assert_allclose(pool[1], pool[0], rtol=1e-5, atol=1e-6)
     assert out[2]["inception_score"] == pytest.approx(out[1]["inception_score"], rel=1e-5)
     assert (out[2]["precision-5"], out[2]["recall-5"]) == (out[1]["precision-5"], out[1]["recall-5"])
 
