@@ -882,13 +882,12 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
                          f"{tuple(real_latents.shape[1:])} differ in shape")
     S, A, B = sample_latents[:m], real_latents[:m], real_latents[m:2 * m]
     pics = lambda z: np.concatenate([train.to_uint8(decode(z[i:i + batch])) for i in range(0, m, batch)])  # noqa
-    fd = lambda u, v: fid_of(latent_features(u), latent_features(v))                                        # noqa
-    dA = pics(A)
+    dA, (fS, fA, fB) = pics(A), (latent_features(v) for v in (S, A, B))
     res = dict(gap_swd=swd(pics(S), dA, seed=seed)["mean"], floor_swd=swd(pics(B), dA, seed=seed)["mean"],
-               latent_fd=fd(S, A), latent_fd_floor=fd(B, A), num_images=m)
+               latent_fd=fid_of(fS, fA), latent_fd_floor=fid_of(fB, fA), num_images=m)
     res["gap_ratio"] = res["gap_swd"] / max(res["floor_swd"], 1e-12)
     res["latent_fd_ratio"] = res["latent_fd"] / max(res["latent_fd_floor"], 1e-12)
-    return dict(res, **gaussian_floor(latent_features(real_latents[:2 * m]), m))
+    return dict(res, **gaussian_floor(np.concatenate([fA, fB]), m))
 
 
 def cpu_name():

@@ -3269,7 +3269,7 @@ def test_cli_folder_vs_npz_and_cached_stats(tmp_path, capsys, monkeypatch):
     # the 2048-d Frechet distance (eigh, tested above) replaced by a cheap one that is as sensitive to its inputs
     monkeypatch.setattr(evaluate, "frechet_distance", lambda m1, s1, m2, s2: float(
         np.abs(np.asarray(m1) - m2).sum() + np.abs(np.asarray(s1) - s2).sum()))
-    torch.save(random_inception_state_dict(0), tmp_path / "inc.pth")
+    _, inc = _biased_inception(tmp_path)
     rng = np.random.RandomState(0)
     _save_png_folder(tmp_path / "samples", rng.randint(0, 256, (5, 32, 32, 3), dtype=np.uint8))
     np.savez(tmp_path / "ref.npz", arr_0=rng.randint(0, 256, (5, 32, 32, 3), dtype=np.uint8))
@@ -3277,7 +3277,7 @@ def test_cli_folder_vs_npz_and_cached_stats(tmp_path, capsys, monkeypatch):
         warnings.simplefilter("ignore")
         res = evaluate.main([str(tmp_path / "samples"), str(tmp_path / "ref.npz"), "--swd",
                              "--save-stats", str(tmp_path / "ref_stats.npz"), "--allow-small",
-                             "--inception", str(tmp_path / "inc.pth"), "--batch-size", "5",
+                             "--inception", inc, "--batch-size", "5",
                              "--json", str(tmp_path / "r.json")])
     for key in ("fid-5", "sfid-5", "inception_score", "precision-5", "recall-5", "swd_mean"):
         assert np.isfinite(res[key]), key
@@ -3289,7 +3289,7 @@ def test_cli_folder_vs_npz_and_cached_stats(tmp_path, capsys, monkeypatch):
     with warnings.catch_warnings():                                  # the cached statistics give the same FID
         warnings.simplefilter("ignore")
         again = evaluate.main([str(tmp_path / "samples"), str(tmp_path / "ref_stats.npz"), "--allow-small",
-                               "--inception", str(tmp_path / "inc.pth"), "--json", str(tmp_path / "r2.json")])
+                               "--inception", inc, "--json", str(tmp_path / "r2.json")])
     assert again["fid-5"] == pytest.approx(res["fid-5"], rel=1e-6) and again["precision-5"] == res["precision-5"]
 
 
