@@ -55,7 +55,7 @@ RECIPES["imagenet"] = dict(
     dit_lr=1e-4, ema=0.9999, class_dropout=0.1, unconditional=False, weighting="uniform",
     repa_encoder="dinov2_vitb14", repa_target="dog", repa_lambda=None, zscore_alpha=0.6, dog_sigmas=(0.5, 2.0),
     projector="mlp", projector_kernel=1, qk_norm=False,
-    precision="bf16", micro_batch=0, compile=False, grad_checkpoint=False, repa_sit=None,
+    precision="bf16", compile=False, grad_checkpoint=False,
     sample_steps=50, cfg_scale=1.0, num_fid_samples=50_000,
     log_every=100, ckpt_every=10_000, keep_every=50_000, vis_every=10_000, max_steps=None,
 )
@@ -171,15 +171,14 @@ def get_args(argv=None):
     return recipe(**given)
 
 
-PATHS = ("data_path", "out", "vae_ckpt", "sd_vae", "official_vae", "lpips_path", "vgg_path", "variant",
-         "repa_sit")
+PATHS = ("data_path", "out", "vae_ckpt", "sd_vae", "official_vae", "lpips_path", "vgg_path", "variant")
 POSITIVE = ("image_size", "vae_batch", "vae_steps", "dit_batch", "dit_steps", "log_every", "ckpt_every",
             "vis_every", "stats_samples", "dataset_size", "sample_steps", "num_fid_samples", "dsm_block",
             "dsm_group", "depth", "width", "encoder_depth", "max_steps")
 CHOICES = dict(stage=("all", "vae", "latents", "dit"), latent_norm=("scalar", "channel"),
                weighting=("uniform", "lognormal"), repa_target=("raw", "zscore", "dog"), projector=("mlp", "conv"),
                precision=("bf16", "fp16", "fp32"))
-NON_NEGATIVE = ("warmup", "disc_start", "disc_warmup", "keep_every", "micro_batch", "num_workers",
+NON_NEGATIVE = ("warmup", "disc_start", "disc_warmup", "keep_every", "num_workers",
                 "lpips_weight", "disc_weight", "kl_weight", "esm_weight", "repa_lambda", "jpeg_quality")
 
 
@@ -282,17 +281,6 @@ class Dist:
             return model
         return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda"
                                                    else None)
-
-
-def accumulation(runner, n, micro):
-    """(slice, weight, context) per micro-batch of this rank's n images: weight * mean-loss gradients add up
-    to the full-batch mean; DDP synchronises only on the last micro-batch."""
-    micro = micro or n
-    parts = [slice(i, min(i + micro, n)) for i in range(0, n, micro)]
-    for j, s in enumerate(parts):
-        last = j == len(parts) - 1
-        sync = last or not hasattr(runner, "no_sync")
-        yield s, (s.stop - s.start) / n, contextlib.nullcontext() if sync else runner.no_sync()
 
 
 def step_generator(seed, step, stream=0):
@@ -667,17 +655,10 @@ def stop_now(d, what):
     raise SystemExit(RESUMABLE)
 
 
-def _json_default(v):
-    if isinstance(v, (torch.Tensor, np.ndarray)):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
-
-
 def write_json(obj, path):
-    """Write JSON atomically (tensors and arrays as lists)."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=_json_default) + "\n"), binary=False)
+    """Write JSON atomically (tensors, arrays and numpy scalars by their tolist())."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=lambda v: v.tolist()) + "\n"),
+                 binary=False)
 
 
 def read_json(path):
@@ -731,12 +712,12 @@ def resume_point(path, kind, cfg, d, total_steps):
     return ckpt
 
 
-def finish_update(opt, params, scaler, parts, d, step, path, saved):
-    """After the backward passes of one update: clip at 1.0, average the logged terms over ranks, stop on a
-    non-finite loss (naming the step and the kept checkpoint), step the optimiser. Returns the terms."""
+def finish_update(opt, params, scaler, terms, d, step, path, saved):
+    """After the backward pass: clip at 1.0, average the logged terms over ranks, stop on a non-finite loss
+    (naming the step and the kept checkpoint), step the optimiser. Returns the terms as floats."""
     scaler.unscale_(opt)
     gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    terms = {k: sum(w * t[k].detach().float() for w, t in parts) for k in parts[0][1]}
+    terms = {k: v.detach().float().mean() for k, v in terms.items()}
     vals = d.all_reduce_mean(torch.stack([v.reshape(()) for v in terms.values()] + [gnorm.float()])).tolist()
     terms, gnorm = dict(zip(terms, vals[:-1])), vals[-1]
     if not all(math.isfinite(v) for v in terms.values()) or not (math.isfinite(gnorm) or scaler.is_enabled()):
@@ -846,8 +827,7 @@ def train_vae(cfg, d):
     latent_shape = (vae.latent_channels, cfg.image_size // vae.factor, cfg.image_size // vae.factor)
     vis = torch.stack([ds[i][0] for i in range(min(8, len(ds)))]).to(d.device)
     last = min(cfg.vae_steps, step + cfg.max_steps) if cfg.max_steps else cfg.vae_steps
-    log(d, f"stage vae: global batch {cfg.vae_batch}, {cfg.vae_batch // d.world} per rank, micro-batch "
-           f"{cfg.micro_batch or 'none'}")
+    log(d, f"stage vae: global batch {cfg.vae_batch}, {cfg.vae_batch // d.world} per rank")
     bar, t0, s0 = progress(d, step, cfg.vae_steps, "stage vae"), time.time(), step
     while step < last:
         flip, eps, ks, eq = vae_batch_randomness(cfg, step, cfg.vae_batch, latent_shape)
@@ -858,29 +838,21 @@ def train_vae(cfg, d):
         if not gan or step % 2 == 0:                           # the autoencoder's turn
             opt.param_groups[0]["lr"] = lr_at(step - disc_updates_before(step, cfg.disc_start), cfg.vae_lr, cfg.warmup)
             vae.train()
+            with d.autocast(cfg.precision):
+                terms = sm.stage1_loss(vae, x, eps, ks, vars(cfg), lpips, disc if gan else None, eq, forward=vae_ddp,
+                                       reduce=d.all_reduce_mean,
+                                       loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
             opt.zero_grad(set_to_none=True)
-            parts = []
-            for s, w, ctx in accumulation(vae_ddp, len(x), cfg.micro_batch):
-                with ctx:
-                    with d.autocast(cfg.precision):
-                        terms = sm.stage1_loss(vae, x[s], eps[s], ks[s], vars(cfg), lpips, disc if gan else None,
-                                               eq, forward=vae_ddp, reduce=d.all_reduce_mean,
-                                               loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
-                    scaler.scale(w * terms["loss"]).backward()
-                parts.append((w, terms))
-            terms = finish_update(opt, vae.parameters(), scaler, parts, d, step, path, saved)
+            scaler.scale(terms["loss"]).backward()
+            terms = finish_update(opt, vae.parameters(), scaler, terms, d, step, path, saved)
         else:                                                  # the discriminator's turn (odd steps)
             opt_d.param_groups[0]["lr"] = lr_at(disc_updates_before(step, cfg.disc_start), cfg.disc_lr, cfg.disc_warmup)
             disc.train()
+            with d.autocast(cfg.precision):
+                loss = sm.discriminator_loss(vae, disc_ddp, x, eps, ks, cfg.dsm_block, eq)
             opt_d.zero_grad(set_to_none=True)
-            parts = []
-            for s, w, ctx in accumulation(disc_ddp, len(x), cfg.micro_batch):
-                with ctx:
-                    with d.autocast(cfg.precision):
-                        loss = sm.discriminator_loss(vae, disc_ddp, x[s], eps[s], ks[s], cfg.dsm_block, eq)
-                    scaler_d.scale(w * loss).backward()
-                parts.append((w, {"disc": loss}))
-            terms = finish_update(opt_d, disc.parameters(), scaler_d, parts, d, step, path, saved)
+            scaler_d.scale(loss).backward()
+            terms = finish_update(opt_d, disc.parameters(), scaler_d, {"disc": loss}, d, step, path, saved)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -944,9 +916,13 @@ def latent_statistics(vae, ds, cfg, d):
 
 # ----------------------------------------------------------------------------- the autoencoder of a run
 
-def load_vae(path, device="cpu"):
-    """The autoencoder of a finished 'vae' checkpoint, in eval mode, with its latent statistics."""
+def load_vae(path, device="cpu", step=None):
+    """The autoencoder of a finished 'vae' checkpoint, in eval mode, with its latent statistics; with `step`, refused
+    when the checkpoint has trained on since (latents encoded at `step` would no longer match it)."""
     ckpt = load_checkpoint(path, "vae")
+    if step is not None and ckpt["step"] != step:
+        raise ValueError(f"latents were encoded with {path} at step {step}, which is now at step {ckpt['step']}: "
+                         "re-encode them (remove the run's latents folder)")
     vae = sm.VAE(**ckpt["vae_config"], preset=ckpt.get("preset"))
     vae.load_state_dict(ckpt["model"])
     return vae.to(device).eval()
@@ -985,14 +961,7 @@ def vae_from_source(src, run_dir, device="cpu"):
         return sm.load_sd_vae(src["path"], src["preset"]).to(device).eval()
     if src["kind"] == "official":
         return sm.load_official_vae(src["path"], src["preset"], scale_factor=src["scale"]).to(device).eval()
-    path = os.path.join(run_dir, src["path"])
-    ckpt = load_checkpoint(path, "vae")
-    if ckpt["step"] != src["step"]:
-        raise ValueError(f"the latents of {run_dir} were encoded with {path} at step {src['step']}, which is now at "
-                         f"step {ckpt['step']}: re-encode them (remove {os.path.join(run_dir, 'latents')})")
-    vae = sm.VAE(**ckpt["vae_config"], preset=ckpt.get("preset"))
-    vae.load_state_dict(ckpt["model"])
-    return vae.to(device).eval()
+    return load_vae(os.path.join(run_dir, src["path"]), device, src["step"])
 
 
 # ----------------------------------------------------------------------------- latents
@@ -1187,8 +1156,7 @@ def train_dit(cfg, d):
     scaler = d.scaler(cfg.precision)
     loader = make_loader(data, cfg.dit_batch, d, cfg.seed, step, cfg.num_workers)
     last = min(cfg.dit_steps, step + cfg.max_steps) if cfg.max_steps else cfg.dit_steps
-    log(d, f"stage dit: global batch {cfg.dit_batch}, {cfg.dit_batch // d.world} per rank, micro-batch "
-           f"{cfg.micro_batch or 'none'}")
+    log(d, f"stage dit: global batch {cfg.dit_batch}, {cfg.dit_batch // d.world} per rank")
     bar, t0, s0 = progress(d, step, cfg.dit_steps, "stage dit"), time.time(), step
     while step < last:
         mom, y, img = (v.to(d.device) if torch.is_tensor(v) else v for v in next(loader))
@@ -1197,17 +1165,14 @@ def train_dit(cfg, d):
         z = vae.normalize(mom[:, 0] + mom[:, 1] * eps)         # posterior sample, normalised for stage 2
         y = y if model.num_classes else None
         model.train()
+        with d.autocast(cfg.precision):
+            targets = [repa_targets(encoder, img, cfg, model.grid_size)] if encoder else None
+            terms = sm.flow_loss(runner, z, y, t=t, noise=noise, drop_ids=drop, repa_targets=targets,
+                                 repa_lambda=cfg.repa_lambda)
         opt.zero_grad(set_to_none=True)
-        parts = []
-        for s, w, ctx in accumulation(runner, len(z), cfg.micro_batch):
-            with ctx:
-                with d.autocast(cfg.precision):
-                    targets = [repa_targets(encoder, img[s], cfg, model.grid_size)] if encoder else None
-                    terms = sm.flow_loss(runner, z[s], None if y is None else y[s], t=t[s], noise=noise[s],
-                                         drop_ids=drop[s], repa_targets=targets, repa_lambda=cfg.repa_lambda)
-                scaler.scale(w * terms["loss"]).backward()
-            parts.append((w, {k: v.mean() for k, v in terms.items() if k != "t"}))
-        terms = finish_update(opt, model.parameters(), scaler, parts, d, step, path, saved)
+        scaler.scale(terms["loss"]).backward()
+        terms.pop("t")                                         # per-sample times: not a logged term
+        terms = finish_update(opt, model.parameters(), scaler, terms, d, step, path, saved)
         sm.update_ema(ema, model, cfg.ema)
         step += 1
         bar.update(1)
@@ -1257,95 +1222,61 @@ def load_dit(path, device="cpu"):
 
 # ----------------------------------------------------------------------------- benchmark
 
-def repa_sit_b2(path, device):
-    """REPA's own SiT-B/2 from their models/sit.py (REPA's environment: timm), as their train.py builds it for
-    ImageNet 256 with DINOv2-B (32x32x4 SD-VAE latents, 256 tokens), called as our DiTs are."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("repa_sit", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sit = mod.SiT_models["SiT-B/2"](input_size=32, num_classes=1000, use_cfg=True, z_dims=[768], encoder_depth=4,
-                                    fused_attn=True, qk_norm=False).to(device)
-    return sit, lambda x, t, y, force_drop_ids=None: sit(x, t, y)
-
-
 def bench(cfg, d):
-    """--bench: training steps of the stage on random data of the recipe's per-rank batch -> {model: images/s,
-    FLOPs per image and step}, printed with, on CUDA, TFLOP/s, MFU against the measured bf16 matmul rate and peak
-    memory. FLOPs: forward + backward, counted by torch's FlopCounterMode in a warm-up step with attention in
-    its math form (every device counts it). Stage 1: the generator step with LPIPS (random VGG offline: the same
-    FLOPs) and the GAN term, and the discriminator step, alternating as in training. Stage 2 with repa_sit
-    (REPA's models/sit.py): their SiT-B/2 on SD-VAE latents too, in the same process."""
+    """--bench: training steps of the stage on random data of the recipe's per-rank batch -> images/s and FLOPs per
+    image and step, printed with, on CUDA, TFLOP/s and peak memory. FLOPs: forward + backward, counted by torch's
+    FlopCounterMode in a warm-up step with attention in its math form (every device counts it). Stage 1 alternates
+    the generator step (LPIPS: a random VGG offline, the same FLOPs; the GAN term) and the discriminator step."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+    if cfg.stage not in ("vae", "dit"):
+        raise ValueError("--bench measures --stage vae or --stage dit")
     S, B = cfg.image_size, (cfg.vae_batch if cfg.stage == "vae" else cfg.dit_batch) // d.world
     vae = sm.build_vae(cfg.vae).to(d.device)
     h, enc = S // vae.factor, 768 if cfg.repa_encoder != "none" else 0
     x = torch.rand(B, 3, S, S, device=d.device) * 2 - 1
-    y = torch.randint(0, 1000, (B,), device=d.device)
-    cases = []                                                  # (name, [(module, loss function)] per turn)
-    if cfg.stage == "vae":
+    if cfg.stage == "vae":                                      # [(module, loss function)] per turn
         lpips = sm.LPIPS().to(d.device).eval().requires_grad_(False) if cfg.lpips_weight else None
         disc = sm.PatchGAN().to(d.device)
         eps = torch.randn(B, vae.latent_channels, h, h, device=d.device)
         w = dict(vars(cfg), disc_weight=cfg.disc_weight or 0.5)
-        cases.append((f"{cfg.vae} + LPIPS + PatchGAN" if lpips else f"{cfg.vae} + PatchGAN", [
-            (vae, lambda: sm.stage1_loss(vae, x, eps, [8] * B, w, lpips, disc)["loss"]),
-            (disc, lambda: sm.discriminator_loss(vae, disc, x, eps, [8] * B, cfg.dsm_block))]))
-    elif cfg.stage == "dit":
+        name = f"{cfg.vae} + LPIPS + PatchGAN" if lpips else f"{cfg.vae} + PatchGAN"
+        turns = [(vae, lambda: sm.stage1_loss(vae, x, eps, [8] * B, w, lpips, disc)["loss"]),
+                 (disc, lambda: sm.discriminator_loss(vae, disc, x, eps, [8] * B, cfg.dsm_block))]
+    else:
         model = sm.build_dit(cfg.model, **dit_config(cfg, dict(latent_shape=[vae.latent_channels, h, h],
                                                                  num_classes=1000), enc)).to(d.device)
         runner = torch.compile(model) if cfg.compile else model
         z = torch.randn(B, vae.latent_channels, h, h, device=d.device)
+        y = torch.randint(0, 1000, (B,), device=d.device)
         tgt = [torch.randn(B, model.grid_size[0] * model.grid_size[1], enc, device=d.device)] if enc else None
-        cases.append((cfg.model, [(model, lambda: sm.flow_loss(runner, z, y, repa_targets=tgt)["loss"])]))
-        if cfg.repa_sit:
-            sit, call = repa_sit_b2(cfg.repa_sit, d.device)
-            z8, t8 = torch.randn(B, 4, 32, 32, device=d.device), [torch.randn(B, 256, 768, device=d.device)]
-            cases.append(("REPA's SiT-B/2", [(sit, lambda: sm.flow_loss(call, z8, y, repa_targets=t8)["loss"])]))
-    else:
-        raise ValueError("--bench measures --stage vae or --stage dit")
+        name, turns = cfg.model, [(model, lambda: sm.flow_loss(runner, z, y, repa_targets=tgt)["loss"])]
     cuda = d.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:                                                    # the peak: the measured bf16 matmul rate
-        a = torch.randn(8192, 8192, device=d.device, dtype=torch.bfloat16)
-        a @ a
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m, _ in turns]
+    times, flops = [], 0
+    for i in range(len(turns) * (3 + (20 if cuda else 3))):      # the first 3 of each turn are warm-up
+        (_, loss_fn), opt, counted = turns[i % len(turns)], opts[i % len(turns)], i < len(turns)
+        counter = FlopCounterMode(display=False) if counted else contextlib.nullcontext()
+        math_sdpa = sdpa_kernel(SDPBackend.MATH) if counted else contextlib.nullcontext()
         sync()
         t = time.time()
-        for _ in range(20):
-            a @ a
+        with counter, math_sdpa:                               # one context: it restarts its count on entry
+            with d.autocast(cfg.precision):
+                loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
         sync()
-        peak = 20 * 2 * 8192 ** 3 / (time.time() - t)
-    rates = {}
-    for name, turns in cases:
-        opts = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m, _ in turns]
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times, flops = [], 0
-        for i in range(len(turns) * (3 + (20 if cuda else 3))):  # the first 3 of each turn are warm-up
-            (_, loss_fn), opt = turns[i % len(turns)], opts[i % len(turns)]
-            counter = FlopCounterMode(display=False) if i < len(turns) else contextlib.nullcontext()
-            math_sdpa = sdpa_kernel(SDPBackend.MATH) if i < len(turns) else contextlib.nullcontext()  # counted
-            sync()
-            t = time.time()
-            with counter, math_sdpa:                           # one context: it restarts its count on entry
-                with d.autocast(cfg.precision):
-                    loss = loss_fn()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            sync()
-            times.append(time.time() - t)
-            flops += counter.get_total_flops() if i < len(turns) else 0
-        sec, flops = float(np.mean(times[3 * len(turns):])), flops / len(turns)    # per step (a batch)
-        rates[name] = dict(images_per_s=B / sec, flops_per_image=flops / B)
-        msg = f"bench {cfg.stage} {name} {S}px batch {B} on {d.device}: {B / sec:.2f} images/s, " \
-              f"{flops / B / 1e9:.1f} GFLOPs per image per step"
-        if cuda:
-            msg += (f", {flops / sec / 1e12:.1f} TFLOP/s, MFU {100 * flops / sec / peak:.1f}% of {peak / 1e12:.0f}, "
-                    f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        log(d, msg)
-    return rates
+        times.append(time.time() - t)
+        flops += counter.get_total_flops() if counted else 0
+    sec, flops = float(np.mean(times[3 * len(turns):])), flops / len(turns)    # per step (a batch)
+    msg = (f"bench {cfg.stage} {name} {S}px batch {B} on {d.device}: {B / sec:.2f} images/s, "
+           f"{flops / B / 1e9:.1f} GFLOPs per image per step")
+    if cuda:
+        msg += f", {flops / sec / 1e12:.1f} TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    log(d, msg)
+    return dict(images_per_s=B / sec, flops_per_image=flops / B)
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
