@@ -297,8 +297,7 @@ def collate_images(batch, resize="adm"):
 
 @torch.no_grad()
 def extract_features(model, images, d=None, batch_size=50, num_workers=0, collate=None):
-    """The model's features {key: float32 (N, dim)} ('features': a tensor output); with d, each rank extracts its
-    share and all get all, in order."""
+    """The model's outputs {key: float32 (N, dim)} ('features': a tensor) for Images, in order on every rank."""
     loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate or functools.partial(collate_images, resize=model.resize))
     device = next(model.parameters()).device
@@ -548,8 +547,7 @@ def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, poster
 
 
 def evaluate_vae(args, d):
-    """--vae: reconstruction metrics, DSM check, rFIDs and spectra of a VAE on held-out images of --dataset, under
-    one of RFID_PROTOCOLS."""
+    """--vae: reconstruction metrics, DSM check, rFID and spectra on --dataset's held-out images (RFID_PROTOCOLS)."""
     vae, proto = train.load_vae(args.vae, d.device), RFID_PROTOCOLS[args.rfid_protocol]
     ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val",
                              jpeg_quality=proto["jpeg_quality"])
@@ -564,10 +562,9 @@ def evaluate_vae(args, d):
     if not d.main:
         return None
     res = {"vae": args.vae, **res}
-    res["protocol"] = {**inception_record(inception), "rfid_protocol": dict(proto, name=args.rfid_protocol),
-                       "dataset": args.dataset, "data_path": args.data_path, "split": "val",
-                       "image_size": args.image_size, "checkpoint_sha256": sha256_input(args.vae),
-                       "code_version": train.code_version()}
+    res["protocol"] = protocol(inception, rfid_protocol=dict(proto, name=args.rfid_protocol), dataset=args.dataset,
+                               data_path=args.data_path, split="val", image_size=args.image_size,
+                               checkpoint_sha256=sha256_input(args.vae))
     out = args.json or default_json_path(args.vae)
     report(res, out)
     train.plot_spectra(dict(res["spectra"], kl=res["spectrum_kl"]), str(Path(out).with_suffix(".spectrum.png")),
@@ -590,11 +587,12 @@ def sha256_input(path):
     return h.hexdigest()
 
 
-def inception_record(model):
-    """The feature protocol of a result: the Inception input protocol and weights (None: no Inception)."""
+def protocol(model, **entries):
+    """A result's protocol record: the Inception input protocol and weights (None: no Inception), entries, code."""
     weights = getattr(model, "weights_path", None)
     return {"features": None if model is None else model.resize, "inception_weights": weights,
-            "inception_sha256": None if weights is None else sha256_input(weights)}
+            "inception_sha256": None if weights is None else sha256_input(weights), **entries,
+            "code_version": train.code_version()}
 
 
 def side_file(samples_path):
@@ -646,8 +644,7 @@ def report(results, out):
 
 
 def evaluate_samples(args, d):
-    """SAMPLES vs REFERENCE (or --dataset's held-out images): FID, sFID, IS, P/R, FD-DINOv2, SWD (--swd or no
-    Inception)."""
+    """SAMPLES vs REFERENCE (or --dataset's held-out images): FID, sFID, IS, P/R, FD-DINOv2 and / or SWD."""
     samples = open_input(args.samples)
     if "images" not in samples:
         raise ValueError(f"{args.samples}: SAMPLES must be images (folder or arr_0 .npz)")
@@ -668,7 +665,7 @@ def evaluate_samples(args, d):
     r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
     if model is not None:                                                  # every rank extracts its share
         fs = extract_features(model, samples["images"], **kw)
-        if "images" in ref and ("mu" not in r_stats or "pool" not in r_stats and not args.no_pr):
+        if "images" in ref and not {"mu", "pool"} <= set(r_stats):            # a file's own mu, sigma (ADM's) kept
             r_stats = {**inception_stats(extract_features(model, ref["images"], **kw), model.resize), **r_stats}
         if "mu" not in r_stats:
             raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
@@ -678,7 +675,7 @@ def evaluate_samples(args, d):
         if "mu_s" in r_stats:
             res[key("sfid")] = frechet_distance(st["mu_s"], st["sigma_s"], r_stats["mu_s"], r_stats["sigma_s"])
         res["inception_score"], res["inception_score_std"] = inception_score(fs["logits_unbiased"])
-        if "pool" in r_stats and not args.no_pr:
+        if "pool" in r_stats:
             res[key("precision")], res[key("recall")] = precision_recall(r_stats["pool"], fs["pool"], device=d.device)
     if dino is not None and "mu_dinov2" not in r_stats and "images" not in ref:
         print(f"[evaluate] no FD-DINOv2: the statistics {ref['path']} have no DINOv2 features", file=sys.stderr)
@@ -699,12 +696,11 @@ def evaluate_samples(args, d):
                 for s in (samples, ref)]                                    # (N, H, W, 3) uint8
         s = swd(*pics)
         res.update(swd_mean=s["mean"], **{f"swd_{r}px": v for r, v in s["levels"].items()})
-    res["protocol"] = {**inception_record(model), "num_samples": n, "num_reference": n_ref,
-                       "fd_dinov2": None if dino is None else f"{DINOV2_PROTOCOL}; {args.dinov2 or 'torch.hub'}",
-                       "samples_file": samples["path"], "samples_sha256": sha256_input(samples["path"]),
-                       "reference_file": ref["path"], "reference_sha256": sha256_input(ref["path"]),
-                       "is_split_size": IS_SPLIT_SIZE, "code_version": train.code_version(),
-                       "samples": side_file(args.samples)}
+    res["protocol"] = protocol(
+        model, fd_dinov2=None if dino is None else f"{DINOV2_PROTOCOL}; {args.dinov2 or 'torch.hub'}",
+        num_samples=n, num_reference=n_ref, samples_file=samples["path"], samples_sha256=sha256_input(samples["path"]),
+        reference_file=ref["path"], reference_sha256=sha256_input(ref["path"]), is_split_size=IS_SPLIT_SIZE,
+        samples=side_file(args.samples))
     report(res, args.json or default_json_path(args.samples))
     return res
 
@@ -758,10 +754,9 @@ def evaluate_run(out, d):
     if inception is not None:
         fs = extract_features(inception, Images(n, samples.__getitem__))["pool"]
         res[metric_key("fid", n, n)] = fid_of(fs, per["pool_x"])
-    res["protocol"] = {**inception_record(inception), "num_samples": n, "samples_file": npz,
-                       "samples_sha256": sha256_input(npz), "samples": side_file(npz),
-                       "reference": f"{run['dataset']} held-out images (split val, seed {run['seed']})",
-                       "code_version": train.code_version()}
+    res["protocol"] = protocol(inception, num_samples=n, samples_file=npz, samples_sha256=sha256_input(npz),
+                               samples=side_file(npz),
+                               reference=f"{run['dataset']} held-out images (split val, seed {run['seed']})")
     report(res, os.path.join(out, "metrics.json"))
     return res
 
@@ -1031,7 +1026,6 @@ def build_parser():
     p.add_argument("--allow-small", action="store_true", help="FID & co. below 2,048 images, labelled fid-N")
     p.add_argument("--save-stats", help="write the reference statistics to this .npz")
     p.add_argument("--json", help="output JSON (default: next to SAMPLES / CKPT, X.npz -> X.metrics.json)")
-    p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     p.add_argument("--swd", action="store_true", help="also compute SWD (always without Inception weights)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")

@@ -3459,7 +3459,7 @@ def test_cli_protocol_record_side_file_and_default_output(tmp_path, monkeypatch,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--inception", inc, "--allow-small",
-                       "--no-pr", "--save-stats", str(tmp_path / "ref_stats.npz")])
+                       "--save-stats", str(tmp_path / "ref_stats.npz")])
     assert os.listdir(tmp_path / "cwd") == [] and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
     prot = json.loads((tmp_path / "s.metrics.json").read_text())["protocol"]
     assert prot["features"] == "adm" and prot["num_samples"] == 5 and prot["num_reference"] == 5
