@@ -200,7 +200,7 @@ def try_dinov2(path, device):
 
 def dinov2_features(model, images, d=None, batch_size=50, num_workers=0):
     """The model's output (DINOv2: the normalised CLS token) for Images, float32 (N, D), in order on every rank."""
-    collate = lambda b: torch.cat([dinov2_preprocess(x[None]) for x in b])      # noqa: E731 (each at its size)
+    collate = lambda b: dinov2_preprocess(collate_images(b))                     # noqa: E731
     return extract_features(model, images, d, batch_size, num_workers, collate)["features"]
 
 
@@ -239,7 +239,7 @@ def open_input(path):
         raise ValueError(f"cannot read {p}: {e}") from None
     out = {"path": str(p), "n": int(data["num_images"]) if "num_images" in keys else None}
     if {"mu", "sigma"} <= keys or {"mu_dinov2", "sigma_dinov2"} <= keys:
-        out["stats"] = {k: data[k] for k in keys if k != "arr_0"}
+        out["stats"] = {k: data[k] for k in data.files if k != "arr_0"}      # in the file's order
     elif "arr_0" not in keys:
         raise ValueError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); keys: {sorted(keys)}")
     if "arr_0" in keys:                                     # images (N, H, W, 3); ADM's reference batches hold both
@@ -285,21 +285,19 @@ def gather(arrays, d):
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 
-def collate_images(batch, resize="adm"):
-    """Stack uint8 images; mixed sizes are resized to 299 by the protocol's own resize first, as float [0, 1]."""
-    if all(b.shape == batch[0].shape for b in batch):
-        return torch.stack(batch)
-    if resize == "adm":                                     # uint8 (3, H, W) images
-        return torch.cat([resize_bilinear_tf1(b[None].float()) / 255.0 for b in batch])
-    return torch.cat([F.interpolate(b[None] / 255.0, size=(299, 299), mode="bilinear", align_corners=False)
-                      for b in batch])
+def collate_images(batch):
+    """Stack uint8 (3, H, W) images of one size (the networks resize each batch as a whole)."""
+    if any(b.shape != batch[0].shape for b in batch):
+        raise ValueError(f"images of different sizes in one batch ({tuple(batch[0].shape)}, ...): crop them to one "
+                         f"size, or pass --batch-size 1 to measure each image at its own")
+    return torch.stack(batch)
 
 
 @torch.no_grad()
 def extract_features(model, images, d=None, batch_size=50, num_workers=0, collate=None):
     """The model's outputs {key: float32 (N, dim)} ('features': a tensor) for Images, in order on every rank."""
     loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate or functools.partial(collate_images, resize=model.resize))
+                                         collate_fn=collate or collate_images)
     device = next(model.parameters()).device
     feats = {}
     for x in tqdm(loader, desc="features", unit="batch", leave=False, disable=d is not None and not d.main):

@@ -3216,15 +3216,16 @@ def test_bad_inputs(tmp_path):
 
 
 @scripts
-@pytest.mark.parametrize("resize", ["adm", "pytorch-fid"])
-def test_mixed_image_sizes_are_resized_like_inception(resize):
+def test_mixed_image_sizes_are_refused_in_one_batch():
+    """A batch of images of different sizes is refused, naming --batch-size 1, which measures each at its own size."""
     rng = np.random.RandomState(0)
-    ims = [torch.from_numpy(rng.randint(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((32, 32), (40, 24))]
-    batch = evaluate.collate_images(ims, resize=resize)
-    assert batch.shape == (2, 3, 299, 299)
-    feats = _net(resize)(batch)["pool"]
-    each = torch.cat([_net(resize)(im[None])["pool"] for im in ims])
-    torch.testing.assert_close(feats, each, atol=1e-4, rtol=1e-4)
+    ims = [rng.randint(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((32, 32), (40, 24))]
+    images = evaluate.Images(2, ims.__getitem__)
+    with pytest.raises(ValueError, match="different sizes in one batch.*--batch-size 1"):
+        evaluate.extract_features(_net(), images, batch_size=2)
+    feats = evaluate.extract_features(_net(), images, batch_size=1)["pool"]
+    each = torch.cat([_net()(torch.from_numpy(im).permute(2, 0, 1)[None])["pool"] for im in ims])
+    np.testing.assert_array_equal(feats, each.numpy())
 
 
 @scripts
