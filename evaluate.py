@@ -11,13 +11,10 @@
 
 Results: stdout (the protocol record, then the table) and a JSON next to the input (X.npz -> X.metrics.json).
 
-Inception: pytorch-fid's FID network (TF 2015-12-05 graph) in torchvision's layout; input protocols
-(--resize): 'adm' (default) as ADM's TF evaluator: pixels 0..255, TF1 bilinear resize to 299, (x - 128) / 128;
-'pytorch-fid': pixels / 255, torch bilinear resize, 2x - 1. Untagged reference statistics are ADM's: 'adm'.
-Features: pool (N, 2048) for FID and P/R; logits_unbiased (N, 1008) = pool @ W without the fc bias, ADM's IS
-input; spatial (N, 2023), ADM's sFID features. FID / sFID / P-R / rFID are refused below 2,048 images on either
-side unless --allow-small, then labelled with their size (`fid-512`).
-FD-DINOv2 (beside FID when DINOv2 ViT-L/14 loads from the torch.hub cache or --dinov2 CLONE): EDM2's protocol.
+Inception: pytorch-fid's FID network (TF 2015-12-05 graph), input as ADM's evaluator (--resize adm, default) or
+pytorch-fid. FD-DINOv2 beside FID when DINOv2 ViT-L/14 loads (torch.hub cache or --dinov2 CLONE): EDM2's protocol.
+FID / sFID / P-R / rFID are refused below 2,048 images on either side unless --allow-small, then labelled with
+their size (`fid-512`). The protocols in full: README.md, Evaluation.
 """
 
 import argparse
@@ -46,12 +43,12 @@ import train
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 RESIZE_PROTOCOLS = ("adm", "pytorch-fid")
-FEATURE_DIMS = {"pool": 2048, "logits": 1008, "logits_unbiased": 1008, "spatial": 7 * 17 * 17}
 MIN_IMAGES_UNBIASED = 2048                                  # below: FID & co. refused, or labelled with the size
 IS_SPLIT_SIZE = 5000                                        # ADM's compute_inception_score(split_size=5000)
 DSM_KS = (8, 10, 12)                                        # the DSM k checked: the nonzero k training draws
 RUN_EVAL_IMAGES = 1024                                      # held-out images of a run's metrics.json
-DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # FD-DINOv2's ImageNet normalisation
+DINOV2_PROTOCOL = ("EDM2's: dinov2_vitl14 (torch.hub) output, the normalised CLS token, of bicubic antialiased "
+                   "224 x 224 resizes / 255, ImageNet mean / std; mean, covariance (N - 1)")
 RFID_PROTOCOLS = {  # --vae --rfid-protocol: the reconstructions measured, the JPEG quality of the files, Inception input
     "ours": dict(posterior="mean", jpeg_quality=0, resize=None, num_images=10_000),
     # the authors' stage1_vae_evaluation.py: JPEG-75 crops, a posterior sample decoded, both sides written as .jpg
@@ -137,8 +134,6 @@ class FIDInception(nn.Module):
 
     @torch.no_grad()
     def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"Inception input must be (N, 3, H, W) images, got shape {tuple(x.shape)}")
         if self.resize == "adm":                            # ADM: float pixels, TF1 resize, (x - 128) / 128
             x = x.float() if x.dtype == torch.uint8 else x.float() * 255.0
             x = (resize_bilinear_tf1(x, (299, 299)) - 128.0) / 128.0
@@ -172,13 +167,18 @@ def load_inception(path_or_state_dict=None, device="cpu", resize="adm"):
     return model.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
 
 
-def try_inception(path, resize, device):
-    """The Inception network, or None (said on stderr) when no path is given and no weights can be fetched."""
+def optional(what, load, *args):
+    """load(*args), or None (said on stderr) when no path is given and no weights can be fetched."""
     try:
-        return load_inception(path, device, resize)
+        return load(*args)
     except RuntimeError as e:                               # the download failed; a given missing path raises
-        print(f"[evaluate] no Inception metrics: {e}", file=sys.stderr)
+        print(f"[evaluate] no {what}: {e}", file=sys.stderr)
         return None
+
+
+def try_inception(path, resize, device):
+    """The Inception network, or None (said on stderr) when unavailable."""
+    return optional("Inception metrics", load_inception, path, device, resize)
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,37 +189,19 @@ def dinov2_preprocess(x):
     """uint8 (N, 3, H, W) -> EDM2's DINOv2Detector input (resize_mode 'torch'): bicubic antialiased resize of the
     0..255 values to 224 x 224, / 255, ImageNet mean / std; float32 (N, 3, 224, 224)."""
     x = F.interpolate(x.to(torch.float32), size=(224, 224), mode="bicubic", antialias=True) / 255
-    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (DINOV2_MEAN, DINOV2_STD))
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (sm.IMAGENET_MEAN, sm.IMAGENET_STD))
     return (x - mean) / std
 
 
 def try_dinov2(path, device):
     """DINOv2 ViT-L/14 from torch.hub as it is (path: a local clone), or None (said on stderr) when unavailable."""
-    try:
-        return sm.load_dinov2("dinov2_vitl14", path, device, resolution=None)
-    except RuntimeError as e:
-        print(f"[evaluate] no FD-DINOv2: {e}", file=sys.stderr)
-        return None
+    return optional("FD-DINOv2", sm.load_dinov2, "dinov2_vitl14", path, device, None)
 
 
-@torch.no_grad()
 def dinov2_features(model, images, d=None, batch_size=50, num_workers=0):
     """The model's output (DINOv2: the normalised CLS token) for Images, float32 (N, D), in order on every rank."""
-    loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=lambda b: torch.cat([dinov2_preprocess(x[None]) for x in b]))
-    device = next(model.parameters()).device
-    feats = [model(x.to(device)).float().cpu().numpy() for x in tqdm(
-        loader, desc="dinov2", unit="batch", leave=False, disable=d is not None and not d.main)]
-    return gather({"dinov2": np.concatenate(feats)}, d)["dinov2"]
-
-
-def dinov2_record(model, path):
-    """The FD-DINOv2 protocol of a result (None: not computed)."""
-    return None if model is None else dict(
-        model="dinov2_vitl14 (torch.hub facebookresearch/dinov2, positions as the hub interpolates them)",
-        weights=path or "torch.hub cache", features="the model's output: the normalised CLS token",
-        preprocessing="EDM2 calculate_metrics.DINOv2Detector, resize_mode 'torch': bicubic antialias 224, / 255, "
-                      "ImageNet mean / std", statistics="mean, covariance (N - 1)")
+    collate = lambda b: dinov2_preprocess(collate_images(b))                     # noqa: E731
+    return extract_features(model, images, d, batch_size, num_workers, collate)["features"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -248,10 +230,8 @@ def open_input(path):
             raise ValueError(f"no images ({', '.join(train.IMAGE_EXTS)}) found in {p}")
         images = Images(len(files), lambda i: np.array(train.read_rgb(files[i])))
         return {"images": images, "n": len(files), "path": str(p)}
-    if not p.exists():
-        raise ValueError(f"input not found: {p}")
-    if p.suffix.lower() != ".npz":
-        raise ValueError(f"input must be a folder of images or an .npz file: {p}")
+    if p.suffix.lower() != ".npz" or not p.is_file():
+        raise ValueError(f"{p} not found, or not a folder of images or an .npz file")
     try:
         data = np.load(p)
         keys = set(data.files)
@@ -259,8 +239,7 @@ def open_input(path):
         raise ValueError(f"cannot read {p}: {e}") from None
     out = {"path": str(p), "n": int(data["num_images"]) if "num_images" in keys else None}
     if {"mu", "sigma"} <= keys or {"mu_dinov2", "sigma_dinov2"} <= keys:
-        out["stats"] = {k: data[k] for k in keys if k != "arr_0"}
-        out["n"] = out["n"] or (len(data["pool"]) if "pool" in keys else None)
+        out["stats"] = {k: data[k] for k in data.files if k != "arr_0"}      # in the file's order
     elif "arr_0" not in keys:
         raise ValueError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); keys: {sorted(keys)}")
     if "arr_0" in keys:                                     # images (N, H, W, 3); ADM's reference batches hold both
@@ -282,12 +261,11 @@ def check_reference(ref, resize):
                          f"{resize}; FIDs across protocols are not comparable")
     shapes = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023),
               "pool": (len(stats.get("pool", ())), 2048), "sigma_dinov2": (len(stats.get("mu_dinov2", ())),) * 2}
-    for key in [k for k in shapes if k in stats]:
-        if stats[key].shape != shapes[key]:
-            raise ValueError(f"{ref['path']}: '{key}' has shape {stats[key].shape}, but its features need "
+    for key, value in stats.items():
+        if value.shape != shapes.get(key, value.shape):
+            raise ValueError(f"{ref['path']}: '{key}' has shape {value.shape}, but its features need "
                              f"{shapes[key]}: a wrong dimension")
-    for key in [k for k in ("mu", "sigma", "mu_s", "sigma_s", "pool", "mu_dinov2", "sigma_dinov2") if k in stats]:
-        if not np.isfinite(stats[key]).all():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise ValueError(f"{ref['path']}: '{key}' holds NaN or inf")
 
 
@@ -307,40 +285,33 @@ def gather(arrays, d):
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 
-def collate_images(batch, resize="adm"):
-    """Stack uint8 images; mixed sizes are resized to 299 by the protocol's own resize first, as float [0, 1]."""
-    if all(b.shape == batch[0].shape for b in batch):
-        return torch.stack(batch)
-    if resize == "adm":                                     # uint8 (3, H, W) images
-        return torch.cat([resize_bilinear_tf1(b[None].float()) / 255.0 for b in batch])
-    return torch.cat([F.interpolate(b[None] / 255.0, size=(299, 299), mode="bilinear", align_corners=False)
-                      for b in batch])
+def collate_images(batch):
+    """Stack uint8 (3, H, W) images of one size (the networks resize each batch as a whole)."""
+    if any(b.shape != batch[0].shape for b in batch):
+        raise ValueError(f"images of different sizes in one batch ({tuple(batch[0].shape)}, ...): crop them to one "
+                         f"size, or pass --batch-size 1 to measure each image at its own")
+    return torch.stack(batch)
 
 
 @torch.no_grad()
-def extract_features(model, images, d=None, batch_size=50, num_workers=0, keys=("pool", "logits_unbiased", "spatial")):
-    """Inception features {key: float32 (N, dim)}; with d, each rank extracts its share and all get all, in order."""
+def extract_features(model, images, d=None, batch_size=50, num_workers=0, collate=None):
+    """The model's outputs {key: float32 (N, dim)} ('features': a tensor) for Images, in order on every rank."""
     loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=functools.partial(collate_images, resize=model.resize))
+                                         collate_fn=collate or collate_images)
     device = next(model.parameters()).device
-    feats = {k: [np.zeros((0, FEATURE_DIMS[k]), np.float32)] for k in keys}
-    for x in tqdm(loader, desc="inception", unit="batch", leave=False, disable=d is not None and not d.main):
+    feats = {}
+    for x in tqdm(loader, desc="features", unit="batch", leave=False, disable=d is not None and not d.main):
         out = model(x.to(device))
-        for k in keys:
-            feats[k].append(out[k].float().cpu().numpy())
+        for k, v in (out if isinstance(out, dict) else {"features": out}).items():
+            feats.setdefault(k, []).append(v.float().cpu().numpy())
     return gather({k: np.concatenate(v) for k, v in feats.items()}, d)
 
 
 def compute_statistics(features):
-    """(N, D) features -> (mu (D,), sigma (D, D)) in float64; warns below 2,048 images."""
+    """(N, D) features -> (mu (D,), sigma (D, D)) in float64 (small sets: metric_key labels the result)."""
     x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"features must be (N, D), got shape {x.shape}")
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 images for statistics, got {x.shape[0]}")
-    if x.shape[0] < MIN_IMAGES_UNBIASED:
-        warnings.warn(f"only {x.shape[0]} images (< {MIN_IMAGES_UNBIASED}): FID is biased upwards and not "
-                      f"comparable to 50k-image numbers", stacklevel=2)
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -383,28 +354,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def fid_of(a, b):
-    """Fréchet distance of two feature sets (N, D); the caller labels small sets (metric_key): no size warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*biased")
-        return frechet_distance(*compute_statistics(a), *compute_statistics(b))
+    """Fréchet distance of two feature sets (N, D)."""
+    return frechet_distance(*compute_statistics(a), *compute_statistics(b))
 
 
-def inception_score(logits, splits=None, split_size=IS_SPLIT_SIZE):
+def inception_score(logits, split_size=IS_SPLIT_SIZE):
     """Inception Score (mean, std) of logits_unbiased as ADM: exp(mean_x KL(p(y|x) || p(y))) over splits of 5,000
-    consecutive samples (the last may be shorter); `splits=K`: K near-equal chunks (improved-GAN, torch-fidelity)."""
+    consecutive samples (the last may be shorter)."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     n = logits.shape[0]
     if n < 2:
         raise ValueError(f"need at least 2 images for the Inception Score, got {n}")
-    if split_size < 1:
-        raise ValueError(f"split_size must be >= 1, got {split_size}")
-    chunks = (np.array_split(np.arange(n), min(splits, n)) if splits is not None
-              else [np.arange(i, min(i + split_size, n)) for i in range(0, n, split_size)])
     p, logp = torch.softmax(logits, dim=1), torch.log_softmax(logits, dim=1)
     scores = []
-    for idx in chunks:
-        log_marg = torch.logsumexp(logp[idx], 0, keepdim=True) - math.log(len(idx))     # log p(y)
-        scores.append(math.exp((p[idx] * (logp[idx] - log_marg)).sum(1).mean().item()))
+    for i in range(0, n, split_size):
+        q, logq = p[i:i + split_size], logp[i:i + split_size]                  # one split (b, 1008)
+        log_marg = torch.logsumexp(logq, 0, keepdim=True) - math.log(len(q))   # log p(y)
+        scores.append(math.exp((q * (logq - log_marg)).sum(1).mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -440,8 +406,7 @@ def _binomial_blur(x):
     """5x5 binomial [1,4,6,4,1]/16 blur per channel, reflect padding. x: (N,C,H,W)."""
     k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype) / 16.0
     k = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 5, 5)
-    pad = "reflect" if min(x.shape[-2:]) > 2 else "replicate"
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode=pad), k, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=x.shape[1])
 
 
 def laplacian_pyramid(x, min_res=16):
@@ -538,8 +503,7 @@ def jpeg_pixels(x, quality):
 
 
 @torch.no_grad()
-def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rfid=False, posterior="mean",
-                        jpeg_quality=0, seed=0):
+def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, posterior="mean", jpeg_quality=0, seed=0):
     """Metrics of batches of [-1, 1] images (this rank's share) -> (scalars and spectra, gathered per-image arrays).
     The reconstruction decodes the posterior mean or a sample (noise seeded by seed + rank); with jpeg_quality,
     PSNR and rFID compare both sides after a JPEG round trip (SSIM, LPIPS: before)."""
@@ -552,12 +516,11 @@ def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rf
         out = {"ssim": ssim(unit(x), unit(rec))}
         if lpips is not None:
             out["lpips"] = lpips(x, rec).flatten()
-        images = {k: jpeg_pixels(v, jpeg_quality) if jpeg_quality else v for k, v in (("x", x), ("rec", rec))}
-        out["psnr"] = psnr(unit(images["x"]), unit(images["rec"]))
+        x_file, rec_file = (jpeg_pixels(v, jpeg_quality) if jpeg_quality else v for v in (x, rec))
+        out["psnr"] = psnr(unit(x_file), unit(rec_file))
         for k in DSM_KS:                                    # decoded DSM low-passed latent vs low-passed image
-            images[f"x{k}"], zk = sm.dsm_mask(x, mean, k)
-            images[f"d{k}"] = vae.decode(zk).clamp(-1, 1)
-            out[f"dsm{k}_psnr"] = psnr(unit(images[f"x{k}"]), unit(images[f"d{k}"]))
+            xk, zk = sm.dsm_mask(x, mean, k)
+            out[f"dsm{k}_psnr"] = psnr(unit(xk), unit(vae.decode(zk).clamp(-1, 1)))
         st, sl, si = sm.spectrum_profiles(x, mean, delta=delta, blur_sigma=vae.esm_blur)   # (B, 16) each
         out["spectrum_kl"] = (st * (torch.log(st + 1e-8) - torch.log(sl + 1e-8))).sum(-1)   # as sm.esm_loss
         out["spectrum_target"], out["spectrum_latent"], out["spectrum_image"] = st, sl, si
@@ -566,8 +529,8 @@ def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rf
         if mean.shape[-1] % 2 == mean.shape[-2] % 2 == 0:   # EQ-VAE's equivariance error |D(down2(E x)) - down2(x)|
             eq = vae.decode(downsample2(mean)).clamp(-1, 1) - downsample2(x)
             out["equivariance_error"] = eq.abs().flatten(1).mean(1)
-        for name in (images if dsm_rfid else ("x", "rec")) if inception is not None else ():
-            out[f"pool_{name}"] = inception(unit(images[name]))["pool"]
+        if inception is not None:
+            out["pool_x"], out["pool_rec"] = (inception(unit(v))["pool"] for v in (x_file, rec_file))
         for k, v in out.items():
             per.setdefault(k, []).append(v.float().cpu().numpy())
     per = gather({k: np.concatenate(v) for k, v in per.items()}, d)
@@ -576,16 +539,13 @@ def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, dsm_rf
     res["dsm_psnr"], res["num_images"] = float(np.mean([res[f"dsm{k}_psnr"] for k in DSM_KS])), n
     if inception is not None:
         res[metric_key("rfid", n, n)] = fid_of(per["pool_x"], per["pool_rec"])
-        for k in DSM_KS if dsm_rfid else ():
-            res[metric_key(f"dsm{k}_rfid", n, n)] = fid_of(per[f"pool_x{k}"], per[f"pool_d{k}"])
     res["spectra"] = {k: per[f"spectrum_{k}"].mean(0).tolist() for k in ("image", "latent", "target")}
     res["esm_delta"] = delta
     return res, per
 
 
 def evaluate_vae(args, d):
-    """--vae: reconstruction metrics, DSM check, rFIDs and spectra of a VAE on held-out images of --dataset, under
-    one of RFID_PROTOCOLS."""
+    """--vae: reconstruction metrics, DSM check, rFID and spectra on --dataset's held-out images (RFID_PROTOCOLS)."""
     vae, proto = train.load_vae(args.vae, d.device), RFID_PROTOCOLS[args.rfid_protocol]
     ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val",
                              jpeg_quality=proto["jpeg_quality"])
@@ -593,23 +553,16 @@ def evaluate_vae(args, d):
     inception = try_inception(args.inception, proto["resize"] or args.resize, d.device)
     if inception is not None:
         check_sample_sizes(len(ds), len(ds), args.allow_small, "rFID")
-    lpips = None
-    try:
-        lpips = sm.load_lpips(args.lpips).to(d.device).eval()
-    except Exception as e:                                   # offline: no LPIPS weights
-        print(f"[evaluate] no LPIPS: {e}", file=sys.stderr)
+    lpips = optional("LPIPS", lambda: sm.load_lpips(args.lpips).to(d.device).eval())
     loader = torch.utils.data.DataLoader(shard(ds, d), batch_size=args.batch_size, num_workers=args.workers)
     batches = (x.to(d.device) for x, _ in tqdm(loader, desc="vae", unit="batch", leave=False, disable=not d.main))
-    res, _ = autoencoder_metrics(vae, batches, d, inception, lpips, dsm_rfid=True, posterior=proto["posterior"],
-                                 jpeg_quality=proto["jpeg_quality"])
+    res, _ = autoencoder_metrics(vae, batches, d, inception, lpips, proto["posterior"], proto["jpeg_quality"])
     if not d.main:
         return None
     res = {"vae": args.vae, **res}
-    res["protocol"] = {**inception_record(inception), "rfid_protocol": dict(proto, name=args.rfid_protocol),
-                       "num_images": res["num_images"], "dataset": args.dataset,
-                       "data_path": args.data_path, "split": "val", "image_size": args.image_size,
-                       "checkpoint": args.vae, "checkpoint_sha256": sha256_input(args.vae),
-                       "code_version": train.code_version()}
+    res["protocol"] = protocol(inception, rfid_protocol=dict(proto, name=args.rfid_protocol), dataset=args.dataset,
+                               data_path=args.data_path, split="val", image_size=args.image_size,
+                               checkpoint_sha256=sha256_input(args.vae))
     out = args.json or default_json_path(args.vae)
     report(res, out)
     train.plot_spectra(dict(res["spectra"], kl=res["spectrum_kl"]), str(Path(out).with_suffix(".spectrum.png")),
@@ -622,26 +575,22 @@ def evaluate_vae(args, d):
 # ----------------------------------------------------------------------------------------
 
 def sha256_input(path):
-    """sha256 of a file, or of a folder's `sha256sum` listing ("<hex>  <relative path>\\n" per image, sorted by
-    path); None for what is neither (datasets)."""
-    p = Path(path)
-    if p.is_dir():                                          # the images a folder input reads
-        return hashlib.sha256("".join(f"{sha256_input(f)}  {Path(f).relative_to(p).as_posix()}\n"
-                                      for f in sorted(train.image_files(p), key=Path)).encode()).hexdigest()
-    if not p.is_file():
+    """sha256 of a file; None for what is not one (folders, datasets)."""
+    if not Path(path).is_file():
         return None
     h = hashlib.sha256()
-    with open(p, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def inception_record(model):
-    """The feature protocol of a result: the Inception input protocol and weights (None: no Inception)."""
+def protocol(model, **entries):
+    """A result's protocol record: the Inception input protocol and weights (None: no Inception), entries, code."""
     weights = getattr(model, "weights_path", None)
     return {"features": None if model is None else model.resize, "inception_weights": weights,
-            "inception_sha256": None if weights is None else sha256_input(weights)}
+            "inception_sha256": None if weights is None else sha256_input(weights), **entries,
+            "code_version": train.code_version()}
 
 
 def side_file(samples_path):
@@ -650,12 +599,9 @@ def side_file(samples_path):
     if Path(samples_path).suffix.lower() != ".npz" or not side.is_file():
         return None
     try:
-        info = json.loads(side.read_text())
+        return json.loads(side.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read the samples' side file {side}: {e}") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"the samples' side file {side} must hold a JSON object, got {type(info).__name__}")
-    return info
 
 
 def metric_key(name, n, n_ref=None):
@@ -685,8 +631,7 @@ def report(results, out):
     """Print the protocol record (`key: value` lines) and the table of scalar results; write it all to JSON `out`."""
     print("protocol")
     for k, v in results.get("protocol", {}).items():
-        v = str(", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v)
-        print(f"  {k}: {v if len(v) <= 200 else v[:197] + '...'}")
+        print(f"  {k}: {v}")
     rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
     w = max([6] + [len(k) for k, _ in rows])
     print(f"{'metric':<{w}}  value\n" + "-" * (w + 14))
@@ -697,7 +642,7 @@ def report(results, out):
 
 
 def evaluate_samples(args, d):
-    """SAMPLES vs REFERENCE (or --dataset's held-out images): FID, sFID, IS, P/R, SWD (--swd or no Inception)."""
+    """SAMPLES vs REFERENCE (or --dataset's held-out images): FID, sFID, IS, P/R, FD-DINOv2 and / or SWD."""
     samples = open_input(args.samples)
     if "images" not in samples:
         raise ValueError(f"{args.samples}: SAMPLES must be images (folder or arr_0 .npz)")
@@ -709,64 +654,51 @@ def evaluate_samples(args, d):
                "path": f"{args.dataset}:{args.data_path}", "n": len(ds)}
     else:
         raise ValueError("give REFERENCE, or --dataset (and --data-path) for held-out dataset images")
-    side = side_file(args.samples)
     n, n_ref = samples["n"], ref["n"]
-    if side is not None and side.get("num_samples") not in (None, n):
-        warnings.warn(f"{args.samples} holds {n} images but its side file says num_samples={side['num_samples']}",
-                      stacklevel=2)
     model, dino = try_inception(args.inception, args.resize, d.device), try_dinov2(args.dinov2, d.device)
     check_reference(ref, None if model is None else model.resize)
     if model is not None or dino is not None:
         check_sample_sizes(n, n_ref, args.allow_small)
-    r_stats = dict(ref.get("stats", {}))
+    res, key = {}, functools.partial(metric_key, n=n, n_ref=n_ref)
+    r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
     if model is not None:                                                  # every rank extracts its share
-        extract = functools.partial(extract_features, model, d=d, batch_size=args.batch_size, num_workers=args.workers)
-        fs = extract(samples["images"])
+        fs = extract_features(model, samples["images"], **kw)
+        if "images" in ref and not {"mu", "pool"} <= set(r_stats):            # a file's own mu, sigma (ADM's) kept
+            r_stats = {**inception_stats(extract_features(model, ref["images"], **kw), model.resize), **r_stats}
         if "mu" not in r_stats:
-            if "images" not in ref:
-                raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
-                                 f"reference images, or statistics saved with Inception")
-            r_stats.update(inception_stats(extract(ref["images"]), model.resize))
-        r_pool = r_stats.get("pool")
-        if r_pool is None and "images" in ref and not args.no_pr:
-            r_pool = extract(ref["images"], keys=("pool",))["pool"]
-    if dino is not None and ("mu_dinov2" in r_stats or "images" in ref):  # FD-DINOv2, EDM2's protocol
-        dino_features = functools.partial(dinov2_features, dino, d=d, batch_size=args.batch_size,
-                                          num_workers=args.workers)
-        st_dino = compute_statistics(dino_features(samples["images"]))
-        if "mu_dinov2" not in r_stats:
-            r_stats["mu_dinov2"], r_stats["sigma_dinov2"] = compute_statistics(dino_features(ref["images"]))
-            r_stats.setdefault("num_images", n_ref)
-    elif dino is not None:
-        print(f"[evaluate] no FD-DINOv2: the statistics {ref['path']} have no DINOv2 features", file=sys.stderr)
-        dino = None
-    if not d.main:
-        return None
-    res = {"samples": samples["path"], "reference": ref["path"], "num_samples": n}
-    if args.save_stats and (model is not None or dino is not None):
-        save_stats(args.save_stats, r_stats)
-        print(f"[evaluate] reference statistics -> {args.save_stats}")
-    if dino is not None:
-        res[metric_key("fd_dinov2", n, n_ref)] = frechet_distance(*st_dino, r_stats["mu_dinov2"],
-                                                                  r_stats["sigma_dinov2"])
-    if model is not None:
-        st, key = inception_stats(fs, model.resize), functools.partial(metric_key, n=n, n_ref=n_ref)
+            raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
+                             f"reference images, or statistics saved with Inception")
+        st = inception_stats(fs, model.resize)
         res[key("fid")] = frechet_distance(st["mu"], st["sigma"], r_stats["mu"], r_stats["sigma"])
         if "mu_s" in r_stats:
             res[key("sfid")] = frechet_distance(st["mu_s"], st["sigma_s"], r_stats["mu_s"], r_stats["sigma_s"])
         res["inception_score"], res["inception_score_std"] = inception_score(fs["logits_unbiased"])
-        if r_pool is not None and not args.no_pr:
-            res[key("precision")], res[key("recall")] = precision_recall(r_pool, fs["pool"], k=3, device=d.device)
+        if "pool" in r_stats:
+            res[key("precision")], res[key("recall")] = precision_recall(r_stats["pool"], fs["pool"], device=d.device)
+    if dino is not None and "mu_dinov2" not in r_stats and "images" not in ref:
+        print(f"[evaluate] no FD-DINOv2: the statistics {ref['path']} have no DINOv2 features", file=sys.stderr)
+        dino = None
+    if dino is not None:                                                   # FD-DINOv2, EDM2's protocol
+        if "mu_dinov2" not in r_stats:
+            mu_r, sigma_r = compute_statistics(dinov2_features(dino, ref["images"], **kw))
+            r_stats = {"num_images": n_ref, **r_stats, "mu_dinov2": mu_r, "sigma_dinov2": sigma_r}
+        mu, sigma = compute_statistics(dinov2_features(dino, samples["images"], **kw))
+        res[key("fd_dinov2")] = frechet_distance(mu, sigma, r_stats["mu_dinov2"], r_stats["sigma_dinov2"])
+    if not d.main:
+        return None
+    if args.save_stats and (model is not None or dino is not None):
+        save_stats(args.save_stats, r_stats)
+        print(f"[evaluate] reference statistics -> {args.save_stats}")
     if (args.swd or model is None) and "images" in ref:
         pics = [np.stack([s["images"].get(i) for i in range(min(args.num_images or 10_000, len(s["images"])))])
                 for s in (samples, ref)]                                    # (N, H, W, 3) uint8
         s = swd(*pics)
         res.update(swd_mean=s["mean"], **{f"swd_{r}px": v for r, v in s["levels"].items()})
-    res["protocol"] = {**inception_record(model), "fd_dinov2": dinov2_record(dino, args.dinov2),
-                       "num_samples": n, "num_reference": n_ref,
-                       "samples_file": samples["path"], "samples_sha256": sha256_input(samples["path"]),
-                       "reference_file": ref["path"], "reference_sha256": sha256_input(ref["path"]),
-                       "is_split_size": IS_SPLIT_SIZE, "code_version": train.code_version(), "samples": side}
+    res["protocol"] = protocol(
+        model, fd_dinov2=None if dino is None else f"{DINOV2_PROTOCOL}; {args.dinov2 or 'torch.hub'}",
+        num_samples=n, num_reference=n_ref, samples_file=samples["path"], samples_sha256=sha256_input(samples["path"]),
+        reference_file=ref["path"], reference_sha256=sha256_input(ref["path"]), is_split_size=IS_SPLIT_SIZE,
+        samples=side_file(args.samples))
     report(res, args.json or default_json_path(args.samples))
     return res
 
@@ -794,7 +726,7 @@ def heldout(vae, dataset, data_path, image_size, n, seed):
     if len(val) < n:
         raise ValueError(f"{n} held-out images are needed; {dataset} has {len(val)}")
     x = torch.stack([val[i][0] for i in range(n)]).to(next(vae.parameters()).device)
-    z = torch.cat([vae.normalize(vae.encode(x[i:i + 64])[0]) for i in range(0, n, 64)])
+    z = torch.cat([vae.normalize(vae.encode(b)[0]) for b in x.split(64)])
     return x, torch.tensor([int(val[i][1]) for i in range(n)], device=x.device), z
 
 
@@ -814,16 +746,15 @@ def evaluate_run(out, d):
     n = min(len(samples), RUN_EVAL_IMAGES)
     x, y, z = heldout(vae, run["dataset"], run.get("data_path"), run["image_size"], n, run["seed"])
     inception = try_inception(None, "adm", d.device)
-    res, per = autoencoder_metrics(vae, (x[i:i + 64] for i in range(0, n, 64)), None, inception)
+    res, per = autoencoder_metrics(vae, x.split(64), None, inception)
     res["dit_val_loss"] = flow_val_loss(model, z, y if model.num_classes else None)
     res["swd"], res["num_eval_images"] = swd(samples[:n], train.to_uint8(x))["mean"], n
     if inception is not None:
-        fs = extract_features(inception, Images(n, samples.__getitem__), keys=("pool",))["pool"]
+        fs = extract_features(inception, Images(n, samples.__getitem__))["pool"]
         res[metric_key("fid", n, n)] = fid_of(fs, per["pool_x"])
-    res["protocol"] = {**inception_record(inception), "num_samples": n, "samples_file": npz,
-                       "samples_sha256": sha256_input(npz), "samples": side_file(npz),
-                       "reference": f"{run['dataset']} held-out images (split val, seed {run['seed']})",
-                       "code_version": train.code_version()}
+    res["protocol"] = protocol(inception, num_samples=n, samples_file=npz, samples_sha256=sha256_input(npz),
+                               samples=side_file(npz),
+                               reference=f"{run['dataset']} held-out images (split val, seed {run['seed']})")
     report(res, os.path.join(out, "metrics.json"))
     return res
 
@@ -877,11 +808,8 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
     if m < 2 or len(sample_latents) < m:
         raise ValueError(f"generation gap needs 2m >= 4 real latents and m samples, got {len(real_latents)} real "
                          f"and {len(sample_latents)} samples")
-    if sample_latents.shape[1:] != real_latents.shape[1:]:
-        raise ValueError(f"samples {tuple(sample_latents.shape[1:])} and real latents "
-                         f"{tuple(real_latents.shape[1:])} differ in shape")
     S, A, B = sample_latents[:m], real_latents[:m], real_latents[m:2 * m]
-    pics = lambda z: np.concatenate([train.to_uint8(decode(z[i:i + batch])) for i in range(0, m, batch)])  # noqa
+    pics = lambda z: np.concatenate([train.to_uint8(decode(b)) for b in z.split(batch)])  # noqa: E731
     dA, (fS, fA, fB) = pics(A), (latent_features(v) for v in (S, A, B))
     res = dict(gap_swd=swd(pics(S), dA, seed=seed)["mean"], floor_swd=swd(pics(B), dA, seed=seed)["mean"],
                latent_fd=fid_of(fS, fA), latent_fd_floor=fid_of(fB, fA), num_images=m)
@@ -932,8 +860,6 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     if os.path.exists(result_path):
         train.log(d, f"probe: {result_path} is finished, skipping")
         return json.loads(Path(result_path).read_text())
-    if control not in (None, "scramble"):
-        raise ValueError(f"unknown probe control {control!r}: scramble or none")
     source = scrambled_vae(vae_path, out, d) if control else vae_path
     entries = dict(PROBE_BUDGETS[budget])
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
@@ -968,22 +894,15 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     # the floor's dependence on the images per half: the last snapshot on nested subsets of both halves
     res["by_images"] = [generation_gap(samples[:k], torch.cat([z[:k], z[m:m + k]]), decode)
                         for k in (m // 4, m // 2, m)]
-    ae, _ = autoencoder_metrics(vae, (x[i:i + 64] for i in range(0, n_eval, 64)))
+    ae, _ = autoencoder_metrics(vae, x.split(64))
     res.update({k: ae[k] for k in ("psnr", "ssim", "spectrum_kl", "equivariance_error")})
     res["curve"] = curve
     res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt.get("history", [])]
     res["protocol"] = dict(
         budget=budget, seed=seed, data_seed=PROBE_DATA_SEED, vae=os.path.abspath(vae_path), sampler="ode",
-        control=dict(kind="scramble", seed=SCRAMBLE_SEED, vae=os.path.abspath(source),
-                     what="one fixed permutation of the latent grid's positions, after the encoder, inverted "
-                          "before the decoder (sm.VAE.permute_latent)") if control else None,
+        control=dict(kind="scramble", seed=SCRAMBLE_SEED, vae=os.path.abspath(source)) if control else None,
         probe_images=n_train, eval_images=n_eval, snapshots=[c["step"] for c in curve],
-        eval_split="two halves of the held-out images (gap: samples vs half A; floor: half B vs half A)",
-        normalisation="the autoencoder's stored latent_mean / latent_std",
         latent_std_heldout=z.transpose(0, 1).flatten(1).std(1).tolist(),      # ~1 when the normalisation fits
-        latent_features="flat normalised latents, fixed orthonormal projection to <= 64 dims (seed 0)",
-        swd="evaluate.swd, 128 7x7 patches per image per Laplacian level, seed 0",
-        equivariance="x2 bilinear (align_corners=False) = 2x2 average pooling, posterior mean, [-1, 1] pixels",
         recipe={k: v for k, v in vars(cfg).items() if k not in ("out", "vae_ckpt")}, machine=cpu_name(),
         code_version=train.code_version(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
         minutes=(time.time() - t0) / 60)
@@ -1105,7 +1024,6 @@ def build_parser():
     p.add_argument("--allow-small", action="store_true", help="FID & co. below 2,048 images, labelled fid-N")
     p.add_argument("--save-stats", help="write the reference statistics to this .npz")
     p.add_argument("--json", help="output JSON (default: next to SAMPLES / CKPT, X.npz -> X.metrics.json)")
-    p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     p.add_argument("--swd", action="store_true", help="also compute SWD (always without Inception weights)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
