@@ -644,11 +644,10 @@ class LabelEmbedder(nn.Module):
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, train, force_drop_ids=None):
-        if force_drop_ids is not None:                                     # drop mask given by the caller
+        if force_drop_ids is None and train and self.dropout_prob > 0:     # else the caller's mask, or none
+            force_drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        if force_drop_ids is not None:
             labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
-        elif train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
 
 
@@ -718,7 +717,8 @@ class DiT(nn.Module):
         if H % patch_size or W % patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {patch_size}")
         self.grid_size = (H // patch_size, W // patch_size)
-        self.patch_size, self.in_channels, self.num_classes = patch_size, in_channels, int(num_classes)
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.num_classes = int(num_classes)
         self.z_dims, self.encoder_depth = [int(z) for z in (z_dims or [])], int(encoder_depth)
         if self.z_dims and not 1 <= self.encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}] when z_dims is set, got {encoder_depth}")
@@ -1211,22 +1211,22 @@ def load_sd_vae(path_or_state_dict, preset="f8d4"):
     return vae
 
 
-# Our parameter names -> the authors' (modules/vae.py: VAEEncoder / VAEDecoder / EncoderDecoder;
+# The authors' parameter names -> ours (modules/vae.py: VAEEncoder / VAEDecoder / EncoderDecoder;
 # modules/layers.py: ResidualBlock2D, DownSampleBlock2D, UpSampleBlock2D; modules/transformer.py: Attention).
 _OFFICIAL_KEY_RULES = [(re.compile(a), b) for a, b in (
-    (r"^quant_conv\.", "post_encoder_conv."),
-    (r"^post_quant_conv\.", "pre_decoder_conv."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.encoder_blocks.\1.blocks."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
-     r"encoder.encoder_blocks.\1.downsample.downsample_conv."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.decoder_blocks.\1.blocks."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r"decoder.decoder_blocks.\1.upsample.upsample.1."),
-    (r"^(encoder|decoder)\.mid_block\.", r"\1.attn_block."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.out_norm."),
-    (r"\.group_norm\.", ".groupnorm."),
-    (r"\.to_(q|k|v)\.", r".\1_proj."),
-    (r"\.to_out\.0\.", ".out_proj."),
-    (r"\.conv_shortcut\.", ".identity_conv."),
+    (r"^module\.", ""),                                                   # saved from a DDP-wrapped model
+    (r"^post_encoder_conv\.", "quant_conv."),
+    (r"^pre_decoder_conv\.", "post_quant_conv."),
+    (r"^encoder\.encoder_blocks\.(\d+)\.blocks\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.encoder_blocks\.(\d+)\.downsample\.downsample_conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
+    (r"^decoder\.decoder_blocks\.(\d+)\.blocks\.", r"decoder.up_blocks.\1.resnets."),
+    (r"^decoder\.decoder_blocks\.(\d+)\.upsample\.upsample\.1\.", r"decoder.up_blocks.\1.upsamplers.0.conv."),
+    (r"^(encoder|decoder)\.attn_block\.", r"\1.mid_block."),
+    (r"^(encoder|decoder)\.out_norm\.", r"\1.conv_norm_out."),
+    (r"\.groupnorm\.", ".group_norm."),
+    (r"\.(q|k|v)_proj\.", r".to_\1."),
+    (r"\.out_proj\.", ".to_out.0."),
+    (r"\.identity_conv\.", ".conv_shortcut."),
 )]
 
 
@@ -1235,11 +1235,10 @@ def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
     a VAE (preset: a VAE_CONFIGS name or kwargs; symmetric padding) that reproduces theirs. Their latent scale is
     not in the weights: scale_factor stores latent_std = 1 / scale_factor (latent_mean 0), else latent_std = 1."""
     sd = _weights_in(path_or_state_dict, ("model.safetensors", "pytorch_model.bin"))
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}            # saved from a DDP-wrapped model
     vae = build_vae(preset, downsample_padding="symmetric") if isinstance(preset, str) else \
         VAE(**{**preset, "downsample_padding": "symmetric"})
-    ours = {_renamed(k, _OFFICIAL_KEY_RULES): k for k in vae.state_dict()}            # theirs -> ours
-    vae = _load_vae_weights(vae, {ours.get(k, k): v for k, v in sd.items()}, "the authors' VAE weights")
+    sd = {_renamed(k, _OFFICIAL_KEY_RULES): v for k, v in sd.items()}
+    vae = _load_vae_weights(vae, sd, "the authors' VAE weights")
     if scale_factor is not None:
         if not scale_factor > 0:
             raise ValueError(f"load_official_vae: scale_factor must be positive, got {scale_factor}")
