@@ -103,15 +103,6 @@ def check(p, num_classes, num_samples=1, batch_size=1, seed=0, labels="random", 
             raise ValueError(msg)
 
 
-def sampler_nfe(sampler, steps, cfg_scale=1.0, guidance_interval=(0.0, 1.0), heun=False):
-    """Model evaluations per sample of sm.sample_ode / sample_sde: 2 per guided step; Heun adds all but the last."""
-    low, high = guidance_interval
-    t = (torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1] if sampler == "ode" else
-         torch.linspace(1.0, 0.04, steps, dtype=torch.float64)).tolist()      # SDE: the last one is the mean step
-    per_step = [2 if cfg_scale > 1.0 and low <= tc <= high else 1 for tc in t]
-    return sum(per_step) + (sum(per_step[:-1]) if sampler == "ode" and heun else 0)
-
-
 #################################################################################
 #          Sampling a checkpoint: models, grids, N samples, the CLI             #
 #################################################################################
@@ -179,7 +170,7 @@ def grid(ckpt, path, d, classes=None, per_class=8, seed=0, precision="fp32", pro
     idx = list(range(len(classes) * per_class))
     labels = None if nc == 0 else [classes[i // per_class] for i in idx]
     train.save_grid(draw(model, vae, idx, labels, seed, p, precision, d.device), path, per_class)
-    settings = dict(protocol=name, **p, nfe=sampler_nfe(**p), seed=seed, precision=precision)
+    settings = dict(protocol=name, **p, seed=seed, precision=precision)
     print("sample.py:", " ".join(f"{k}={v}" for k, v in settings.items()), "->", path)
     return path
 
@@ -199,12 +190,9 @@ def check_output(out, config, nbytes):
     train.check_space(out, nbytes)
 
 
-def default_out(ckpt, config, num_samples):
-    """CKPT_DIR/samples-<protocol>[-<hash of the settings, unless a preset's>]-seed<seed>-<N>."""
-    plain = config["protocol"] in PROTOCOLS and config["labels"] == "random" and config["precision"] == "fp32"
-    tag = "" if plain else "-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-    return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples-{config['protocol']}{tag}-seed"
-                        f"{config['seed']}-{num_samples}")
+def default_out(ckpt, protocol, seed, num_samples):
+    """CKPT_DIR/samples-<protocol>-seed<seed>-<N> (check_output refuses it when it holds other settings' samples)."""
+    return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples-{protocol}-seed{seed}-{num_samples}")
 
 
 def generate(ckpt, num_samples, out, d, seed=0, batch_size=64, labels="random", precision="fp32", protocol="ode50",
@@ -212,12 +200,12 @@ def generate(ckpt, num_samples, out, d, seed=0, batch_size=64, labels="random", 
     """Samples 0..N-1 -> out/images/NNNNNN.png (resumable), out/samples.npz (arr_0, ADM's) and out/samples.json."""
     from PIL import Image
     name, p = resolve_protocol(protocol, **overrides)
-    out = out or default_out(ckpt, dict(p, protocol=name, labels=labels, precision=precision, seed=seed), num_samples)
+    out = out or default_out(ckpt, name, seed, num_samples)
     model, vae, source = load(ckpt, d.device, repa)
     nc = model.num_classes
     check(p, nc, num_samples, batch_size, seed, labels, precision)
-    config = dict(source, seed=seed, protocol=name, **p, nfe=sampler_nfe(**p), labels=labels if nc else "none",
-                  precision=precision, pixels=PIXELS)
+    config = dict(source, seed=seed, protocol=name, **p, labels=labels if nc else "none", precision=precision,
+                  pixels=PIXELS)
     check_output(out, config, num_samples * math.prod(model.input_size) * vae.factor ** 2 * 3 * 2)   # PNGs + npz
     d.barrier()
     img = os.path.join(out, "images")

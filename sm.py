@@ -432,15 +432,13 @@ def build_vae(preset="f8d4", **overrides):
 class LPIPS(nn.Module):
     """LPIPS v0.1 with VGG16 features (Zhang et al., 2018); inputs in [-1, 1], output (B,)."""
 
-    chns = (64, 128, 256, 512, 512)
-
     def __init__(self):
         super().__init__()
         from torchvision.models import vgg16
         feats = vgg16(weights=None).features
         cuts = (4, 9, 16, 23, 30)                              # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
         self.slices = nn.ModuleList([feats[a:b] for a, b in zip((0,) + cuts[:-1], cuts)])
-        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in self.chns])
+        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512)])
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         self.requires_grad_(False)
@@ -495,16 +493,15 @@ def hinge_d_loss(logits_real, logits_fake):
     return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
 
 
-def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None, eps=1e-8,
-                        loss_scale=1.0):
-    """VQGAN's adaptive weight as the authors': scale * min(|grad L_rec| / max(|grad L_gen|, eps), max_weight) at the
+def adaptive_gan_weight(rec_loss, gen_loss, last_layer, scale=0.5, max_weight=1e4, reduce=None, loss_scale=1.0):
+    """VQGAN's adaptive weight as the authors': scale * min(|grad L_rec| / max(|grad L_gen|, 1e-8), max_weight) at the
     decoder's last layer, detached; reduce(g) averages the gradients over ranks first; loss_scale (fp16's) keeps them
     from underflowing and is divided out."""
     g_rec = torch.autograd.grad(rec_loss * loss_scale, last_layer, retain_graph=True)[0].float() / loss_scale
     g_gen = torch.autograd.grad(gen_loss * loss_scale, last_layer, retain_graph=True)[0].float() / loss_scale
     if reduce is not None:
         g_rec, g_gen = reduce(g_rec), reduce(g_gen)
-    w = g_rec.norm() / g_gen.norm().clamp_min(eps)
+    w = g_rec.norm() / g_gen.norm().clamp_min(1e-8)
     return w.clamp(max=max_weight).detach() * scale
 
 
@@ -627,11 +624,10 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> 256 sinusoidal frequencies [cos | sin] -> Linear-SiLU-Linear (N, D)."""
 
-    def __init__(self, hidden_size, frequency_embedding_size=256):
+    def __init__(self, hidden_size):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
-        self.half = frequency_embedding_size // 2
+        self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.half = 128
 
     def forward(self, t):                                                  # (N,)
         freqs = torch.exp(-math.log(10000) * torch.arange(self.half, dtype=torch.float32, device=t.device) / self.half)
@@ -648,11 +644,10 @@ class LabelEmbedder(nn.Module):
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, train, force_drop_ids=None):
-        if force_drop_ids is not None:                                     # drop mask given by the caller
+        if force_drop_ids is None and train and self.dropout_prob > 0:     # else the caller's mask, or none
+            force_drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        if force_drop_ids is not None:
             labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
-        elif train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
 
 
@@ -723,8 +718,7 @@ class DiT(nn.Module):
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {patch_size}")
         self.grid_size = (H // patch_size, W // patch_size)
         self.patch_size, self.in_channels = patch_size, in_channels
-        self.out_channels = in_channels                                    # velocity only, as REPA's SiT
-        self.hidden_size, self.num_classes = hidden_size, int(num_classes)
+        self.num_classes = int(num_classes)
         self.z_dims, self.encoder_depth = [int(z) for z in (z_dims or [])], int(encoder_depth)
         if self.z_dims and not 1 <= self.encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}] when z_dims is set, got {encoder_depth}")
@@ -740,18 +734,16 @@ class DiT(nn.Module):
         self.projectors = nn.ModuleList([                                  # (N, T, D) -> (N, T, z) each
             ConvProjector(hidden_size, z, projector_kernel_size, self.grid_size) if projector_type == "conv" else
             build_mlp_projector(hidden_size, projector_dim, z) for z in self.z_dims])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)      # the velocity, as REPA's SiT
         self.grad_checkpointing = False                                    # recompute blocks in backward
         self.initialize_weights()
 
     def initialize_weights(self):
         """REPA/DiT init: xavier linears, N(0, 0.02) label table and time MLP, zero adaLN and output."""
-        def _basic_init(m):
+        for m in self.modules():                                           # every Linear here has a bias
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.apply(_basic_init)
+                nn.init.zeros_(m.bias)
         pe = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
         self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data                               # patch embedding initialised like a Linear
@@ -768,7 +760,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
-        p, c = self.patch_size, self.out_channels
+        p, c = self.patch_size, self.in_channels
         h, w = self.grid_size
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
@@ -853,14 +845,11 @@ class ConvProjector(nn.Module):
         return self.conv(x).flatten(2).transpose(1, 2)                     # (N, T, z)
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # torchvision's normalisation
-
-
 def preprocess_repa_images(images, resolution):
     """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)      # torchvision's ImageNet
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
     size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
     return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic")
 
@@ -887,10 +876,10 @@ def _grid_of(T, grid_hw=None):
     return s, s
 
 
-def resize_token_grid(Z, grid_hw, src_grid_hw=None):
-    """Resize target tokens (N, T, C) to another grid (bilinear) when the encoder's differs from the DiT's."""
+def resize_token_grid(Z, grid_hw):
+    """Resize target tokens (N, T, C) on a square grid to the DiT's grid (bilinear) when the two differ."""
     N, T, C = Z.shape
-    h, w = _grid_of(T, src_grid_hw)
+    h, w = _grid_of(T)
     if (h, w) == tuple(grid_hw):
         return Z
     z = Z.transpose(1, 2).reshape(N, C, h, w)
@@ -961,10 +950,9 @@ def flow_loss(model, x, y=None, t=None, noise=None, weighting="uniform", drop_id
               repa_lambda=0.5, generator=None):
     """Flow-matching loss dict: per-sample 'mse' and 'repa' (N,), 't', and 'loss' = mean(mse) + repa_lambda mean(repa);
     t, noise and drop_ids (N,) bool (null class) are drawn here (from `generator`) unless given."""
-    N = x.shape[0]
     dev = x.device if generator is None else generator.device
     if t is None:
-        t = sample_time(N, weighting, generator=generator, device=dev)
+        t = sample_time(len(x), weighting, generator=generator, device=dev)
     t = torch.as_tensor(t, dtype=x.dtype).to(x.device).reshape(-1)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=dev)
@@ -1019,15 +1007,14 @@ def _integrate(model, noise, y, t_steps, cfg_scale, guidance_interval, heun=Fals
         for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
             x_cur, last = x_next, i == len(t_steps) - 2
             use_cfg = bool(cfg_scale > 1.0 and low <= t_cur <= high)
-            if sde and not last:                                           # one torch.Generator per sample
-                eps = torch.randn_like(x_cur) if generator is None else torch.stack([torch.randn(
-                    x_cur.shape[1:], generator=g, dtype=torch.float64) for g in generator]).to(x_cur.device)
             d_cur = velocity(x_cur, t_cur, use_cfg)
             x_next = x_cur + (t_next - t_cur) * d_cur
             if heun and not last:
                 d_prime = velocity(x_next, t_next, use_cfg)
                 x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-            if sde and not last:
+            if sde and not last:                                           # one torch.Generator per sample
+                eps = torch.randn_like(x_cur) if generator is None else torch.stack([torch.randn(
+                    x_cur.shape[1:], generator=g, dtype=torch.float64) for g in generator]).to(x_cur.device)
                 x_next = x_next + torch.sqrt(2 * t_cur) * eps * torch.sqrt(torch.abs(t_next - t_cur))
     finally:
         model.train(was_training)
@@ -1061,7 +1048,6 @@ DEADLEAVES_PALETTES = (
     ((0.15, 0.15, 0.15), (0.50, 0.50, 0.50), (0.85, 0.85, 0.85), (0.35, 0.30, 0.30)),   # ash
     ((0.55, 0.20, 0.65), (0.90, 0.45, 0.75), (0.25, 0.05, 0.35), (0.95, 0.80, 0.95)),   # bloom
 )
-DEADLEAVES_SHAPES = ("disk", "square")
 
 
 def deadleaves_image(index, size=64, seed=0, num_classes=10, r_min=None, r_max=0.5, n_shapes=300):
@@ -1069,7 +1055,7 @@ def deadleaves_image(index, size=64, seed=0, num_classes=10, r_min=None, r_max=0
     r_min = max(0.02, 3.0 / size) if r_min is None else r_min
     label = index % num_classes
     palette = np.asarray(DEADLEAVES_PALETTES[(label // 2) % len(DEADLEAVES_PALETTES)])
-    shape = DEADLEAVES_SHAPES[label % 2]
+    shape = ("disk", "square")[label % 2]
     rng = np.random.default_rng([seed, index])
     s = 2 * size                                               # render at 2x, then box-filter down
     yy, xx = np.meshgrid((np.arange(s) + 0.5) / s, (np.arange(s) + 0.5) / s, indexing="ij")
@@ -1186,8 +1172,6 @@ def _weights_in(path_or_state_dict, names):
         if not found:
             raise FileNotFoundError(f"no {' or '.join(names)} in {p}")
         p = found[0]
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"weights file not found: {p}")
     return load_safetensors(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
 
 
@@ -1227,22 +1211,22 @@ def load_sd_vae(path_or_state_dict, preset="f8d4"):
     return vae
 
 
-# Our parameter names -> the authors' (modules/vae.py: VAEEncoder / VAEDecoder / EncoderDecoder;
+# The authors' parameter names -> ours (modules/vae.py: VAEEncoder / VAEDecoder / EncoderDecoder;
 # modules/layers.py: ResidualBlock2D, DownSampleBlock2D, UpSampleBlock2D; modules/transformer.py: Attention).
 _OFFICIAL_KEY_RULES = [(re.compile(a), b) for a, b in (
-    (r"^quant_conv\.", "post_encoder_conv."),
-    (r"^post_quant_conv\.", "pre_decoder_conv."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.encoder_blocks.\1.blocks."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
-     r"encoder.encoder_blocks.\1.downsample.downsample_conv."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.decoder_blocks.\1.blocks."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r"decoder.decoder_blocks.\1.upsample.upsample.1."),
-    (r"^(encoder|decoder)\.mid_block\.", r"\1.attn_block."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.out_norm."),
-    (r"\.group_norm\.", ".groupnorm."),
-    (r"\.to_(q|k|v)\.", r".\1_proj."),
-    (r"\.to_out\.0\.", ".out_proj."),
-    (r"\.conv_shortcut\.", ".identity_conv."),
+    (r"^module\.", ""),                                                   # saved from a DDP-wrapped model
+    (r"^post_encoder_conv\.", "quant_conv."),
+    (r"^pre_decoder_conv\.", "post_quant_conv."),
+    (r"^encoder\.encoder_blocks\.(\d+)\.blocks\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.encoder_blocks\.(\d+)\.downsample\.downsample_conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
+    (r"^decoder\.decoder_blocks\.(\d+)\.blocks\.", r"decoder.up_blocks.\1.resnets."),
+    (r"^decoder\.decoder_blocks\.(\d+)\.upsample\.upsample\.1\.", r"decoder.up_blocks.\1.upsamplers.0.conv."),
+    (r"^(encoder|decoder)\.attn_block\.", r"\1.mid_block."),
+    (r"^(encoder|decoder)\.out_norm\.", r"\1.conv_norm_out."),
+    (r"\.groupnorm\.", ".group_norm."),
+    (r"\.(q|k|v)_proj\.", r".to_\1."),
+    (r"\.out_proj\.", ".to_out.0."),
+    (r"\.identity_conv\.", ".conv_shortcut."),
 )]
 
 
@@ -1251,11 +1235,10 @@ def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
     a VAE (preset: a VAE_CONFIGS name or kwargs; symmetric padding) that reproduces theirs. Their latent scale is
     not in the weights: scale_factor stores latent_std = 1 / scale_factor (latent_mean 0), else latent_std = 1."""
     sd = _weights_in(path_or_state_dict, ("model.safetensors", "pytorch_model.bin"))
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}            # saved from a DDP-wrapped model
     vae = build_vae(preset, downsample_padding="symmetric") if isinstance(preset, str) else \
         VAE(**{**preset, "downsample_padding": "symmetric"})
-    ours = {_renamed(k, _OFFICIAL_KEY_RULES): k for k in vae.state_dict()}            # theirs -> ours
-    vae = _load_vae_weights(vae, {ours.get(k, k): v for k, v in sd.items()}, "the authors' VAE weights")
+    sd = {_renamed(k, _OFFICIAL_KEY_RULES): v for k, v in sd.items()}
+    vae = _load_vae_weights(vae, sd, "the authors' VAE weights")
     if scale_factor is not None:
         if not scale_factor > 0:
             raise ValueError(f"load_official_vae: scale_factor must be positive, got {scale_factor}")
@@ -1263,16 +1246,14 @@ def load_official_vae(path_or_state_dict, preset="f16d16", scale_factor=None):
     return vae
 
 
-def load_repa_sit(state_dict, which="ema", projection_layer_type="mlp", proj_kwargs_kernel_size=3, **repa_kwargs):
+def load_repa_sit(state_dict, projection_layer_type="mlp", proj_kwargs_kernel_size=3, **repa_kwargs):
     """Build a DiT from REPA's SiT(...) kwargs (ours and theirs share names and defaults, but the projector's) and
-    load a REPA train.py state dict (raw, or its 'ema' / 'model' entry)."""
+    load a REPA train.py state dict (raw, or a checkpoint's 'ema' entry)."""
     for k in ("path_type", "use_cfg", "fused_attn", "eval_mode", "decoder_hidden_size"):   # not in the weights
         repa_kwargs.pop(k, None)
     model = DiT(**repa_kwargs, projector_type=projection_layer_type, projector_kernel_size=proj_kwargs_kernel_size)
-    if "ema" in state_dict or "model" in state_dict:
-        state_dict = state_dict[which] if which in state_dict else state_dict["ema" if "ema" in state_dict else "model"]
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod.").replace(
-        ".projection_layer.", ".conv." if projection_layer_type == "conv" else "."): v for k, v in state_dict.items()}
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod.").replace(".projection_layer.", ".conv." if
+          projection_layer_type == "conv" else "."): v for k, v in state_dict.get("ema", state_dict).items()}
     key = "y_embedder.embedding_table.weight"
     if key in sd and model.y_embedder is not None and sd[key].shape[0] == model.num_classes:
         # REPA with class_dropout_prob=0 has no null row; append an (unused) zero row

@@ -506,7 +506,7 @@ def test_safetensors_reader_errors(tmp_path):
         p.write_bytes(bad)
         with pytest.raises(ValueError, match=f"x.safetensors: not a valid safetensors file .*{msg}"):
             sm.load_safetensors(p)
-    with pytest.raises(FileNotFoundError, match="weights file not found"):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         sm.load_official_vae(tmp_path / "missing.safetensors")
 
 
@@ -1056,8 +1056,6 @@ def test_load_repa_sit_checkpoint_entries():
             "ema": g["state_dict"], "opt": {}, "args": None}
     m = sm.load_repa_sit(ckpt, **g["kwargs"])
     assert torch.equal(m.final_layer.linear.weight, g["state_dict"]["final_layer.linear.weight"])
-    m2 = sm.load_repa_sit(ckpt, which="model", **g["kwargs"])
-    assert torch.count_nonzero(m2.final_layer.linear.weight) == 0
     with pytest.raises(TypeError, match="unexpected keyword argument 'hidden'"):
         sm.load_repa_sit(ckpt, hidden=3)
 
@@ -2566,12 +2564,12 @@ def test_sample_protocol_presets_overrides_and_record(sample_ckpt, tmp_path, cap
     shutil.copytree(sample_ckpt.parent, tmp_path / "run")
     ckpt = str(tmp_path / "run" / "dit.pt")
     sample.main(["--ckpt", ckpt, "--num-samples", "3", "--protocol", "nocfg", "--steps", "2", "--batch-size", "2"])
-    assert "protocol=nocfg-custom sampler=sde steps=2 cfg_scale=1.0 guidance_interval=(0.0, 1.0) heun=False nfe=2 " \
+    assert "protocol=nocfg-custom sampler=sde steps=2 cfg_scale=1.0 guidance_interval=(0.0, 1.0) heun=False " \
            "labels=random precision=fp32" in capsys.readouterr().out
-    (out,) = (tmp_path / "run").glob("samples-nocfg-custom-*-seed0-3")
+    out = tmp_path / "run" / "samples-nocfg-custom-seed0-3"
     rec = json.loads((out / "samples.json").read_text())
-    assert (rec["sampler"], rec["steps"], rec["nfe"], rec["cfg_scale"], rec["guidance_interval"], rec["heun"]) == \
-        ("sde", 2, 2, 1.0, [0.0, 1.0], False)
+    assert (rec["sampler"], rec["steps"], rec["cfg_scale"], rec["guidance_interval"], rec["heun"]) == \
+        ("sde", 2, 1.0, [0.0, 1.0], False)
     assert (rec["precision"], rec["num_samples"], rec["labels"], rec["seed"], rec["protocol"], rec["num_classes"]) == \
         ("fp32", 3, "random", 0, "nocfg-custom", 10)
     assert (rec["checkpoint"], rec["step"], rec["format"]) == (os.path.abspath(ckpt), 7, "sm")
@@ -2580,29 +2578,9 @@ def test_sample_protocol_presets_overrides_and_record(sample_ckpt, tmp_path, cap
     assert rec["image_shape"] == [32, 32, 3] and rec["pixels"].startswith("uint8(clamp(255 * (x + 1) / 2")
     assert np.load(out / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
     assert (out / "samples_grid.png").is_file()
-    base = dict(protocol="repa", labels="random", precision="fp32", seed=3)
-    assert os.path.basename(sample.default_out(ckpt, base, 50000)) == "samples-repa-seed3-50000"
-    other = {os.path.basename(sample.default_out(ckpt, dict(base, **kw), 50000))
-             for kw in ({}, dict(labels="balanced"), dict(precision="bf16"), dict(protocol="repa-custom", steps=4),
-                        dict(protocol="repa-custom", steps=5))}
-    assert len(other) == 5                                     # other settings, other folders
-
-
-@scripts
-@pytest.mark.parametrize("sampler,steps,cfg,interval,heun", [
-    ("ode", 5, 1.0, (0.0, 1.0), False), ("ode", 4, 1.5, (0.25, 0.75), False), ("ode", 5, 1.5, (0.0, 0.5), True),
-    ("sde", 6, 1.5, (0.3, 0.7), False), ("sde", 1, 2.0, (0.0, 1.0), False), ("sde", 4, 1.0, (0.0, 0.7), False)])
-def test_sampler_nfe_counts_model_evaluations(sampler, steps, cfg, interval, heun):
-    """samples.json's nfe = the rows the samplers actually push through the model, per sample."""
-    m = perturb(tiny_dit())
-    rows = []
-    m.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
-    noise, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
-    if sampler == "ode":
-        sm.sample_ode(m, noise, y, steps=steps, cfg_scale=cfg, guidance_interval=interval, heun=heun)
-    else:
-        sm.sample_sde(m, noise, y, steps=steps, cfg_scale=cfg, guidance_interval=interval)
-    assert sum(rows) == 3 * sample.sampler_nfe(sampler, steps, cfg, interval, heun)
+    assert os.path.basename(sample.default_out(ckpt, "repa", 3, 50000)) == "samples-repa-seed3-50000"
+    assert "holds samples of other settings (steps: 2 -> 3); use a fresh --out" in \
+        _cli_error(["--ckpt", ckpt, "--num-samples", 3, "--protocol", "nocfg", "--steps", 3])   # the same default
 
 
 @scripts
@@ -2835,7 +2813,6 @@ def test_sample_repa_checkpoint(tmp_path, monkeypatch):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01 and want.std() > 10
     rec = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert rec["step"] == 1234 and rec["format"] == "repa" and rec["repa"]["num_heads"] == 4
-    assert rec["nfe"] == 1 + 2 + 2                                   # SDE t = 1, 0.52, 0.04; CFG on t <= 0.7
     assert "fits {'num_heads': 4, 'num_classes': 10}" in \
         _cli_error(repa[:-1] + ["num_heads=4,num_classes=10", "--num-samples", 1, "--out", tmp_path / "e"])
     assert "no checkpoint at" in _cli_error(["--repa-ckpt", tmp_path / "no.pt", tmp_path / "vae"])
