@@ -281,8 +281,8 @@ def gather(arrays, d):
     if d is None or d.world == 1:
         return arrays
     parts = [None] * d.world
-    torch.distributed.all_gather_object(parts, arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+    torch.distributed.all_gather_object(parts, arrays)                 # a rank with no images sends {}
+    return {k: np.concatenate([p[k] for p in parts if p]) for k in next(p for p in parts if p)}
 
 
 def collate_images(batch):

@@ -627,10 +627,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.half = 128
 
     def forward(self, t):                                                  # (N,)
-        freqs = torch.exp(-math.log(10000) * torch.arange(self.half, dtype=torch.float32, device=t.device) / self.half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32, device=t.device) / 128)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype))   # (N, D)
 
@@ -845,11 +844,14 @@ class ConvProjector(nn.Module):
         return self.conv(x).flatten(2).transpose(1, 2)                     # (N, T, z)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # torchvision's normalisation
+
+
 def preprocess_repa_images(images, resolution):
     """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)      # torchvision's ImageNet
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
     return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic")
 

@@ -3102,6 +3102,8 @@ def test_gathered_features_keep_the_sample_order(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), parts))
     assert [len(evaluate.shard(list(range(n)), FakeDist(r))) for r in range(world)] == [4, 3, 3]
     assert evaluate.gather(parts[1], FakeDist(1))["pool"][:, 0].tolist() == list(range(n))
+    parts[2] = {}                                                          # fewer images than ranks: one holds none
+    assert evaluate.gather(parts[0], FakeDist(0))["pool"][:, 0].tolist() == list(range(7))
 
 
 # ---------------------------------------------------------------------------------------
