@@ -659,15 +659,27 @@ def evaluate_samples(args, d):
     check_reference(ref, None if model is None else model.resize)
     if model is not None or dino is not None:
         check_sample_sizes(n, n_ref, args.allow_small)
-    res, key = {}, functools.partial(metric_key, n=n, n_ref=n_ref)
     r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
-    if model is not None:                                                  # every rank extracts its share
+    if model is not None and "mu" not in r_stats and "images" not in ref:
+        raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
+                         f"reference images, or statistics saved with Inception")
+    if dino is not None and "mu_dinov2" not in r_stats and "images" not in ref:
+        print(f"[evaluate] no FD-DINOv2: the statistics {ref['path']} have no DINOv2 features", file=sys.stderr)
+        dino = None
+    # every rank extracts its share of the features; rank 0 computes the metrics
+    if model is not None:
         fs = extract_features(model, samples["images"], **kw)
-        if "images" in ref and not {"mu", "pool"} <= set(r_stats):            # a file's own mu, sigma (ADM's) kept
-            r_stats = {**inception_stats(extract_features(model, ref["images"], **kw), model.resize), **r_stats}
-        if "mu" not in r_stats:
-            raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
-                             f"reference images, or statistics saved with Inception")
+        ref_fs = (extract_features(model, ref["images"], **kw) if "images" in ref and not {"mu", "pool"} <= set(r_stats)
+                  else None)                                               # a file's own mu, sigma (ADM's) kept
+    if dino is not None:                                                   # FD-DINOv2, EDM2's protocol
+        fs_dino = dinov2_features(dino, samples["images"], **kw)
+        ref_dino = dinov2_features(dino, ref["images"], **kw) if "mu_dinov2" not in r_stats else None
+    if not d.main:
+        return None
+    res, key = {}, functools.partial(metric_key, n=n, n_ref=n_ref)
+    if model is not None:
+        if ref_fs is not None:
+            r_stats = {**inception_stats(ref_fs, model.resize), **r_stats}
         st = inception_stats(fs, model.resize)
         res[key("fid")] = frechet_distance(st["mu"], st["sigma"], r_stats["mu"], r_stats["sigma"])
         if "mu_s" in r_stats:
@@ -675,17 +687,12 @@ def evaluate_samples(args, d):
         res["inception_score"], res["inception_score_std"] = inception_score(fs["logits_unbiased"])
         if "pool" in r_stats:
             res[key("precision")], res[key("recall")] = precision_recall(r_stats["pool"], fs["pool"], device=d.device)
-    if dino is not None and "mu_dinov2" not in r_stats and "images" not in ref:
-        print(f"[evaluate] no FD-DINOv2: the statistics {ref['path']} have no DINOv2 features", file=sys.stderr)
-        dino = None
-    if dino is not None:                                                   # FD-DINOv2, EDM2's protocol
-        if "mu_dinov2" not in r_stats:
-            mu_r, sigma_r = compute_statistics(dinov2_features(dino, ref["images"], **kw))
+    if dino is not None:
+        if ref_dino is not None:
+            mu_r, sigma_r = compute_statistics(ref_dino)
             r_stats = {"num_images": n_ref, **r_stats, "mu_dinov2": mu_r, "sigma_dinov2": sigma_r}
-        mu, sigma = compute_statistics(dinov2_features(dino, samples["images"], **kw))
-        res[key("fd_dinov2")] = frechet_distance(mu, sigma, r_stats["mu_dinov2"], r_stats["sigma_dinov2"])
-    if not d.main:
-        return None
+        res[key("fd_dinov2")] = frechet_distance(*compute_statistics(fs_dino), r_stats["mu_dinov2"],
+                                                 r_stats["sigma_dinov2"])
     if args.save_stats and (model is not None or dino is not None):
         save_stats(args.save_stats, r_stats)
         print(f"[evaluate] reference statistics -> {args.save_stats}")
@@ -860,6 +867,8 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     if os.path.exists(result_path):
         train.log(d, f"probe: {result_path} is finished, skipping")
         return json.loads(Path(result_path).read_text())
+    if control not in (None, "scramble"):
+        raise ValueError(f"unknown probe control {control!r}: scramble or none")
     source = scrambled_vae(vae_path, out, d) if control else vae_path
     entries = dict(PROBE_BUDGETS[budget])
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")

@@ -3762,7 +3762,9 @@ def test_probe_bad_input(tmp_path, monkeypatch):
     torch.save({"kind": "vae", "args": {}}, tmp_path / "vae.pt")
     with pytest.raises(ValueError, match="multiple of 8 and at least 16"):
         evaluate.probe(str(tmp_path / "vae.pt"), train.Dist(), budget="odd")
-    assert not (tmp_path / "probe-seed0").exists()
+    with pytest.raises(ValueError, match="unknown probe control 'shuffle'"):
+        evaluate.probe(str(tmp_path / "vae.pt"), train.Dist(), control="shuffle")
+    assert not (tmp_path / "probe-seed0").exists() and not (tmp_path / "probe-seed0-shuffle").exists()
 
 
 @scripts
