@@ -41,8 +41,7 @@ import sm
 # stage 2: REPA's SiT-B with patch 1 on f16 latents, 256 tokens as REPA's SiT-B/2 on f8 latents).
 RECIPES = {}
 RECIPES["imagenet"] = dict(
-    out="runs/imagenet", seed=0, num_workers=4, data_path=None, image_size=256, dataset_size=None,
-    jpeg_quality=75, skip_bad_images=False,
+    out="runs/imagenet", seed=0, num_workers=4, data_path=None, image_size=256, dataset_size=None, jpeg_quality=75,
     # stage 1: the authors' f16d16 DSM autoencoder, 8 GPUs x 16 images
     vae="f16d16", reg="dsm", vae_batch=128, vae_steps=1_000_000, vae_lr=5e-5, warmup=2000,
     lpips_weight=0.5, disc_weight=0.5, disc_start=50_001, disc_lr=5e-5, disc_warmup=2000,
@@ -62,6 +61,7 @@ RECIPES["imagenet"] = dict(
 RECIPES["deadleaves"] = dict(
     RECIPES["imagenet"], out="runs/deadleaves", image_size=32, dataset_size=4096, jpeg_quality=0, num_workers=2,
     vae="tiny", reg="esm+dsm", vae_batch=32, vae_steps=600, vae_lr=1e-3, warmup=50, stats_samples=4096,
+    lpips_weight=0.0,                                           # no pretrained weights: the same run offline
     dsm_group=8, model="DiT-S/2", depth=6, width=256, dit_batch=64, dit_steps=1500, dit_lr=5e-4, ema=0.995,
     repa_encoder="none", weighting="lognormal", num_fid_samples=512,
     log_every=25, ckpt_every=250, keep_every=0, vis_every=500,
@@ -358,14 +358,9 @@ def _is_image(name):
 
 
 def image_files(folder):
-    """Every image in folder and its subfolders, hidden ones and links that loop skipped, in sorted path order."""
-    found, seen = [], set()
-    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:                                   # a link back up the tree: walked once
-            dirnames[:] = []
-            continue
-        seen.add(real)
+    """Every image in folder and its subfolders, hidden ones and linked subfolders skipped, in sorted path order."""
+    found = []
+    for dirpath, dirnames, names in os.walk(folder):                 # links to folders are not walked: no loops
         dirnames[:] = [n for n in dirnames if not n.startswith(".")]
         found.append((dirpath, sorted(n for n in names if _is_image(n))))
     return [os.path.join(dirpath, n) for dirpath, names in sorted(found) for n in names]
@@ -373,12 +368,12 @@ def image_files(folder):
 
 class ImageFiles(torch.utils.data.Dataset):
     """Images of a folder: class subfolders (ImageFolder order, labels) or flat (label 0); center-cropped,
-    optionally re-saved as JPEG. skip_bad: an undecodable image is logged once and replaced by the next one."""
+    optionally re-saved as JPEG. An image that cannot be decoded stops the run with its name."""
 
-    def __init__(self, root, image_size, skip_bad=False, jpeg_quality=0):
+    def __init__(self, root, image_size, jpeg_quality=0):
         if root is None or not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root} (pass --data-path)")
-        self.root, self.image_size, self.skip_bad, self.jpeg_quality = root, image_size, skip_bad, jpeg_quality
+        self.root, self.image_size, self.jpeg_quality = root, image_size, jpeg_quality
         real = os.path.join(os.path.realpath(root), "")
         subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
                          and not real.startswith(os.path.join(os.path.realpath(e.path), "")))   # no link up the tree
@@ -399,30 +394,14 @@ class ImageFiles(torch.utils.data.Dataset):
         if not self.files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root}")
         self.num_classes = len(self.classes)
-        self._warned = set()
 
     def __len__(self):
         return len(self.files)
 
-    def load(self, k):
-        """uint8 (H, W, 3) of image k."""
-        arr = center_crop_arr(read_rgb(self.files[k]), self.image_size)
-        return jpeg_round_trip(arr, self.jpeg_quality) if self.jpeg_quality else arr
-
     def __getitem__(self, i):
-        for j in range(len(self.files)):
-            k = (i + j) % len(self.files)
-            try:
-                img = self.load(k)
-            except ValueError as e:
-                if not self.skip_bad:
-                    raise
-                if k not in self._warned:
-                    self._warned.add(k)
-                    print(f"warning: skipping {e}", file=sys.stderr, flush=True)
-                continue
-            return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0, self.labels[k]
-        raise ValueError(f"no image of {self.root} can be decoded")
+        img = center_crop_arr(read_rgb(self.files[i]), self.image_size)                 # uint8 (H, W, 3)
+        img = jpeg_round_trip(img, self.jpeg_quality) if self.jpeg_quality else img
+        return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0, self.labels[i]
 
 
 def split_folder(path, split):
@@ -436,20 +415,19 @@ def split_folder(path, split):
                             f"ROOT/train/ (pass the root, not ROOT/train)")
 
 
-def build_dataset(name, path=None, image_size=256, split="train", seed=0, length=None, skip_bad=False,
-                  jpeg_quality=0):
+def build_dataset(name, path=None, image_size=256, split="train", seed=0, length=None, jpeg_quality=0):
     """(image in [-1, 1] (3, H, W), label): dead leaves (val: another seed) or the images of ROOT/<split>."""
     if name == "deadleaves":
         ds = sm.DeadLeaves(length or 4096, image_size, seed=seed if split == "train" else seed + 10_000)
         ds.num_classes = 10
         return ds
-    return ImageFiles(split_folder(path, split), image_size, skip_bad, jpeg_quality)
+    return ImageFiles(split_folder(path, split), image_size, jpeg_quality)
 
 
 def open_dataset(cfg, d, split="train"):
     """The dataset of a run, described in the log."""
     ds = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, split, cfg.seed, cfg.dataset_size,
-                       cfg.skip_bad_images, cfg.jpeg_quality)
+                       cfg.jpeg_quality)
     where = f" at {ds.root}" if isinstance(ds, ImageFiles) else " (procedural)"
     log(d, f"dataset {cfg.dataset} {split}{where}: {len(ds)} images, {ds.num_classes} classes, {cfg.image_size} px"
            + (f", re-saved as JPEG {cfg.jpeg_quality}" if cfg.jpeg_quality and cfg.dataset != "deadleaves" else ""))
@@ -549,17 +527,13 @@ def plot_spectra(rep, path, delta):
 # ----------------------------------------------------------------------------- checkpoints
 
 def code_version():
-    """git commit of this project ('+dirty' with uncommitted changes to tracked files), else 'unknown'."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """git commit of this project ('-dirty' with uncommitted changes to tracked files), else 'unknown'."""
     try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)  # noqa
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        return head.stdout.strip() + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-                                      else "")
+        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return git.stdout.strip() if git.returncode == 0 else "unknown"
 
 
 def atomic_write(path, write, binary=True):
@@ -785,26 +759,11 @@ def new_vae(cfg, d, ckpt=None):
     return vae.to(d.device)
 
 
-def lpips_or_none(cfg, d):
-    """LPIPS-VGG when --lpips-weight > 0. Offline, the deadleaves quickstart trains without it (said, and
-    recorded as lpips_weight 0 so that a rerun resumes); other recipes stop with what to provide."""
-    if cfg.lpips_weight <= 0:
-        return None
-    try:
-        return sm.load_lpips(cfg.lpips_path, cfg.vgg_path).to(d.device)
-    except (RuntimeError, FileNotFoundError) as e:
-        if cfg.dataset != "deadleaves" or "lpips_weight" in cfg.explicit:
-            raise
-        log(d, f"quickstart: LPIPS weights unavailable, training with lpips_weight 0 ({e})")
-        cfg.lpips_weight = 0.0
-        return None
-
-
 def train_vae(cfg, d):
     """Stage 1 (§3): the autoencoder with the cfg.reg regulariser, the authors' GAN schedule, then the latent
     statistics (a resumable step of their own, after the trained weights are saved)."""
     path = os.path.join(cfg.out, "vae.pt")
-    lpips = lpips_or_none(cfg, d)                              # before any checkpoint is compared
+    lpips = sm.load_lpips(cfg.lpips_path, cfg.vgg_path).to(d.device) if cfg.lpips_weight > 0 else None
     ckpt = resume_point(path, "vae", cfg, d, cfg.vae_steps)
     if ckpt is not None and ckpt.get("finished") and ckpt["step"] == cfg.vae_steps:
         return path
@@ -968,9 +927,9 @@ def vae_from_source(src, run_dir, device="cpu"):
 
 @torch.no_grad()
 def encode_latents(cfg, d):
-    """Encode the training set once, in float32, without flips (REPA): posterior (mean, std) of each image,
-    labels and, for REPA, the uint8 images, as memory-mapped .npy files. An interrupted run resumes:
-    done.npy marks the rows written, partial.json the settings that define them."""
+    """Encode the training set once, in float32, without flips (REPA): posterior (mean, std) of each image, labels
+    and, for REPA, the uint8 images, as memory-mapped .npy files. meta.json, written last, marks them finished; an
+    interrupted encoding starts again (it costs minutes on GPUs, a fraction of one DiT epoch)."""
     folder = os.path.join(cfg.out, "latents")
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
@@ -984,33 +943,19 @@ def encode_latents(cfg, d):
     vae = vae_from_source(src, cfg.out, d.device)
     N, C, h = len(ds), vae.latent_channels, cfg.image_size // vae.factor
     with_images = cfg.repa_encoder != "none"
-    files = dict(moments=((N, 2, C, h, h), np.float32), labels=((N,), np.int64), done=((N,), np.bool_))
+    files = dict(moments=((N, 2, C, h, h), np.float32), labels=((N,), np.int64))
     if with_images:
         files["images"] = ((N, cfg.image_size, cfg.image_size, 3), np.uint8)
-    spec = dict(num_images=N, latent_shape=[C, h, h], image_size=cfg.image_size, vae=src, dataset=cfg.dataset,
-                data_path=cfg.data_path and os.path.abspath(cfg.data_path), jpeg_quality=cfg.jpeg_quality,
-                dataset_size=cfg.dataset_size, seed=cfg.seed, has_images=with_images)
-    need = sum(math.prod(shape) * np.dtype(t).itemsize for shape, t in files.values())
-    check_space(folder, need)
-    partial = os.path.join(folder, "partial.json")
+    check_space(folder, sum(math.prod(shape) * np.dtype(t).itemsize for shape, t in files.values()))
     if d.main:
-        os.makedirs(folder, exist_ok=True)
-        old = read_json(partial) if os.path.exists(partial) else None
-        if old != json.loads(json.dumps(spec)):
-            if old is not None:
-                changed = [k for k in spec if old.get(k) != json.loads(json.dumps(spec[k]))]
-                log(d, f"stage latents: {folder} holds rows of other settings ({', '.join(changed)}): starting afresh")
-            for name, (shape, dtype) in files.items():
-                np.lib.format.open_memmap(os.path.join(folder, name + ".npy"), "w+", dtype, shape).flush()
-            write_json(spec, partial)
-        else:
-            log(d, f"stage latents: resuming {folder}")
+        for name, (shape, dtype) in files.items():
+            np.lib.format.open_memmap(os.path.join(folder, name + ".npy"), "w+", dtype, shape).flush()
     d.barrier()
     arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r+") for n in files}
-    idx = [i for i in range(d.rank, N, d.world) if not arrays["done"][i]]
+    idx = list(range(d.rank, N, d.world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=max(1, cfg.vae_batch // d.world),
                                          num_workers=cfg.num_workers, worker_init_fn=_worker_init)
-    bar, pos = progress(d, N - len(idx) * d.world, N, "stage latents"), 0
+    bar, pos = progress(d, 0, N, "stage latents"), 0
     for x, y in loader:
         rows, pos = idx[pos:pos + len(x)], pos + len(x)
         x = x.to(d.device)
@@ -1019,19 +964,18 @@ def encode_latents(cfg, d):
         arrays["labels"][rows] = y.numpy()
         if with_images:
             arrays["images"][rows] = to_uint8(x)
-        for name in files:                                     # the rows first, then their done marks
-            if name != "done":
-                arrays[name].flush()
-        arrays["done"][rows] = True
-        arrays["done"].flush()
         bar.update(len(x) * d.world)
         if stop_requested(d):
-            stop_now(d, f"stage latents: the rows encoded so far are kept in {folder}")
+            stop_now(d, f"stage latents: not finished; --resume encodes {folder} again")
     bar.close()
+    for a in arrays.values():
+        a.flush()
     d.barrier()
-    if d.main:
-        write_json(dict(spec, num_classes=ds.num_classes), meta_path)  # meta.json marks the stage finished
-        os.remove(partial)
+    if d.main:                                                 # meta.json marks the stage finished
+        write_json(dict(num_images=N, latent_shape=[C, h, h], image_size=cfg.image_size, vae=src,
+                        dataset=cfg.dataset, data_path=cfg.data_path and os.path.abspath(cfg.data_path),
+                        jpeg_quality=cfg.jpeg_quality, dataset_size=cfg.dataset_size, seed=cfg.seed,
+                        has_images=with_images, num_classes=ds.num_classes), meta_path)
     d.barrier()
     return folder
 
@@ -1088,16 +1032,12 @@ def dit_config(cfg, meta, enc_dim):
     C, h, _ = meta["latent_shape"]
     preset = sm.DiT_CONFIGS[cfg.model]
     depth = cfg.depth or preset["depth"]
-    out = dict(depth=depth, hidden_size=cfg.width or preset["hidden_size"],
-               num_heads=max(1, cfg.width // 64) if cfg.width else preset["num_heads"],
-               encoder_depth=cfg.encoder_depth or (max(1, depth // 3) if cfg.depth else preset["encoder_depth"]),
-               input_size=h, in_channels=C, num_classes=0 if cfg.unconditional else meta["num_classes"],
-               class_dropout_prob=cfg.class_dropout, z_dims=[enc_dim] if enc_dim else [])
-    if cfg.projector != "mlp":
-        out.update(projector_type=cfg.projector, projector_kernel_size=cfg.projector_kernel)
-    if cfg.qk_norm:
-        out["qk_norm"] = True
-    return out
+    return dict(depth=depth, hidden_size=cfg.width or preset["hidden_size"],
+                num_heads=max(1, cfg.width // 64) if cfg.width else preset["num_heads"],
+                encoder_depth=cfg.encoder_depth or (max(1, depth // 3) if cfg.depth else preset["encoder_depth"]),
+                input_size=h, in_channels=C, num_classes=0 if cfg.unconditional else meta["num_classes"],
+                class_dropout_prob=cfg.class_dropout, z_dims=[enc_dim] if enc_dim else [],
+                projector_type=cfg.projector, projector_kernel_size=cfg.projector_kernel, qk_norm=cfg.qk_norm)
 
 
 def dit_batch_randomness(cfg, step, B, latent_shape):
@@ -1132,10 +1072,6 @@ def train_dit(cfg, d):
     encoder = load_repa_encoder(cfg.repa_encoder, d.device, meta["image_size"]) if data.with_images else None
     vae = vae_from_source(meta["vae"], cfg.out, d.device)     # the one source of the latent statistics
     mcfg = dit_config(cfg, meta, encoder.embed_dim if encoder is not None else 0)
-    labels = np.load(os.path.join(data.folder, "labels.npy"), mmap_mode="r")
-    if mcfg["num_classes"] and (labels.min() < 0 or labels.max() >= mcfg["num_classes"]):
-        raise ValueError(f"{data.folder}: labels span [{labels.min()}, {labels.max()}], outside "
-                         f"[0, {mcfg['num_classes']})")
     log(d, f"latents {data.folder}: {len(data)} images, {meta['num_classes']} classes, shape "
            f"{tuple(meta['latent_shape'])}; {cfg.model} {mcfg}")
     torch.manual_seed(cfg.seed)
@@ -1146,7 +1082,7 @@ def train_dit(cfg, d):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
     step, history, saved = 0, [], None
     if ckpt is not None:
-        if ckpt["dit_config"] != mcfg:
+        if ckpt["dit_config"] != mcfg:                         # e.g. latents of another class count, same autoencoder
             raise ValueError(f"{path} holds {ckpt['model_name']} {ckpt['dit_config']}, not {cfg.model} {mcfg}")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
