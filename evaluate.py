@@ -250,25 +250,6 @@ def open_input(path):
     return out
 
 
-def check_reference(ref, resize):
-    """Refuse statistics of another protocol (untagged: ADM's), of a wrong dimension or with NaN (before any pass)."""
-    stats = ref.get("stats")
-    if stats is None:
-        return
-    tag = str(stats.get("resize", "adm"))
-    if resize is not None and tag != resize:
-        raise ValueError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use --resize "
-                         f"{resize}; FIDs across protocols are not comparable")
-    shapes = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023),
-              "pool": (len(stats.get("pool", ())), 2048), "sigma_dinov2": (len(stats.get("mu_dinov2", ())),) * 2}
-    for key, value in stats.items():
-        if value.shape != shapes.get(key, value.shape):
-            raise ValueError(f"{ref['path']}: '{key}' has shape {value.shape}, but its features need "
-                             f"{shapes[key]}: a wrong dimension")
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ValueError(f"{ref['path']}: '{key}' holds NaN or inf")
-
-
 def shard(ds, d):
     """This rank's contiguous share of a dataset (all of it without DDP)."""
     if d is None or d.world == 1:
@@ -390,6 +371,8 @@ def knn_radii(features, k=3, batch_size=1024, device="cpu"):
 def precision_recall(real_features, fake_features, k=3, batch_size=1024, device="cpu"):
     """Improved precision / recall (Kynkäänniemi et al. 2019): fake / real samples inside the other's k-NN balls."""
     real, fake = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (real_features, fake_features))
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision / recall of features of different dimensions: {real.shape[1]} vs {fake.shape[1]}")
 
     def coverage(queries, support):
         r = torch.as_tensor(knn_radii(support, k, batch_size, device), device=device)
@@ -593,17 +576,6 @@ def protocol(model, **entries):
             "code_version": train.code_version()}
 
 
-def side_file(samples_path):
-    """sample.py's side file of SAMPLES (`X.npz` -> `X.json`) as a dict, or None when absent."""
-    side = Path(samples_path).with_suffix(".json")
-    if Path(samples_path).suffix.lower() != ".npz" or not side.is_file():
-        return None
-    try:
-        return json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the samples' side file {side}: {e}") from None
-
-
 def metric_key(name, n, n_ref=None):
     """Result key: fid (>= 2,048 images on both sides), else labelled with the sizes: fid-512, fid-50000-ref1000."""
     if n >= MIN_IMAGES_UNBIASED and (n_ref is None or n_ref >= MIN_IMAGES_UNBIASED):
@@ -656,10 +628,13 @@ def evaluate_samples(args, d):
         raise ValueError("give REFERENCE, or --dataset (and --data-path) for held-out dataset images")
     n, n_ref = samples["n"], ref["n"]
     model, dino = try_inception(args.inception, args.resize, d.device), try_dinov2(args.dinov2, d.device)
-    check_reference(ref, None if model is None else model.resize)
+    r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
+    tag = str(r_stats.get("resize", "adm"))                               # untagged statistics: ADM's batches
+    if model is not None and r_stats and tag != model.resize:             # before any pass: no number shows it
+        raise ValueError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use --resize "
+                         f"{model.resize}; FIDs across protocols are not comparable")
     if model is not None or dino is not None:
         check_sample_sizes(n, n_ref, args.allow_small)
-    r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
     if model is not None and "mu" not in r_stats and "images" not in ref:
         raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
                          f"reference images, or statistics saved with Inception")
@@ -704,8 +679,7 @@ def evaluate_samples(args, d):
     res["protocol"] = protocol(
         model, fd_dinov2=None if dino is None else f"{DINOV2_PROTOCOL}; {args.dinov2 or 'torch.hub'}",
         num_samples=n, num_reference=n_ref, samples_file=samples["path"], samples_sha256=sha256_input(samples["path"]),
-        reference_file=ref["path"], reference_sha256=sha256_input(ref["path"]), is_split_size=IS_SPLIT_SIZE,
-        samples=side_file(args.samples))
+        reference_file=ref["path"], reference_sha256=sha256_input(ref["path"]), is_split_size=IS_SPLIT_SIZE)
     report(res, args.json or default_json_path(args.samples))
     return res
 
@@ -760,7 +734,6 @@ def evaluate_run(out, d):
         fs = extract_features(inception, Images(n, samples.__getitem__))["pool"]
         res[metric_key("fid", n, n)] = fid_of(fs, per["pool_x"])
     res["protocol"] = protocol(inception, num_samples=n, samples_file=npz, samples_sha256=sha256_input(npz),
-                               samples=side_file(npz),
                                reference=f"{run['dataset']} held-out images (split val, seed {run['seed']})")
     report(res, os.path.join(out, "metrics.json"))
     return res
@@ -825,29 +798,9 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
     return dict(res, **gaussian_floor(np.concatenate([fA, fB]), m))
 
 
-def cpu_name():
-    """The CPU's model name (for the probe's protocol record)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def probe_source(path):
-    """Recipe entries of the probe's autoencoder: a train.py checkpoint, SD-VAE (folder, .bin), the authors' weights."""
-    if os.path.isdir(path) or path.endswith(".bin"):
-        return dict(sd_vae=os.path.abspath(path), image_size=256)
-    if path.endswith(".safetensors"):
-        return dict(official_vae=os.path.abspath(path), image_size=256)
-    return dict(vae_ckpt=os.path.abspath(path), image_size=train.load_checkpoint(path, "vae")["args"]["image_size"])
-
-
 def scrambled_vae(vae_path, out, d):
     """The positive control: OUT/vae-scramble.pt, the checkpoint with its latent positions shuffled by a fixed
     permutation (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum."""
-    if os.path.isdir(vae_path) or not vae_path.endswith(".pt"):
-        raise ValueError(f"the scramble control needs a train.py VAE checkpoint (.pt), got {vae_path}")
     path = os.path.join(out, "vae-scramble.pt")
     if d.main and not os.path.exists(path):
         ckpt = train.load_checkpoint(vae_path, "vae")
@@ -875,8 +828,9 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     if n_eval < 16 or n_eval % 8:
         raise ValueError(f"the probe's held-out images must be a multiple of 8 and at least 16, got {n_eval}")
     every = max(1, entries["dit_steps"] // PROBE_VAL_POINTS)                # the snapshots of the curves
-    entries.update(**PROBE_RECIPE, **probe_source(source), out=out, dataset_size=n_train, ckpt_every=every,
-                   keep_every=every, vis_every=entries["dit_steps"], resume=True)
+    image_size = train.load_checkpoint(vae_path, "vae")["args"]["image_size"]   # a train.py VAE checkpoint only
+    entries.update(**PROBE_RECIPE, vae_ckpt=os.path.abspath(source), image_size=image_size, out=out, resume=True,
+                   dataset_size=n_train, ckpt_every=every, keep_every=every, vis_every=entries["dit_steps"])
     train.run(train.recipe("deadleaves", seed=PROBE_DATA_SEED, **entries), d, stages=("latents",))   # fixed images
     cfg = train.recipe("deadleaves", seed=seed, **entries)
     train.run(cfg, d, stages=("dit",))
@@ -912,9 +866,9 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
         control=dict(kind="scramble", seed=SCRAMBLE_SEED, vae=os.path.abspath(source)) if control else None,
         probe_images=n_train, eval_images=n_eval, snapshots=[c["step"] for c in curve],
         latent_std_heldout=z.transpose(0, 1).flatten(1).std(1).tolist(),      # ~1 when the normalisation fits
-        recipe={k: v for k, v in vars(cfg).items() if k not in ("out", "vae_ckpt")}, machine=cpu_name(),
-        code_version=train.code_version(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-        minutes=(time.time() - t0) / 60)
+        recipe={k: v for k, v in vars(cfg).items() if k not in ("out", "vae_ckpt")},
+        machine=platform.processor() or platform.machine(), code_version=train.code_version(), torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
     n = min(8, m)
     train.save_grid(np.concatenate([train.to_uint8(v[:n]) for v in (x, decode(z[:n]), decode(samples[:n]))]),
                     os.path.join(out, "probe.png"), n)                      # rows: real, reconstructed, sampled
