@@ -49,7 +49,7 @@ DSM_KS = (8, 10, 12)                                        # the DSM k checked:
 RUN_EVAL_IMAGES = 1024                                      # held-out images of a run's metrics.json
 DINOV2_PROTOCOL = ("EDM2's: dinov2_vitl14 (torch.hub) output, the normalised CLS token, of bicubic antialiased "
                    "224 x 224 resizes / 255, ImageNet mean / std; mean, covariance (N - 1)")
-RFID_PROTOCOLS = {  # --vae --rfid-protocol: the reconstructions measured, the JPEG quality of the files, Inception input
+RFID_PROTOCOLS = {  # --vae --rfid-protocol: the reconstructions measured, JPEG quality of the files, Inception input
     "ours": dict(posterior="mean", jpeg_quality=0, resize=None, num_images=10_000),
     # the authors' stage1_vae_evaluation.py: JPEG-75 crops, a posterior sample decoded, both sides written as .jpg
     # (Pillow's quality 75) and read by pytorch-fid
@@ -58,7 +58,7 @@ RFID_PROTOCOLS = {  # --vae --rfid-protocol: the reconstructions measured, the J
 
 
 # ----------------------------------------------------------------------------------------
-# Inception network (TF-compatible FID Inception, torchvision layout)
+# Feature networks: FID Inception (TF-compatible, torchvision layout), DINOv2 ViT-L/14 (FD-DINOv2, Stein et al. 2023)
 # ----------------------------------------------------------------------------------------
 
 def _tf_blocks():
@@ -77,10 +77,8 @@ def _tf_blocks():
     class BlockC(tvi.InceptionC):
         def _forward(self, x):
             b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            d = x
-            for m in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                      self.branch7x7dbl_4, self.branch7x7dbl_5):
-                d = m(d)
+            d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+            d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
             return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
 
     class BlockE(tvi.InceptionE):
@@ -181,10 +179,6 @@ def try_inception(path, resize, device):
     return optional("Inception metrics", load_inception, path, device, resize)
 
 
-# ----------------------------------------------------------------------------------------
-# FD-DINOv2: the Frechet distance in DINOv2 ViT-L/14 features (Stein et al. 2023), as EDM2 computes it
-# ----------------------------------------------------------------------------------------
-
 def dinov2_preprocess(x):
     """uint8 (N, 3, H, W) -> EDM2's DINOv2Detector input (resize_mode 'torch'): bicubic antialiased resize of the
     0..255 values to 224 x 224, / 255, ImageNet mean / std; float32 (N, 3, 224, 224)."""
@@ -248,25 +242,6 @@ def open_input(path):
             raise ValueError(f"{p}: arr_0 must hold uint8 N x H x W x 3 images, got {arr.dtype} {arr.shape}")
         out["images"], out["n"] = Images(len(arr), arr.__getitem__), len(arr)
     return out
-
-
-def check_reference(ref, resize):
-    """Refuse statistics of another protocol (untagged: ADM's), of a wrong dimension or with NaN (before any pass)."""
-    stats = ref.get("stats")
-    if stats is None:
-        return
-    tag = str(stats.get("resize", "adm"))
-    if resize is not None and tag != resize:
-        raise ValueError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use --resize "
-                         f"{resize}; FIDs across protocols are not comparable")
-    shapes = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023),
-              "pool": (len(stats.get("pool", ())), 2048), "sigma_dinov2": (len(stats.get("mu_dinov2", ())),) * 2}
-    for key, value in stats.items():
-        if value.shape != shapes.get(key, value.shape):
-            raise ValueError(f"{ref['path']}: '{key}' has shape {value.shape}, but its features need "
-                             f"{shapes[key]}: a wrong dimension")
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ValueError(f"{ref['path']}: '{key}' holds NaN or inf")
 
 
 def shard(ds, d):
@@ -362,15 +337,12 @@ def inception_score(logits, split_size=IS_SPLIT_SIZE):
     """Inception Score (mean, std) of logits_unbiased as ADM: exp(mean_x KL(p(y|x) || p(y))) over splits of 5,000
     consecutive samples (the last may be shorter)."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    n = logits.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 images for the Inception Score, got {n}")
-    p, logp = torch.softmax(logits, dim=1), torch.log_softmax(logits, dim=1)
+    if len(logits) < 2:
+        raise ValueError(f"need at least 2 images for the Inception Score, got {len(logits)}")
     scores = []
-    for i in range(0, n, split_size):
-        q, logq = p[i:i + split_size], logp[i:i + split_size]                  # one split (b, 1008)
-        log_marg = torch.logsumexp(logq, 0, keepdim=True) - math.log(len(q))   # log p(y)
-        scores.append(math.exp((q * (logq - log_marg)).sum(1).mean().item()))
+    for logq in torch.log_softmax(logits, dim=1).split(split_size):               # one split (b, 1008)
+        log_marg = torch.logsumexp(logq, 0, keepdim=True) - math.log(len(logq))   # log p(y)
+        scores.append(math.exp((logq.exp() * (logq - log_marg)).sum(1).mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -390,6 +362,8 @@ def knn_radii(features, k=3, batch_size=1024, device="cpu"):
 def precision_recall(real_features, fake_features, k=3, batch_size=1024, device="cpu"):
     """Improved precision / recall (Kynkäänniemi et al. 2019): fake / real samples inside the other's k-NN balls."""
     real, fake = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (real_features, fake_features))
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision / recall of features of different dimensions: {real.shape[1]} vs {fake.shape[1]}")
 
     def coverage(queries, support):
         r = torch.as_tensor(knn_radii(support, k, batch_size, device), device=device)
@@ -427,11 +401,8 @@ def _patch_descriptors(level, patches_per_image, patch, gen):
     p = min(patch, h, w)
     ys = torch.randint(0, h - p + 1, (n, patches_per_image), generator=gen)
     xs = torch.randint(0, w - p + 1, (n, patches_per_image), generator=gen)
-    off = torch.arange(p)
-    rows = (ys[..., None] + off)[..., :, None].expand(n, patches_per_image, p, p)
-    cols = (xs[..., None] + off)[..., None, :].expand(n, patches_per_image, p, p)
-    img = torch.arange(n)[:, None, None, None].expand_as(rows)
-    desc = level.permute(0, 2, 3, 1)[img, rows, cols].reshape(-1, p, p, c)    # (n*P, p, p, c)
+    windows = level.unfold(2, p, 1).unfold(3, p, 1).permute(0, 2, 3, 4, 5, 1)   # (n, h-p+1, w-p+1, p, p, c): a view
+    desc = windows[torch.arange(n)[:, None], ys, xs].contiguous().view(-1, p, p, c)   # (n*P, p, p, c)
     desc = (desc - desc.mean((0, 1, 2))) / desc.std((0, 1, 2)).clamp_min(1e-8)
     return desc.reshape(desc.shape[0], -1)
 
@@ -449,8 +420,7 @@ def swd(images_a, images_b, patches_per_image=128, patch=7, min_res=16, dir_repe
     gen = torch.Generator().manual_seed(seed)
     levels = {}
     for la, lb in zip(*(laplacian_pyramid(v[:n].permute(0, 3, 1, 2).float(), min_res) for v in (a, b))):
-        da = _patch_descriptors(la, patches_per_image, patch, gen).double()
-        db = _patch_descriptors(lb, patches_per_image, patch, gen).double()
+        da, db = (_patch_descriptors(v, patches_per_image, patch, gen).double() for v in (la, lb))   # a, then b
         dist = 0.0
         for _ in range(dir_repeats):                           # mean |sorted projection difference|
             u = torch.randn(da.shape[1], dirs_per_repeat, generator=gen, dtype=torch.float64)
@@ -593,17 +563,6 @@ def protocol(model, **entries):
             "code_version": train.code_version()}
 
 
-def side_file(samples_path):
-    """sample.py's side file of SAMPLES (`X.npz` -> `X.json`) as a dict, or None when absent."""
-    side = Path(samples_path).with_suffix(".json")
-    if Path(samples_path).suffix.lower() != ".npz" or not side.is_file():
-        return None
-    try:
-        return json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the samples' side file {side}: {e}") from None
-
-
 def metric_key(name, n, n_ref=None):
     """Result key: fid (>= 2,048 images on both sides), else labelled with the sizes: fid-512, fid-50000-ref1000."""
     if n >= MIN_IMAGES_UNBIASED and (n_ref is None or n_ref >= MIN_IMAGES_UNBIASED):
@@ -656,10 +615,13 @@ def evaluate_samples(args, d):
         raise ValueError("give REFERENCE, or --dataset (and --data-path) for held-out dataset images")
     n, n_ref = samples["n"], ref["n"]
     model, dino = try_inception(args.inception, args.resize, d.device), try_dinov2(args.dinov2, d.device)
-    check_reference(ref, None if model is None else model.resize)
+    r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
+    tag = str(r_stats.get("resize", "adm"))                               # untagged statistics: ADM's batches
+    if model is not None and r_stats and tag != model.resize:             # before any pass: no number shows it
+        raise ValueError(f"{ref['path']}: statistics computed with --resize {tag}, but the samples use --resize "
+                         f"{model.resize}; FIDs across protocols are not comparable")
     if model is not None or dino is not None:
         check_sample_sizes(n, n_ref, args.allow_small)
-    r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
     if model is not None and "mu" not in r_stats and "images" not in ref:
         raise ValueError(f"{ref['path']}: statistics without Inception features ('mu', 'sigma'); give the "
                          f"reference images, or statistics saved with Inception")
@@ -704,8 +666,7 @@ def evaluate_samples(args, d):
     res["protocol"] = protocol(
         model, fd_dinov2=None if dino is None else f"{DINOV2_PROTOCOL}; {args.dinov2 or 'torch.hub'}",
         num_samples=n, num_reference=n_ref, samples_file=samples["path"], samples_sha256=sha256_input(samples["path"]),
-        reference_file=ref["path"], reference_sha256=sha256_input(ref["path"]), is_split_size=IS_SPLIT_SIZE,
-        samples=side_file(args.samples))
+        reference_file=ref["path"], reference_sha256=sha256_input(ref["path"]), is_split_size=IS_SPLIT_SIZE)
     report(res, args.json or default_json_path(args.samples))
     return res
 
@@ -760,7 +721,6 @@ def evaluate_run(out, d):
         fs = extract_features(inception, Images(n, samples.__getitem__))["pool"]
         res[metric_key("fid", n, n)] = fid_of(fs, per["pool_x"])
     res["protocol"] = protocol(inception, num_samples=n, samples_file=npz, samples_sha256=sha256_input(npz),
-                               samples=side_file(npz),
                                reference=f"{run['dataset']} held-out images (split val, seed {run['seed']})")
     report(res, os.path.join(out, "metrics.json"))
     return res
@@ -784,6 +744,9 @@ PROBE_METRICS = (("gap_ratio", "gap / floor"), ("gap_swd", "gap SWD"), ("floor_s
                  ("latent_participation", "latent dims"), ("psnr", "PSNR"),
                  ("ssim", "SSIM"), ("spectrum_kl", "spectrum KL"), ("equivariance_error", "EQ error"),
                  ("dit_val_loss", "DiT val loss"))
+PROBE_CURVES = (("gap_ratio", "gap / floor"), ("latent_fd_ratio", "latent FD / floor"))   # against DiT steps
+CURVE_COLORS = [(30, 90, 220), (220, 60, 30), (40, 150, 60), (150, 60, 180), (220, 160, 0), (90, 90, 90),
+                (0, 170, 170), (140, 90, 40)]
 
 
 def latent_features(z, dims=64, seed=0):
@@ -825,33 +788,12 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
     return dict(res, **gaussian_floor(np.concatenate([fA, fB]), m))
 
 
-def cpu_name():
-    """The CPU's model name (for the probe's protocol record)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def probe_source(path):
-    """Recipe entries of the probe's autoencoder: a train.py checkpoint, SD-VAE (folder, .bin), the authors' weights."""
-    if os.path.isdir(path) or path.endswith(".bin"):
-        return dict(sd_vae=os.path.abspath(path), image_size=256)
-    if path.endswith(".safetensors"):
-        return dict(official_vae=os.path.abspath(path), image_size=256)
-    return dict(vae_ckpt=os.path.abspath(path), image_size=train.load_checkpoint(path, "vae")["args"]["image_size"])
-
-
 def scrambled_vae(vae_path, out, d):
     """The positive control: OUT/vae-scramble.pt, the checkpoint with its latent positions shuffled by a fixed
     permutation (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum."""
-    if os.path.isdir(vae_path) or not vae_path.endswith(".pt"):
-        raise ValueError(f"the scramble control needs a train.py VAE checkpoint (.pt), got {vae_path}")
     path = os.path.join(out, "vae-scramble.pt")
     if d.main and not os.path.exists(path):
         ckpt = train.load_checkpoint(vae_path, "vae")
-        os.makedirs(out, exist_ok=True)
         train.save_checkpoint(dict(ckpt, vae_config=dict(ckpt["vae_config"], scramble=SCRAMBLE_SEED)), path)
     d.barrier()
     return path
@@ -875,8 +817,9 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     if n_eval < 16 or n_eval % 8:
         raise ValueError(f"the probe's held-out images must be a multiple of 8 and at least 16, got {n_eval}")
     every = max(1, entries["dit_steps"] // PROBE_VAL_POINTS)                # the snapshots of the curves
-    entries.update(**PROBE_RECIPE, **probe_source(source), out=out, dataset_size=n_train, ckpt_every=every,
-                   keep_every=every, vis_every=entries["dit_steps"], resume=True)
+    image_size = train.load_checkpoint(vae_path, "vae")["args"]["image_size"]   # a train.py VAE checkpoint only
+    entries.update(**PROBE_RECIPE, vae_ckpt=os.path.abspath(source), image_size=image_size, out=out, resume=True,
+                   dataset_size=n_train, ckpt_every=every, keep_every=every, vis_every=entries["dit_steps"])
     train.run(train.recipe("deadleaves", seed=PROBE_DATA_SEED, **entries), d, stages=("latents",))   # fixed images
     cfg = train.recipe("deadleaves", seed=seed, **entries)
     train.run(cfg, d, stages=("dit",))
@@ -891,10 +834,8 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     draw = lambda net: torch.cat([sample.sample_latents(net, range(i, min(i + 64, m)), None, z.shape[1:], seed,  # noqa
                                                         d.device, steps=cfg.sample_steps) for i in range(0, m, 64)])
     curve = []
-    snapshots = sorted(glob.glob(os.path.join(out, "dit-*.pt")))            # dit-0000400.pt: sorted by step
-    if not snapshots or int(os.path.basename(snapshots[-1])[4:-3]) != ckpt["step"]:
-        snapshots.append(os.path.join(out, "dit.pt"))
-    for path in snapshots:
+    snapshots = [p for p in sorted(glob.glob(os.path.join(out, "dit-*.pt"))) if int(Path(p).stem[4:]) < ckpt["step"]]
+    for path in snapshots + [os.path.join(out, "dit.pt")]:                 # dit-0000400.pt, ... by step; dit.pt last
         snap, _, snap_ckpt = train.load_dit(path, d.device)
         samples = draw(snap)                                                # (m, C, h, w)
         curve.append(dict(step=snap_ckpt["step"], dit_val_loss=flow_val_loss(snap, z),
@@ -912,13 +853,14 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
         control=dict(kind="scramble", seed=SCRAMBLE_SEED, vae=os.path.abspath(source)) if control else None,
         probe_images=n_train, eval_images=n_eval, snapshots=[c["step"] for c in curve],
         latent_std_heldout=z.transpose(0, 1).flatten(1).std(1).tolist(),      # ~1 when the normalisation fits
-        recipe={k: v for k, v in vars(cfg).items() if k not in ("out", "vae_ckpt")}, machine=cpu_name(),
-        code_version=train.code_version(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-        minutes=(time.time() - t0) / 60)
+        recipe={k: v for k, v in vars(cfg).items() if k not in ("out", "vae_ckpt")},
+        machine=platform.processor() or platform.machine(), code_version=train.code_version(), torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
     n = min(8, m)
     train.save_grid(np.concatenate([train.to_uint8(v[:n]) for v in (x, decode(z[:n]), decode(samples[:n]))]),
                     os.path.join(out, "probe.png"), n)                      # rows: real, reconstructed, sampled
-    plot_curves({name: [res]}, os.path.join(out, "probe-curves.png"), PROBE_CURVES)
+    plot_curves([(label, [res], key) for key, label in PROBE_CURVES], os.path.join(out, "probe-curves.png"),
+                " and ".join(label for _, label in PROBE_CURVES))
     with torch.no_grad():
         z_raw = vae.encode(x[:64])[0]                                       # the spectrum the DiT sees, and
     rep = train.spectrum_report(x[:64], z_raw, cfg.esm_delta, vae.esm_blur)
@@ -934,22 +876,12 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     return res
 
 
-CURVE_COLORS = [(30, 90, 220), (220, 60, 30), (40, 150, 60), (150, 60, 180), (220, 160, 0), (90, 90, 90),
-                (0, 170, 170), (140, 90, 40)]
-
-
-PROBE_CURVES = (("gap_ratio", "gap / floor"), ("latent_fd_ratio", "latent FD / floor"))
-
-
-def plot_curves(rows, path, keys=PROBE_CURVES[:1]):
-    """Metrics (key, label) against DiT steps: rows {name: [probe results]}, the mean over a row's results."""
-    lines = [(name, results, key, label) for name, results in rows.items() for key, label in keys]
-    series = {f"{name}: {label}" if len(keys) > 1 else name: (
-        np.mean([[c[key] for c in r["curve"]] for r in results], 0), color)
-        for (name, results, key, label), color in zip(lines, CURVE_COLORS * 2)}
-    steps = [c["step"] for c in next(iter(rows.values()))[0]["curve"]]
-    label = " and ".join(label for _, label in keys)
-    train.plot_lines(series, path, title=f"{label} against DiT steps (1 = the floor of real images)",
+def plot_curves(lines, path, title):
+    """Curves (name, probe results, metric key) against DiT steps, each the mean over its results."""
+    series = {name: (np.mean([[c[key] for c in r["curve"]] for r in results], 0), color)
+              for (name, results, key), color in zip(lines, CURVE_COLORS * 2)}
+    steps = [c["step"] for c in lines[0][1][0]["curve"]]
+    train.plot_lines(series, path, title=f"{title} against DiT steps (1 = the floor of real images)",
                      xlabel=f"DiT steps {steps[0]} -> {steps[-1]} ({len(steps)} snapshots)", ylabel="ratio")
 
 
@@ -989,10 +921,10 @@ def compare(out, d, seeds=(0, 1, 2), budget="short"):
                 runs.setdefault(f"{first} scrambled", {})[seed] = probe(
                     vae, d, seed, budget, os.path.join(folder, "probe-scramble"), control="scramble")
         if reg == first:                                   # the same autoencoder, only the DiT's seed differs
-            neg, folder = runs.setdefault(f"{first} seed {seeds[0]}, DiT seeds", {}), os.path.join(out, f"{first}-seed{seeds[0]}")
-            for seed in seeds:
-                neg[seed] = runs[first][seed] if seed == seeds[0] else probe(
-                    os.path.join(folder, "vae.pt"), d, seed, budget, os.path.join(folder, f"probe-dit-seed{seed}"))
+            folder = os.path.join(out, f"{reg.replace('+', '_')}-seed{seeds[0]}")
+            runs[f"{first} seed {seeds[0]}, DiT seeds"] = {seed: runs[first][seed] if seed == seeds[0] else probe(
+                os.path.join(folder, "vae.pt"), d, seed, budget, os.path.join(folder, f"probe-dit-seed{seed}"))
+                for seed in seeds}
     if d.main:
         table, summary = compare_table(runs)
         p = runs[first][seeds[0]]["protocol"]
@@ -1002,9 +934,8 @@ def compare(out, d, seeds=(0, 1, 2), budget="short"):
         train.atomic_write(os.path.join(out, "compare.md"), lambda f: f.write(f"{head}\n\n{table}\n"), binary=False)
         train.write_json(dict(summary=summary, budget=PROBE_BUDGETS[budget], seeds=list(seeds), protocol=p, runs=runs),
                          os.path.join(out, "compare.json"))
-        rows = {reg: list(by_seed.values()) for reg, by_seed in runs.items()}
-        plot_curves(rows, os.path.join(out, "compare-gap.png"), PROBE_CURVES[:1])
-        plot_curves(rows, os.path.join(out, "compare-latent-fd.png"), PROBE_CURVES[1:])
+        for (key, label), file in zip(PROBE_CURVES, ("compare-gap.png", "compare-latent-fd.png")):
+            plot_curves([(reg, list(r.values()), key) for reg, r in runs.items()], os.path.join(out, file), label)
         print(head + "\n\n" + table)
     d.barrier()
     return runs
@@ -1020,7 +951,7 @@ def build_parser():
     p.add_argument("reference", nargs="?", help="folder / arr_0 .npz / mu,sigma .npz")
     p.add_argument("--run", default="runs/deadleaves", help="training run folder (the default mode): metrics.json")
     p.add_argument("--vae", metavar="CKPT", help="autoencoder metrics of a train.py VAE checkpoint")
-    p.add_argument("--probe", metavar="VAE_CKPT", help="the diffusability probe of an autoencoder")
+    p.add_argument("--probe", metavar="VAE_CKPT", help="the diffusability probe of a train.py VAE checkpoint")
     p.add_argument("--compare", metavar="OUT", help="stage 1 and the probe for every regulariser and --seeds")
     p.add_argument("--dataset", help="held-out images of this dataset: --vae's, or the reference without REFERENCE")
     p.add_argument("--data-path", help="dataset root")

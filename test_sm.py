@@ -3168,33 +3168,43 @@ def test_mixed_image_sizes_are_refused_in_one_batch():
 
 
 @scripts
-def test_reference_is_checked_before_the_samples_inception_pass(tmp_path, monkeypatch):
-    """A reference of the wrong dimension, with NaN, or of the other protocol (untagged statistics are ADM's
-    batches) is refused before any feature extraction."""
+def test_reference_of_another_protocol_is_refused_before_any_pass_bad_statistics_after(tmp_path, monkeypatch):
+    """Statistics of the other --resize protocol (untagged statistics are ADM's batches) are refused before any
+    feature extraction (no number shows it later); a wrong dimension or NaN is refused in one line by the Frechet
+    distance (or precision / recall), after the samples' pass."""
     _, inc = _biased_inception(tmp_path)
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    extract = evaluate.extract_features
 
     def no_pass(*a, **k):
         raise AssertionError("the samples' Inception pass ran before the reference was checked")
     monkeypatch.setattr(evaluate, "extract_features", no_pass)
     mu, sigma = np.zeros(2048), np.eye(2048)
-    refs = {"small.npz": (dict(mu=np.zeros(10), sigma=np.eye(10)), [], r"'mu' has shape \(10,\).*wrong dimension"),
-            "spatial.npz": (dict(mu=mu, sigma=sigma, mu_s=np.zeros(7), sigma_s=np.eye(7)), [], "'mu_s'.*dimension"),
-            "nan.npz": (dict(mu=np.full(2048, np.nan), sigma=sigma), [], "'mu' holds NaN"),
-            "adm.npz": (dict(mu=mu, sigma=sigma), ["--resize", "pytorch-fid"], "--resize adm.*not comparable"),
+    refs = {"adm.npz": (dict(mu=mu, sigma=sigma), ["--resize", "pytorch-fid"], "--resize adm.*not comparable"),
             "pt.npz": (dict(mu=mu, sigma=sigma, resize="pytorch-fid"), [], "--resize pytorch-fid.*not comparable")}
     for name, (stats, extra, msg) in refs.items():
         np.savez(tmp_path / name, **stats)
         with pytest.raises(train.USER_ERRORS, match=msg):
             evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / name), "--inception", inc, "--allow-small"] + extra)
-    for stats, msg in ((dict(mu_dinov2=np.zeros(4), sigma_dinov2=np.eye(5)), "'sigma_dinov2'.*wrong dimension"),
-                       (dict(mu_dinov2=np.full(4, np.nan), sigma_dinov2=np.eye(4)), "'mu_dinov2' holds NaN")):
+    monkeypatch.setattr(evaluate, "extract_features", extract)
+    refs = {"small.npz": (dict(mu=np.zeros(10), sigma=np.eye(10)), r"different dimensions: \(2048,\) vs \(10,\)"),
+            "spatial.npz": (dict(mu=mu, sigma=sigma, mu_s=np.zeros(7), sigma_s=np.eye(7)), r"\(2023,\) vs \(7,\)"),
+            "nan.npz": (dict(mu=np.full(2048, np.nan), sigma=sigma), "statistics contain NaN or inf"),
+            "pool.npz": (dict(mu=mu, sigma=sigma, pool=np.zeros((3, 5))), "different dimensions: 5 vs 2048")}
+    for name, (stats, msg) in refs.items():
+        np.savez(tmp_path / name, **stats)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match=msg):
+                evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / name), "--inception", inc, "--allow-small"])
+    model, _ = _edm2_stand_in()                                           # 512 features
+    monkeypatch.setattr(evaluate, "try_dinov2", lambda *a, **k: model)
+    monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: None)
+    for stats, msg in ((dict(mu_dinov2=np.zeros(4), sigma_dinov2=np.eye(4)), r"\(512,\) vs \(4,\)"),
+                       (dict(mu_dinov2=np.full(512, np.nan), sigma_dinov2=np.eye(512)), "NaN or inf")):
+        np.savez(tmp_path / "dino.npz", **stats)
         with pytest.raises(ValueError, match=msg):
-            evaluate.check_reference({"path": "p", "stats": dict(mu=mu, sigma=sigma, **stats)}, "adm")
-    ok = {"path": "ok", "stats": dict(mu=mu, sigma=sigma, pool=np.zeros((3, 2048)))}
-    evaluate.check_reference(ok, "adm")                                   # untagged = ADM's protocol: accepted
-    with pytest.raises(ValueError, match="'pool'.*wrong dimension"):
-        evaluate.check_reference({"path": "p", "stats": dict(mu=mu, sigma=sigma, pool=np.zeros((3, 5)))}, "adm")
+            evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "dino.npz"), "--allow-small"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -3382,17 +3392,16 @@ def test_cli_small_sample_refusal_labels_and_unbiased_is(tmp_path, capsys, monke
 
 
 @scripts
-def test_cli_protocol_record_side_file_and_default_output(tmp_path, monkeypatch, capsys):
-    """The JSON (written next to SAMPLES by default, not in the cwd) carries the protocol: features, sizes,
-    sha256 of every file input, code version and sample.py's side file; stdout shows it above the table."""
+def test_cli_protocol_record_and_default_output(tmp_path, monkeypatch, capsys):
+    """The JSON (written next to SAMPLES by default, not in the cwd, and not over sample.py's X.json) carries the
+    protocol: features, sizes, the samples file and sha256 of every file input, code version; stdout shows it
+    above the table."""
     monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
     _, inc = _biased_inception(tmp_path)
     rng = np.random.RandomState(2)
     np.savez(tmp_path / "s.npz", arr_0=rng.randint(0, 256, (5, 32, 32, 3), dtype=np.uint8))
     np.savez(tmp_path / "ref.npz", arr_0=rng.randint(0, 256, (5, 32, 32, 3), dtype=np.uint8))
-    side = {"sampler": "ode", "steps": 50, "nfe": 99, "cfg_scale": 1.5, "guidance_interval": [0.0, 0.7],
-            "precision": "bf16", "num_samples": 5, "labels": "uniform", "seed": 0, "checkpoint": "dit.pt"}
-    (tmp_path / "s.json").write_text(json.dumps(side))
+    (tmp_path / "s.json").write_text("{sample.py's settings, not read")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()       # noqa: E731
@@ -3405,7 +3414,8 @@ def test_cli_protocol_record_side_file_and_default_output(tmp_path, monkeypatch,
     assert prot["features"] == "adm" and prot["num_samples"] == 5 and prot["num_reference"] == 5
     assert prot["reference_file"] == str(tmp_path / "ref.npz") and prot["reference_sha256"] == sha(tmp_path / "ref.npz")
     assert prot["samples_sha256"] == sha(tmp_path / "s.npz") and prot["inception_sha256"] == sha(inc)
-    assert prot["samples"] == side and prot["is_split_size"] == 5000
+    assert prot["samples_file"] == str(tmp_path / "s.npz") and prot["is_split_size"] == 5000 and "samples" not in prot
+    assert (tmp_path / "s.json").read_text() == "{sample.py's settings, not read"
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", prot["code_version"])
     out = capsys.readouterr().out
     assert out.index("protocol") < out.index("metric") and f"reference_sha256: {sha(tmp_path / 'ref.npz')}" in out
@@ -3414,9 +3424,6 @@ def test_cli_protocol_record_side_file_and_default_output(tmp_path, monkeypatch,
     with pytest.raises(train.USER_ERRORS, match="not comparable"):
         evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref_stats.npz"), "--inception", inc,
                        "--allow-small", "--resize", "pytorch-fid"])
-    (tmp_path / "s.json").write_text("{not json")
-    with pytest.raises(train.USER_ERRORS, match="side file"):
-        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--inception", inc, "--allow-small"])
 
 
 @scripts
