@@ -966,7 +966,7 @@ def encode_latents(cfg, d):
             arrays["images"][rows] = to_uint8(x)
         bar.update(len(x) * d.world)
         if stop_requested(d):
-            stop_now(d, f"stage latents: not finished; --resume encodes {folder} again")
+            stop_now(d, f"stage latents: {folder} is not finished (--resume encodes it again)")
     bar.close()
     for a in arrays.values():
         a.flush()
