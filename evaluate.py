@@ -362,8 +362,8 @@ def knn_radii(features, k=3, batch_size=1024, device="cpu"):
 def precision_recall(real_features, fake_features, k=3, batch_size=1024, device="cpu"):
     """Improved precision / recall (Kynkäänniemi et al. 2019): fake / real samples inside the other's k-NN balls."""
     real, fake = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (real_features, fake_features))
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"precision / recall of features of different dimensions: {real.shape[1]} vs {fake.shape[1]}")
+    if real.shape[1] != fake.shape[1] or not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
+        raise ValueError(f"precision / recall needs finite features of one size, got {real.shape[1]}, {fake.shape[1]}")
 
     def coverage(queries, support):
         r = torch.as_tensor(knn_radii(support, k, batch_size, device), device=device)
@@ -811,13 +811,13 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
         return json.loads(Path(result_path).read_text())
     if control not in (None, "scramble"):
         raise ValueError(f"unknown probe control {control!r}: scramble or none")
+    image_size = train.load_checkpoint(vae_path, "vae")["args"]["image_size"]   # every rank: a train.py checkpoint
     source = scrambled_vae(vae_path, out, d) if control else vae_path
     entries = dict(PROBE_BUDGETS[budget])
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
     if n_eval < 16 or n_eval % 8:
         raise ValueError(f"the probe's held-out images must be a multiple of 8 and at least 16, got {n_eval}")
     every = max(1, entries["dit_steps"] // PROBE_VAL_POINTS)                # the snapshots of the curves
-    image_size = train.load_checkpoint(vae_path, "vae")["args"]["image_size"]   # a train.py VAE checkpoint only
     entries.update(**PROBE_RECIPE, vae_ckpt=os.path.abspath(source), image_size=image_size, out=out, resume=True,
                    dataset_size=n_train, ckpt_every=every, keep_every=every, vis_every=entries["dit_steps"])
     train.run(train.recipe("deadleaves", seed=PROBE_DATA_SEED, **entries), d, stages=("latents",))   # fixed images

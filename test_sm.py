@@ -1357,16 +1357,18 @@ def ref(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp(ref, tmp_path_factory):
-    """One torchrun of 2 gloo processes: stage 1 (snapshot at step 2), the latents of the reference VAE and stage 2
-    on the reference latents; step 0's gradients from rank 0."""
+    """One torchrun of 2 gloo processes: stage 1 (snapshot at step 2), the latents of the reference VAE (also of 9
+    images: 2 batches on rank 0, 1 on rank 1) and stage 2 on the reference latents; step 0's gradients from rank 0."""
     tmp = tmp_path_factory.mktemp("ddp")
     vae, lat, dit = tmp / "run_vae", copy_run(ref.out, tmp / "run_latents", "vae.pt"), \
         copy_run(ref.out, tmp / "run_dit", "vae.pt", "latents")
+    odd = copy_run(ref.out, tmp / "run_latents9", "vae.pt")
     runs = [["--stage", "vae", "--out", str(vae), "--keep-every", "2"] + TINY,
             ["--stage", "latents", "--out", str(lat)] + TINY,
+            ["--stage", "latents", "--out", str(odd)] + TINY + ["--dataset-size", "9"],
             ["--stage", "dit", "--out", str(dit)] + TINY]
     run_script(tmp, ["--runs", json.dumps(runs)], nproc=2, env={"TEST_GRADS": str(tmp / "grads.pt")})
-    return types.SimpleNamespace(vae=vae, latents=lat, dit=dit, grads=torch.load(tmp / "grads.pt"))
+    return types.SimpleNamespace(vae=vae, latents=lat, latents9=odd, dit=dit, grads=torch.load(tmp / "grads.pt"))
 
 
 # ----------------------------------------------------------------------------- recipes and the command line
@@ -1636,8 +1638,8 @@ def test_damaged_latents_files_are_named(tmp_path, damage):
 
 
 @scripts
-def test_links_in_image_folders_never_loop(tmp_path):
-    """A link inside a class folder (train/a/self -> .) is not walked; a link from the root to itself or above it
+def test_links_up_the_tree_are_walked_once(tmp_path):
+    """A link from a class folder to itself (train/a/self -> .) or from the root to itself or above it
     (train/loop -> train) neither loops nor makes a class; a link to another folder is an ordinary class."""
     from PIL import Image
     root = tmp_path / "train"
@@ -2035,6 +2037,10 @@ def test_ddp_latents_match_single_process(ref, ddp):
         assert np.allclose(a, b, rtol=1e-5, atol=1e-6) if name == "moments" else np.array_equal(a, b), name
     assert json.loads((ddp.latents / "latents" / "meta.json").read_text()) == \
         json.loads((ref.out / "latents" / "meta.json").read_text())
+    assert json.loads((ddp.latents9 / "latents" / "meta.json").read_text())["num_images"] == 9   # uneven shares
+    for name in ("moments", "labels", "images"):                 # dead leaves: image i does not depend on the length
+        a, b = np.load(ref.out / "latents" / f"{name}.npy")[:9], np.load(ddp.latents9 / "latents" / f"{name}.npy")
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-6) if name == "moments" else np.array_equal(a, b), name
 
 
 @scripts
@@ -3190,7 +3196,8 @@ def test_reference_of_another_protocol_is_refused_before_any_pass_bad_statistics
     refs = {"small.npz": (dict(mu=np.zeros(10), sigma=np.eye(10)), r"different dimensions: \(2048,\) vs \(10,\)"),
             "spatial.npz": (dict(mu=mu, sigma=sigma, mu_s=np.zeros(7), sigma_s=np.eye(7)), r"\(2023,\) vs \(7,\)"),
             "nan.npz": (dict(mu=np.full(2048, np.nan), sigma=sigma), "statistics contain NaN or inf"),
-            "pool.npz": (dict(mu=mu, sigma=sigma, pool=np.zeros((3, 5))), "different dimensions: 5 vs 2048")}
+            "pool.npz": (dict(mu=mu, sigma=sigma, pool=np.zeros((3, 5))), "finite features of one size, got 5, 2048"),
+            "poolnan.npz": (dict(mu=mu, sigma=sigma, pool=np.full((3, 2048), np.nan)), "finite features of one size")}
     for name, (stats, msg) in refs.items():
         np.savez(tmp_path / name, **stats)
         with warnings.catch_warnings():
@@ -3751,7 +3758,7 @@ def test_probe_bad_input(tmp_path, monkeypatch):
     monkeypatch.setitem(evaluate.PROBE_BUDGETS, "odd", dict(TINY_BUDGET, probe_eval=7))
     with pytest.raises(train.USER_ERRORS, match="checkpoint not found"):
         evaluate.main(["--probe", str(tmp_path / "missing.pt")])
-    torch.save({"kind": "vae", "args": {}}, tmp_path / "vae.pt")
+    torch.save({"kind": "vae", "args": {"image_size": 32}}, tmp_path / "vae.pt")
     with pytest.raises(ValueError, match="multiple of 8 and at least 16"):
         evaluate.probe(str(tmp_path / "vae.pt"), train.Dist(), budget="odd")
     with pytest.raises(ValueError, match="unknown probe control 'shuffle'"):

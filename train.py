@@ -9,10 +9,10 @@ Train Spectrum Matching latent diffusion: the autoencoder (stage 1), its latents
 published ones) and --variant one of its variants; every recipe entry is a flag that overrides it
 (`--vae-steps 1000`), and `--dataset NAME ... --help` lists the values that will be used.
 
-Stages: all (vae, latents, dit, then samples and metrics; a finished stage is skipped, an interrupted
-one resumed), vae, latents, dit. Every random number of a step is drawn for the global batch from a
-generator seeded by (seed, step) and each rank takes its slice, so a step sees the same data and noise on
-any number of processes and a resume needs no RNG state.
+Stages: all (vae, latents, dit, then samples and metrics; a finished stage is skipped, an interrupted one
+resumed, the latents encoded again), vae, latents, dit. Every random number of a step is drawn for the global
+batch from a generator seeded by (seed, step) and each rank takes its slice, so a step sees the same data and
+noise on any number of processes and a resume needs no RNG state.
 """
 
 import argparse
@@ -358,9 +358,14 @@ def _is_image(name):
 
 
 def image_files(folder):
-    """Every image in folder and its subfolders, hidden ones and linked subfolders skipped, in sorted path order."""
-    found = []
-    for dirpath, dirnames, names in os.walk(folder):                 # links to folders are not walked: no loops
+    """Every image in folder and its subfolders, hidden ones and links that loop skipped, in sorted path order."""
+    found, seen = [], set()
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:                                   # a link back up the tree: walked once
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [n for n in dirnames if not n.startswith(".")]
         found.append((dirpath, sorted(n for n in names if _is_image(n))))
     return [os.path.join(dirpath, n) for dirpath, names in sorted(found) for n in names]
@@ -625,7 +630,7 @@ def stop_requested(d):
 
 
 def stop_now(d, what):
-    log(d, f"{what}; stopped by signal {STOP['signal']}: --resume continues exactly (exit status {RESUMABLE})")
+    log(d, f"{what}; stopped by signal {STOP['signal']} (exit status {RESUMABLE}: --resume continues)")
     raise SystemExit(RESUMABLE)
 
 
@@ -946,17 +951,21 @@ def encode_latents(cfg, d):
     files = dict(moments=((N, 2, C, h, h), np.float32), labels=((N,), np.int64))
     if with_images:
         files["images"] = ((N, cfg.image_size, cfg.image_size, 3), np.uint8)
-    check_space(folder, sum(math.prod(shape) * np.dtype(t).itemsize for shape, t in files.values()))
+    paths = {n: os.path.join(folder, n + ".npy") for n in files}
+    rewritten = sum(os.path.getsize(p) for p in paths.values() if os.path.exists(p))   # of an interrupted encoding
+    check_space(folder, sum(math.prod(shape) * np.dtype(t).itemsize for shape, t in files.values()) - rewritten)
     if d.main:
         for name, (shape, dtype) in files.items():
-            np.lib.format.open_memmap(os.path.join(folder, name + ".npy"), "w+", dtype, shape).flush()
+            np.lib.format.open_memmap(paths[name], "w+", dtype, shape).flush()
     d.barrier()
-    arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r+") for n in files}
+    arrays = {n: np.load(p, mmap_mode="r+") for n, p in paths.items()}
     idx = list(range(d.rank, N, d.world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=max(1, cfg.vae_batch // d.world),
-                                         num_workers=cfg.num_workers, worker_init_fn=_worker_init)
+    bs = max(1, cfg.vae_batch // d.world)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=bs, num_workers=cfg.num_workers,
+                                         worker_init_fn=_worker_init)
+    common = -(-(N // d.world) // bs)                          # batches every rank has: the stop check is collective
     bar, pos = progress(d, 0, N, "stage latents"), 0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
         rows, pos = idx[pos:pos + len(x)], pos + len(x)
         x = x.to(d.device)
         mean, logvar = vae.encode(x)
@@ -965,8 +974,8 @@ def encode_latents(cfg, d):
         if with_images:
             arrays["images"][rows] = to_uint8(x)
         bar.update(len(x) * d.world)
-        if stop_requested(d):
-            stop_now(d, f"stage latents: {folder} is not finished (--resume encodes it again)")
+        if i < common and stop_requested(d):
+            stop_now(d, f"stage latents: {folder} is not finished and will be encoded again")
     bar.close()
     for a in arrays.values():
         a.flush()
@@ -1032,12 +1041,16 @@ def dit_config(cfg, meta, enc_dim):
     C, h, _ = meta["latent_shape"]
     preset = sm.DiT_CONFIGS[cfg.model]
     depth = cfg.depth or preset["depth"]
-    return dict(depth=depth, hidden_size=cfg.width or preset["hidden_size"],
-                num_heads=max(1, cfg.width // 64) if cfg.width else preset["num_heads"],
-                encoder_depth=cfg.encoder_depth or (max(1, depth // 3) if cfg.depth else preset["encoder_depth"]),
-                input_size=h, in_channels=C, num_classes=0 if cfg.unconditional else meta["num_classes"],
-                class_dropout_prob=cfg.class_dropout, z_dims=[enc_dim] if enc_dim else [],
-                projector_type=cfg.projector, projector_kernel_size=cfg.projector_kernel, qk_norm=cfg.qk_norm)
+    out = dict(depth=depth, hidden_size=cfg.width or preset["hidden_size"],
+               num_heads=max(1, cfg.width // 64) if cfg.width else preset["num_heads"],
+               encoder_depth=cfg.encoder_depth or (max(1, depth // 3) if cfg.depth else preset["encoder_depth"]),
+               input_size=h, in_channels=C, num_classes=0 if cfg.unconditional else meta["num_classes"],
+               class_dropout_prob=cfg.class_dropout, z_dims=[enc_dim] if enc_dim else [])
+    if cfg.projector != "mlp":
+        out.update(projector_type=cfg.projector, projector_kernel_size=cfg.projector_kernel)
+    if cfg.qk_norm:
+        out["qk_norm"] = True
+    return out
 
 
 def dit_batch_randomness(cfg, step, B, latent_shape):
