@@ -833,7 +833,7 @@ def train_vae(cfg, d):
             stop_now(d, f"stage vae: {path} saved at step {step}")
     bar.close()
     if step == cfg.vae_steps:                                  # the statistics, then the finished checkpoint
-        mean, std = latent_statistics(vae, ds, cfg, d)
+        mean, std = latent_statistics(vae, ds, d, cfg.stats_samples, cfg.seed, cfg.latent_norm)
         vae.latent_mean.copy_(mean), vae.latent_std.copy_(std)
         save_run(d, vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history, finished=True), path, (vae, disc))
     return path
@@ -859,12 +859,12 @@ def vae_pictures(vae, x, cfg, d):
 
 
 @torch.no_grad()
-def latent_statistics(vae, ds, cfg, d):
-    """Latent mean and std over a seeded uniform subset of --stats-samples images, in closed form
-    (sm.latent_moments), summed over ranks: one std for all channels (scalar, the authors) or per channel."""
+def latent_statistics(vae, ds, d, num_images, seed, norm="scalar"):
+    """Latent mean and std over a seeded uniform subset of num_images images, in closed form (sm.latent_moments),
+    summed over ranks: one std for all channels (norm "scalar", the authors) or per channel ("channel")."""
     vae.eval()
-    n = min(cfg.stats_samples, len(ds))
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()[d.rank::d.world]
+    n = min(num_images, len(ds))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()[d.rank::d.world]
     acc = torch.zeros(3, vae.latent_channels, dtype=torch.float64, device=d.device)
     bar = progress(d, 0, len(idx), "latent statistics")
     for i in range(0, len(idx), 64):
@@ -872,8 +872,8 @@ def latent_statistics(vae, ds, cfg, d):
         acc += sm.latent_moments(*vae.encode(x))
         bar.update(len(x))
     bar.close()
-    mean, std = sm.latent_stats(d.all_reduce(acc), per_channel=cfg.latent_norm == "channel")
-    log(d, f"latent statistics ({cfg.latent_norm}) over {n} images: mean {[round(v, 4) for v in mean.tolist()]}, "
+    mean, std = sm.latent_stats(d.all_reduce(acc), per_channel=norm == "channel")
+    log(d, f"latent statistics ({norm}) over {n} images: mean {[round(v, 4) for v in mean.tolist()]}, "
            f"std {[round(v, 4) for v in std.tolist()]}")
     return mean.to(d.device), std.to(d.device)
 
@@ -902,8 +902,7 @@ def vae_source(cfg, d, ds):
         scale = cfg.official_scale
         if scale is None:
             vae = sm.load_official_vae(cfg.official_vae, cfg.vae, scale_factor=1.0).to(d.device)
-            scale = 1.0 / float(latent_statistics(vae, ds, argparse.Namespace(**{**vars(cfg), "latent_norm": "scalar"}),
-                                                  d)[1][0])
+            scale = 1.0 / float(latent_statistics(vae, ds, d, cfg.stats_samples, cfg.seed)[1][0])
         return dict(kind="official", path=os.path.abspath(cfg.official_vae), preset=cfg.vae, scale=scale)
     path = cfg.vae_ckpt or os.path.join(cfg.out, "vae.pt")
     ckpt = load_checkpoint(path, "vae")
