@@ -788,12 +788,11 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
     return dict(res, **gaussian_floor(np.concatenate([fA, fB]), m))
 
 
-def scrambled_vae(vae_path, out, d):
-    """The positive control: OUT/vae-scramble.pt, the checkpoint with its latent positions shuffled by a fixed
+def scrambled_vae(ckpt, out, d):
+    """The positive control: OUT/vae-scramble.pt, the 'vae' checkpoint with its latent positions shuffled by a fixed
     permutation (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum."""
     path = os.path.join(out, "vae-scramble.pt")
     if d.main and not os.path.exists(path):
-        ckpt = train.load_checkpoint(vae_path, "vae")
         train.save_checkpoint(dict(ckpt, vae_config=dict(ckpt["vae_config"], scramble=SCRAMBLE_SEED)), path)
     d.barrier()
     return path
@@ -811,15 +810,16 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
         return json.loads(Path(result_path).read_text())
     if control not in (None, "scramble"):
         raise ValueError(f"unknown probe control {control!r}: scramble or none")
-    image_size = train.load_checkpoint(vae_path, "vae")["args"]["image_size"]   # every rank: a train.py checkpoint
-    source = scrambled_vae(vae_path, out, d) if control else vae_path
+    vae_state = train.load_checkpoint(vae_path, "vae")                     # every rank: a train.py checkpoint
+    source = scrambled_vae(vae_state, out, d) if control else vae_path
     entries = dict(PROBE_BUDGETS[budget])
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
     if n_eval < 16 or n_eval % 8:
         raise ValueError(f"the probe's held-out images must be a multiple of 8 and at least 16, got {n_eval}")
     every = max(1, entries["dit_steps"] // PROBE_VAL_POINTS)                # the snapshots of the curves
-    entries.update(**PROBE_RECIPE, vae_ckpt=os.path.abspath(source), image_size=image_size, out=out, resume=True,
-                   dataset_size=n_train, ckpt_every=every, keep_every=every, vis_every=entries["dit_steps"])
+    entries.update(**PROBE_RECIPE, vae_ckpt=os.path.abspath(source), image_size=vae_state["args"]["image_size"],
+                   out=out, resume=True, dataset_size=n_train, ckpt_every=every, keep_every=every,
+                   vis_every=entries["dit_steps"])
     train.run(train.recipe("deadleaves", seed=PROBE_DATA_SEED, **entries), d, stages=("latents",))   # fixed images
     cfg = train.recipe("deadleaves", seed=seed, **entries)
     train.run(cfg, d, stages=("dit",))
