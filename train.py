@@ -24,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import traceback
@@ -119,50 +118,44 @@ def recipe(dataset="deadleaves", variant=None, **overrides):
     return cfg
 
 
-def parse_value(name, text, default):
-    """The text of `--name text`, typed like the recipe's default (None: a number if it reads as one)."""
+def parse_value(flag, text, default):
+    """The text of a flag, typed like the recipe's default (None: a number if it reads as one, else the text)."""
+    if isinstance(default, str) or flag[2:].replace("-", "_") in PATHS:
+        return text
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--{name} takes true or false, got {text!r}")
+            raise ValueError(f"{flag} takes true or false, got {text!r}")
         return text.lower() in ("true", "1")
-    if isinstance(default, str) or name.replace("-", "_") in PATHS:
-        return text
     try:
         v = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if default is None:
-            return text
-        raise ValueError(f"--{name} takes a {type(default).__name__}, got {text!r}") from None
-    v = float(v) if isinstance(default, float) and isinstance(v, int) else v
+        v = text
+    v = float(v) if isinstance(default, float) and type(v) is int else v
     if default is not None and type(v) is not type(default):
-        raise ValueError(f"--{name} takes a {type(default).__name__}, got {text!r}")
+        raise ValueError(f"{flag} takes a {type(default).__name__}, got {text!r}")
     return v
 
 
 def get_args(argv=None):
     """Every recipe entry is a flag: --name value (or --name=value; a bare --name sets a boolean)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    first = dict(zip(argv, argv[1:])) | dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    words = [w for a in (sys.argv[1:] if argv is None else argv) for w in (a.split("=", 1) if a[:2] == "--" else [a])]
+    wants_help = bool({"-h", "--help"} & set(words))
+    words = [w for w in words if w not in ("-h", "--help")]
+    first = dict(zip(words, words[1:]))
     r = base_recipe(first.get("--dataset", "deadleaves"), first.get("--variant"))
-    wants_help = bool({"-h", "--help"} & set(argv))
-    argv = [a for a in argv if a not in ("-h", "--help")]
-    given, i = {}, 0
-    while i < len(argv):
-        name, eq, text = argv[i].removeprefix("--").partition("=")
-        key = name.replace("-", "_")
-        if not argv[i].startswith("--") or key not in r:
-            raise ValueError(f"unknown argument {argv[i]} (run train.py --help for the recipe's entries)")
+    given = {}
+    while words:
+        flag, key = words[0], words[0][2:].replace("-", "_")
+        if not flag.startswith("--") or key not in r:
+            raise ValueError(f"unknown argument {flag} (run train.py --help for the recipe's entries)")
         n = len(r[key]) if isinstance(r[key], tuple) else 1
-        vals = [text] if eq else argv[i + 1:i + 1 + n]
-        if isinstance(r[key], bool) and not eq and (not vals or vals[0].startswith("--")):
-            vals = ["true"]                                     # --resume, --compile ...
-        elif len(vals) < n or vals[0].startswith("--") and not vals[0][2:3].isdigit():
-            raise ValueError(f"--{name} needs {n} value{'s' if n > 1 else ''}")
-        else:
-            i += 0 if eq else n
-        given[key] = (tuple(parse_value(name, t, x) for t, x in zip(vals, r[key])) if n > 1
-                      else parse_value(name, vals[0], r[key]))
-        i += 1
+        if isinstance(r[key], bool) and (len(words) == 1 or words[1].startswith("--")):
+            words.insert(1, "true")                             # a bare --resume, --compile ...
+        vals, words = words[1:1 + n], words[1 + n:]
+        if len(vals) < n or any(v.startswith("--") for v in vals):
+            raise ValueError(f"{flag} needs {n} value{'s' if n > 1 else ''}")
+        vals = [parse_value(flag, v, x) for v, x in zip(vals, r[key] if n > 1 else [r[key]])]
+        given[key] = tuple(vals) if n > 1 else vals[0]
     if wants_help:                                             # the values this command line would use
         entries = "\n".join(f"  {k} = {v!r}" for k, v in {**r, **given}.items())
         print(__doc__ + f"\nrecipe {r['dataset']}{' / ' + r['variant'] if r['variant'] else ''}; every entry is a "
@@ -386,19 +379,15 @@ class ImageFiles(torch.utils.data.Dataset):
         if subdirs and top:
             raise ValueError(f"{root} mixes {len(top)} images with {len(subdirs)} subfolders: expected class folders "
                              "(ROOT/CLASS/IMAGE) or a flat folder of images")
-        self.classes, self.files, self.labels = subdirs, [], []
-        for i, c in enumerate(subdirs):
-            files = image_files(os.path.join(root, c))
+        groups = [image_files(os.path.join(root, c)) for c in subdirs] or [[os.path.join(root, n) for n in top]]
+        for c, files in zip(subdirs, groups):
             if not files:
                 raise ValueError(f"class folder {os.path.join(root, c)} holds no images: remove it or fix the layout")
-            self.files += files
-            self.labels += [i] * len(files)
-        if not subdirs:
-            self.files = [os.path.join(root, n) for n in top]
-            self.labels = [0] * len(top)
-        if not self.files:
+        if not groups[0]:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root}")
-        self.num_classes = len(self.classes)
+        self.files = [f for files in groups for f in files]
+        self.labels = [i for i, files in enumerate(groups) for _ in files]   # class folders: their order; flat: 0
+        self.classes, self.num_classes = subdirs, len(subdirs)
 
     def __len__(self):
         return len(self.files)
@@ -481,15 +470,11 @@ def to_uint8(x):
 
 
 def save_grid(images, path, ncol=8):
-    """Save uint8 images (N, H, W, 3) as one PNG grid with 2-pixel gaps."""
+    """Save uint8 images (N, H, W, 3) as one PNG grid with 2-pixel white gaps (torchvision's make_grid)."""
     from PIL import Image
-    n, h, w, _ = images.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + 2) + 2, min(n, ncol) * (w + 2) + 2, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
-    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    from torchvision.utils import make_grid
+    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=ncol, padding=2, pad_value=255)
+    atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
 
 def plot_lines(series, path, title="", xlabel="", ylabel=""):
@@ -542,17 +527,14 @@ def code_version():
 
 
 def atomic_write(path, write, binary=True):
-    """write(f) into a temporary file beside `path`, fsync, rename it over `path`: a crash at any point leaves
-    the old file or the new one. A full disk is one line that names the path; the old file is kept."""
+    """write(f) into PATH.tmp, fsync, rename it over PATH: a crash at any point leaves the old file or the new one,
+    and a killed writer's PATH.tmp is overwritten by the next write (one writer per path: the run folder's lock).
+    A full disk is one line that names the path; the old file is kept."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
     try:
-        os.chmod(tmp, 0o666 & ~umask)                                      # as open() would, not mkstemp's 0600
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+        with open(tmp, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -566,12 +548,7 @@ def atomic_write(path, write, binary=True):
 
 
 def save_checkpoint(obj, path):
-    """torch.save(obj) to path atomically (see atomic_write), removing the temporaries of a killed writer (the
-    run folder's lock says there is no other)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    for old in os.listdir(folder) if os.path.isdir(folder) else []:
-        if old.startswith(name + ".") and old.endswith(".tmp"):
-            os.remove(os.path.join(folder, old))
+    """torch.save(obj) to path atomically (see atomic_write)."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
