@@ -42,20 +42,15 @@ import torch.utils.checkpoint
 #                                   1. Spectra                                  #
 #################################################################################
 
-_DCT_CACHE, _BIN_CACHE = {}, {}           # built outside inference mode, so autograd can use them later
-
-
+@functools.cache
 def dct_matrix(n, device=None):
     """Orthonormal DCT-II matrix C (n, n), so that dct(x) = C @ x; cached per (n, device), do not modify."""
-    key = (n, str(device))
-    if key not in _DCT_CACHE:
-        with torch.inference_mode(False):
-            k = torch.arange(n, dtype=torch.float64)[:, None]
-            i = torch.arange(n, dtype=torch.float64)[None, :]
-            c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-            c[0] /= math.sqrt(2.0)
-            _DCT_CACHE[key] = c.to(device=device, dtype=torch.float32)
-    return _DCT_CACHE[key]
+    with torch.inference_mode(False):                    # built outside inference mode, so autograd can use it later
+        k = torch.arange(n, dtype=torch.float64)[:, None]
+        i = torch.arange(n, dtype=torch.float64)[None, :]
+        c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+        c[0] /= math.sqrt(2.0)
+        return c.to(device=device, dtype=torch.float32)
 
 
 def dct2(x):
@@ -72,18 +67,16 @@ def idct2(X):
         return ch.T @ X.float() @ cw
 
 
+@functools.cache
 def _radial_bins(h, w, n_bins, device):
     """(bin index (h*w,), coefficients per bin (n_bins,)) by radius sqrt(u^2 + v^2), DC at (0, 0); cached."""
-    key = (h, w, n_bins, str(device))
-    if key not in _BIN_CACHE:
-        with torch.inference_mode(False):
-            u = torch.arange(h, dtype=torch.float32)[:, None]
-            v = torch.arange(w, dtype=torch.float32)[None, :]
-            r_max = max(math.sqrt((h - 1) ** 2 + (w - 1) ** 2), 1.0)    # the largest radius
-            bins = torch.floor(torch.sqrt(u ** 2 + v ** 2) / r_max * n_bins).clamp(0, n_bins - 1).long().flatten()
-            counts = torch.bincount(bins, minlength=n_bins).clamp_min(1).float()
-            _BIN_CACHE[key] = (bins.to(device), counts.to(device))
-    return _BIN_CACHE[key]
+    with torch.inference_mode(False):                    # as dct_matrix
+        u = torch.arange(h, dtype=torch.float32)[:, None]
+        v = torch.arange(w, dtype=torch.float32)[None, :]
+        r_max = max(math.sqrt((h - 1) ** 2 + (w - 1) ** 2), 1.0)        # the largest radius
+        bins = torch.floor(torch.sqrt(u ** 2 + v ** 2) / r_max * n_bins).clamp(0, n_bins - 1).long().flatten()
+        counts = torch.bincount(bins, minlength=n_bins).clamp_min(1).float()
+        return bins.to(device), counts.to(device)
 
 
 def radial_spectrum(x, n_bins=16):
