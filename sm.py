@@ -257,12 +257,12 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One encoder / decoder level: ResNet blocks, then the down- or upsampler (none at the last level)."""
+    """One encoder / decoder level: n ResNet blocks cin -> cout, then the down- or upsampler resampler(cout), if any."""
 
-    def __init__(self, resnets, resampler=None, name="downsamplers"):
+    def __init__(self, cin, cout, n, groups, resampler=None, name="downsamplers"):
         super().__init__()
-        self.resnets = nn.ModuleList(resnets)
-        setattr(self, name, nn.ModuleList([resampler] if resampler is not None else []))   # diffusers' names
+        self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])
+        setattr(self, name, nn.ModuleList([resampler(cout)] if resampler is not None else []))   # diffusers' names
 
     def forward(self, x):
         for m in itertools.chain(*self.children()):            # the ResNet blocks, then the resampler
@@ -276,22 +276,18 @@ class Encoder(nn.Module):
     def __init__(self, channels, layers_per_block, latent_channels, groups=32, downsample_padding="asymmetric"):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        levels, cin = [], channels[0]
-        for i, c in enumerate(channels):
-            last = i == len(channels) - 1
-            res = [ResnetBlock(cin if j == 0 else c, c, groups) for j in range(layers_per_block)]
-            levels.append(Level(res, None if last else Downsample(c, downsample_padding)))
-            cin = c
-        self.down_blocks = nn.ModuleList(levels)
+        down = functools.partial(Downsample, padding=downsample_padding)
+        levels = []
+        for i, c in enumerate(channels):                       # level i: channels[i-1] (conv_in's at i = 0) -> c
+            levels.append(Level(channels[max(i - 1, 0)], c, layers_per_block, groups,
+                                down if i < len(channels) - 1 else None))
+        self.down_blocks = nn.Sequential(*levels)
         self.mid_block = MidBlock(channels[-1], groups)
         self.conv_norm_out = _group_norm(channels[-1], groups)
         self.conv_out = nn.Conv2d(channels[-1], 2 * latent_channels, 3, padding=1)
 
     def forward(self, x):                                      # (B, 3, H, W)
-        h = self.conv_in(x)
-        for level in self.down_blocks:
-            h = level(h)
-        h = self.mid_block(h)
+        h = self.mid_block(self.down_blocks(self.conv_in(x)))
         return self.conv_out(F.silu(self.conv_norm_out(h)))    # (B, 2C, H/f, W/f)
 
 
@@ -303,20 +299,16 @@ class Decoder(nn.Module):
         rev = list(reversed(channels))
         self.conv_in = nn.Conv2d(latent_channels, rev[0], 3, padding=1)
         self.mid_block = MidBlock(rev[0], groups)
-        levels, cin = [], rev[0]
-        for i, c in enumerate(rev):
-            last = i == len(rev) - 1
-            res = [ResnetBlock(cin if j == 0 else c, c, groups) for j in range(layers_per_block + 1)]
-            levels.append(Level(res, None if last else Upsample(c), "upsamplers"))
-            cin = c
-        self.up_blocks = nn.ModuleList(levels)
+        levels = []
+        for i, c in enumerate(rev):                            # level i: rev[i-1] (conv_in's at i = 0) -> c
+            levels.append(Level(rev[max(i - 1, 0)], c, layers_per_block + 1, groups,
+                                Upsample if i < len(rev) - 1 else None, "upsamplers"))
+        self.up_blocks = nn.Sequential(*levels)
         self.conv_norm_out = _group_norm(channels[0], groups)
         self.conv_out = nn.Conv2d(channels[0], 3, 3, padding=1)
 
     def forward(self, z):                                      # (B, C, h, w)
-        h = self.mid_block(self.conv_in(z))
-        for level in self.up_blocks:
-            h = level(h)
+        h = self.up_blocks(self.mid_block(self.conv_in(z)))
         return self.conv_out(F.silu(self.conv_norm_out(h)))    # (B, 3, h*f, w*f), no output nonlinearity
 
 
