@@ -392,11 +392,9 @@ class VAE(nn.Module):
         if ks is not None and any(ks):
             if len(ks) != len(x):
                 raise ValueError(f"VAE.forward: {len(ks)} DSM ks for {len(x)} images")
-            parts, a = [], 0
-            for k, run in itertools.groupby(ks):                # one dsm_mask per run of equal k
-                b = a + len(list(run))
-                parts.append(dsm_mask(x[a:b], z[a:b], k, block))
-                a = b
+            runs = [(k, len(list(run))) for k, run in itertools.groupby(ks)]     # one dsm_mask per run of equal k
+            sizes = [n for _, n in runs]
+            parts = [dsm_mask(xs, zs, k, block) for (k, _), xs, zs in zip(runs, x.split(sizes), z.split(sizes))]
             target, z_in = (torch.cat(t) for t in zip(*parts))
         if eq_factor is not None:
             target, z_in = eq_vae_scale(target, z_in, eq_factor, self.factor, eq_min_size)
@@ -443,8 +441,7 @@ class LPIPS(nn.Module):
         total = 0.0
         for s, lin in zip(self.slices, self.lins):
             hx, hy = s(hx), s(hy)
-            nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            nx, ny = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for h in (hx, hy))   # unit channel vectors
             total = total + lin((nx - ny) ** 2).mean(dim=(2, 3))
         return total[:, 0]
 
@@ -835,8 +832,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # t
 def preprocess_repa_images(images, resolution):
     """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
     return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic")
 
@@ -852,15 +848,11 @@ def encode_repa_target(encoder, images, resolution):
 
 def _grid_of(T, grid_hw=None):
     """Token grid (h, w): the given one, or a square."""
-    if grid_hw is not None:
-        h, w = grid_hw
-        if h * w != T:
-            raise ValueError(f"grid {tuple(grid_hw)} does not hold {T} tokens")
-        return int(h), int(w)
-    s = int(round(math.sqrt(T)))
-    if s * s != T:
-        raise ValueError(f"{T} tokens are not a square grid; pass grid_hw")
-    return s, s
+    h, w = (math.isqrt(T), math.isqrt(T)) if grid_hw is None else grid_hw
+    if h * w != T:
+        raise ValueError(f"{T} tokens are not a square grid; pass grid_hw" if grid_hw is None else
+                         f"grid {tuple(grid_hw)} does not hold {T} tokens")
+    return int(h), int(w)
 
 
 def resize_token_grid(Z, grid_hw):
