@@ -141,25 +141,21 @@ def dsm_keep_mask(k, block=8, device=None):
     return ((u + v) < 2 * (block - 1) - (k - 1)).float()
 
 
-def block_lowpass(t, k, block=8):
-    """Zero the high-frequency DCT coefficients of every block x block tile of t (B, C, H, W)."""
-    B, C, H, W = t.shape
-    if H % block or W % block:
-        raise ValueError(f"dsm_mask: spatial size {H}x{W} is not divisible by the DSM block size {block}")
-    tiles = t.reshape(B, C, H // block, block, W // block, block).transpose(3, 4)  # (B, C, nh, nw, b, b)
-    coeffs = dct2(tiles) * dsm_keep_mask(k, block, t.device)
-    tiles = idct2(coeffs).to(t.dtype)
-    return tiles.transpose(3, 4).reshape(B, C, H, W)
-
-
 def dsm_mask(x, z, k, block=8):
     """Decoding Spectrum Matching (§3.3): the block-DCT low-pass dsm_keep_mask on image and latent (k = 0: none)."""
     if k != int(k) or not 0 <= k <= 2 * block - 2:
         raise ValueError(f"dsm_mask: k must be an integer in [0, {2 * block - 2}] for block {block}")
-    k = int(k)
     if k == 0:
         return x, z
-    return block_lowpass(x, k, block), block_lowpass(z, k, block)
+    out = []
+    for t in (x, z):                                           # (B, C, H, W): every block x block tile low-passed
+        B, C, H, W = t.shape
+        if H % block or W % block:
+            raise ValueError(f"dsm_mask: spatial size {H}x{W} is not divisible by the DSM block size {block}")
+        tiles = t.reshape(B, C, H // block, block, W // block, block).transpose(3, 4)  # (B, C, nh, nw, b, b)
+        coeffs = dct2(tiles) * dsm_keep_mask(k, block, t.device)
+        out.append(idct2(coeffs).to(t.dtype).transpose(3, 4).reshape(B, C, H, W))
+    return tuple(out)
 
 
 #################################################################################
