@@ -252,18 +252,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Level(nn.Module):
-    """One encoder / decoder level: n ResNet blocks cin -> cout, then the down- or upsampler resampler(cout), if any."""
-
-    def __init__(self, cin, cout, n, groups, resampler=None, name="downsamplers"):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])
-        setattr(self, name, nn.ModuleList([resampler(cout)] if resampler is not None else []))   # diffusers' names
-
-    def forward(self, x):
-        for m in itertools.chain(*self.children()):            # the ResNet blocks, then the resampler
-            x = m(x)
-        return x
+def build_level(cin, cout, n, groups, resampler=None, name="downsamplers"):
+    """One encoder / decoder level: n ResNet blocks cin -> cout, then resampler(cout) (the down- or upsampler) if
+    given; a Sequential under diffusers' names (resnets.i, then downsamplers.0 or upsamplers.0)."""
+    return nn.Sequential(collections.OrderedDict([
+        ("resnets", nn.Sequential(*[ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])),
+        (name, nn.Sequential(*([resampler(cout)] if resampler is not None else [])))]))
 
 
 class Encoder(nn.Module):
@@ -275,8 +269,8 @@ class Encoder(nn.Module):
         down = functools.partial(Downsample, padding=downsample_padding)
         levels = []
         for i, c in enumerate(channels):                       # level i: channels[i-1] (conv_in's at i = 0) -> c
-            levels.append(Level(channels[max(i - 1, 0)], c, layers_per_block, groups,
-                                down if i < len(channels) - 1 else None))
+            levels.append(build_level(channels[max(i - 1, 0)], c, layers_per_block, groups,
+                                      down if i < len(channels) - 1 else None))
         self.down_blocks = nn.Sequential(*levels)
         self.mid_block = MidBlock(channels[-1], groups)
         self.conv_norm_out = _group_norm(channels[-1], groups)
@@ -297,8 +291,8 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(rev[0], groups)
         levels = []
         for i, c in enumerate(rev):                            # level i: rev[i-1] (conv_in's at i = 0) -> c
-            levels.append(Level(rev[max(i - 1, 0)], c, layers_per_block + 1, groups,
-                                Upsample if i < len(rev) - 1 else None, "upsamplers"))
+            levels.append(build_level(rev[max(i - 1, 0)], c, layers_per_block + 1, groups,
+                                      Upsample if i < len(rev) - 1 else None, "upsamplers"))
         self.up_blocks = nn.Sequential(*levels)
         self.conv_norm_out = _group_norm(channels[0], groups)
         self.conv_out = nn.Conv2d(channels[0], 3, 3, padding=1)
