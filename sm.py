@@ -42,20 +42,15 @@ import torch.utils.checkpoint
 #                                   1. Spectra                                  #
 #################################################################################
 
-_DCT_CACHE, _BIN_CACHE = {}, {}           # built outside inference mode, so autograd can use them later
-
-
+@functools.cache
 def dct_matrix(n, device=None):
     """Orthonormal DCT-II matrix C (n, n), so that dct(x) = C @ x; cached per (n, device), do not modify."""
-    key = (n, str(device))
-    if key not in _DCT_CACHE:
-        with torch.inference_mode(False):
-            k = torch.arange(n, dtype=torch.float64)[:, None]
-            i = torch.arange(n, dtype=torch.float64)[None, :]
-            c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-            c[0] /= math.sqrt(2.0)
-            _DCT_CACHE[key] = c.to(device=device, dtype=torch.float32)
-    return _DCT_CACHE[key]
+    with torch.inference_mode(False):                    # built outside inference mode, so autograd can use it later
+        k = torch.arange(n, dtype=torch.float64)[:, None]
+        i = torch.arange(n, dtype=torch.float64)[None, :]
+        c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+        c[0] /= math.sqrt(2.0)
+        return c.to(device=device, dtype=torch.float32)
 
 
 def dct2(x):
@@ -72,18 +67,16 @@ def idct2(X):
         return ch.T @ X.float() @ cw
 
 
+@functools.cache
 def _radial_bins(h, w, n_bins, device):
     """(bin index (h*w,), coefficients per bin (n_bins,)) by radius sqrt(u^2 + v^2), DC at (0, 0); cached."""
-    key = (h, w, n_bins, str(device))
-    if key not in _BIN_CACHE:
-        with torch.inference_mode(False):
-            u = torch.arange(h, dtype=torch.float32)[:, None]
-            v = torch.arange(w, dtype=torch.float32)[None, :]
-            r_max = max(math.sqrt((h - 1) ** 2 + (w - 1) ** 2), 1.0)    # the largest radius
-            bins = torch.floor(torch.sqrt(u ** 2 + v ** 2) / r_max * n_bins).clamp(0, n_bins - 1).long().flatten()
-            counts = torch.bincount(bins, minlength=n_bins).clamp_min(1).float()
-            _BIN_CACHE[key] = (bins.to(device), counts.to(device))
-    return _BIN_CACHE[key]
+    with torch.inference_mode(False):                    # as dct_matrix
+        u = torch.arange(h, dtype=torch.float32)[:, None]
+        v = torch.arange(w, dtype=torch.float32)[None, :]
+        r_max = max(math.sqrt((h - 1) ** 2 + (w - 1) ** 2), 1.0)        # the largest radius
+        bins = torch.floor(torch.sqrt(u ** 2 + v ** 2) / r_max * n_bins).clamp(0, n_bins - 1).long().flatten()
+        counts = torch.bincount(bins, minlength=n_bins).clamp_min(1).float()
+        return bins.to(device), counts.to(device)
 
 
 def radial_spectrum(x, n_bins=16):
@@ -148,25 +141,21 @@ def dsm_keep_mask(k, block=8, device=None):
     return ((u + v) < 2 * (block - 1) - (k - 1)).float()
 
 
-def block_lowpass(t, k, block=8):
-    """Zero the high-frequency DCT coefficients of every block x block tile of t (B, C, H, W)."""
-    B, C, H, W = t.shape
-    if H % block or W % block:
-        raise ValueError(f"dsm_mask: spatial size {H}x{W} is not divisible by the DSM block size {block}")
-    tiles = t.reshape(B, C, H // block, block, W // block, block).transpose(3, 4)  # (B, C, nh, nw, b, b)
-    coeffs = dct2(tiles) * dsm_keep_mask(k, block, t.device)
-    tiles = idct2(coeffs).to(t.dtype)
-    return tiles.transpose(3, 4).reshape(B, C, H, W)
-
-
 def dsm_mask(x, z, k, block=8):
     """Decoding Spectrum Matching (§3.3): the block-DCT low-pass dsm_keep_mask on image and latent (k = 0: none)."""
     if k != int(k) or not 0 <= k <= 2 * block - 2:
         raise ValueError(f"dsm_mask: k must be an integer in [0, {2 * block - 2}] for block {block}")
-    k = int(k)
     if k == 0:
         return x, z
-    return block_lowpass(x, k, block), block_lowpass(z, k, block)
+    out = []
+    for t in (x, z):                                           # (B, C, H, W): every block x block tile low-passed
+        B, C, H, W = t.shape
+        if H % block or W % block:
+            raise ValueError(f"dsm_mask: spatial size {H}x{W} is not divisible by the DSM block size {block}")
+        tiles = t.reshape(B, C, H // block, block, W // block, block).transpose(3, 4)  # (B, C, nh, nw, b, b)
+        coeffs = dct2(tiles) * dsm_keep_mask(k, block, t.device)
+        out.append(idct2(coeffs).to(t.dtype).transpose(3, 4).reshape(B, C, H, W))
+    return tuple(out)
 
 
 #################################################################################
@@ -263,18 +252,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Level(nn.Module):
-    """One encoder / decoder level: ResNet blocks, then the down- or upsampler (none at the last level)."""
-
-    def __init__(self, resnets, resampler=None, name="downsamplers"):
-        super().__init__()
-        self.resnets = nn.ModuleList(resnets)
-        setattr(self, name, nn.ModuleList([resampler] if resampler is not None else []))   # diffusers' names
-
-    def forward(self, x):
-        for m in itertools.chain(*self.children()):            # the ResNet blocks, then the resampler
-            x = m(x)
-        return x
+def build_level(cin, cout, n, groups, resampler=None, name="downsamplers"):
+    """One encoder / decoder level: n ResNet blocks cin -> cout, then resampler(cout) (the down- or upsampler) if
+    given; a Sequential under diffusers' names (resnets.i, then downsamplers.0 or upsamplers.0)."""
+    return nn.Sequential(collections.OrderedDict([
+        ("resnets", nn.Sequential(*[ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])),
+        (name, nn.Sequential(*([resampler(cout)] if resampler is not None else [])))]))
 
 
 class Encoder(nn.Module):
@@ -283,22 +266,18 @@ class Encoder(nn.Module):
     def __init__(self, channels, layers_per_block, latent_channels, groups=32, downsample_padding="asymmetric"):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        levels, cin = [], channels[0]
-        for i, c in enumerate(channels):
-            last = i == len(channels) - 1
-            res = [ResnetBlock(cin if j == 0 else c, c, groups) for j in range(layers_per_block)]
-            levels.append(Level(res, None if last else Downsample(c, downsample_padding)))
-            cin = c
-        self.down_blocks = nn.ModuleList(levels)
+        down = functools.partial(Downsample, padding=downsample_padding)
+        levels = []
+        for i, c in enumerate(channels):                       # level i: channels[i-1] (conv_in's at i = 0) -> c
+            levels.append(build_level(channels[max(i - 1, 0)], c, layers_per_block, groups,
+                                      down if i < len(channels) - 1 else None))
+        self.down_blocks = nn.Sequential(*levels)
         self.mid_block = MidBlock(channels[-1], groups)
         self.conv_norm_out = _group_norm(channels[-1], groups)
         self.conv_out = nn.Conv2d(channels[-1], 2 * latent_channels, 3, padding=1)
 
     def forward(self, x):                                      # (B, 3, H, W)
-        h = self.conv_in(x)
-        for level in self.down_blocks:
-            h = level(h)
-        h = self.mid_block(h)
+        h = self.mid_block(self.down_blocks(self.conv_in(x)))
         return self.conv_out(F.silu(self.conv_norm_out(h)))    # (B, 2C, H/f, W/f)
 
 
@@ -310,20 +289,16 @@ class Decoder(nn.Module):
         rev = list(reversed(channels))
         self.conv_in = nn.Conv2d(latent_channels, rev[0], 3, padding=1)
         self.mid_block = MidBlock(rev[0], groups)
-        levels, cin = [], rev[0]
-        for i, c in enumerate(rev):
-            last = i == len(rev) - 1
-            res = [ResnetBlock(cin if j == 0 else c, c, groups) for j in range(layers_per_block + 1)]
-            levels.append(Level(res, None if last else Upsample(c), "upsamplers"))
-            cin = c
-        self.up_blocks = nn.ModuleList(levels)
+        levels = []
+        for i, c in enumerate(rev):                            # level i: rev[i-1] (conv_in's at i = 0) -> c
+            levels.append(build_level(rev[max(i - 1, 0)], c, layers_per_block + 1, groups,
+                                      Upsample if i < len(rev) - 1 else None, "upsamplers"))
+        self.up_blocks = nn.Sequential(*levels)
         self.conv_norm_out = _group_norm(channels[0], groups)
         self.conv_out = nn.Conv2d(channels[0], 3, 3, padding=1)
 
     def forward(self, z):                                      # (B, C, h, w)
-        h = self.mid_block(self.conv_in(z))
-        for level in self.up_blocks:
-            h = level(h)
+        h = self.up_blocks(self.mid_block(self.conv_in(z)))
         return self.conv_out(F.silu(self.conv_norm_out(h)))    # (B, 3, h*f, w*f), no output nonlinearity
 
 
@@ -407,11 +382,9 @@ class VAE(nn.Module):
         if ks is not None and any(ks):
             if len(ks) != len(x):
                 raise ValueError(f"VAE.forward: {len(ks)} DSM ks for {len(x)} images")
-            parts, a = [], 0
-            for k, run in itertools.groupby(ks):                # one dsm_mask per run of equal k
-                b = a + len(list(run))
-                parts.append(dsm_mask(x[a:b], z[a:b], k, block))
-                a = b
+            runs = [(k, len(list(run))) for k, run in itertools.groupby(ks)]     # one dsm_mask per run of equal k
+            sizes = [n for _, n in runs]
+            parts = [dsm_mask(xs, zs, k, block) for (k, _), xs, zs in zip(runs, x.split(sizes), z.split(sizes))]
             target, z_in = (torch.cat(t) for t in zip(*parts))
         if eq_factor is not None:
             target, z_in = eq_vae_scale(target, z_in, eq_factor, self.factor, eq_min_size)
@@ -458,8 +431,7 @@ class LPIPS(nn.Module):
         total = 0.0
         for s, lin in zip(self.slices, self.lins):
             hx, hy = s(hx), s(hy)
-            nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            nx, ny = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for h in (hx, hy))   # unit channel vectors
             total = total + lin((nx - ny) ** 2).mean(dim=(2, 3))
         return total[:, 0]
 
@@ -850,8 +822,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # t
 def preprocess_repa_images(images, resolution):
     """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
     return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic")
 
@@ -867,15 +838,11 @@ def encode_repa_target(encoder, images, resolution):
 
 def _grid_of(T, grid_hw=None):
     """Token grid (h, w): the given one, or a square."""
-    if grid_hw is not None:
-        h, w = grid_hw
-        if h * w != T:
-            raise ValueError(f"grid {tuple(grid_hw)} does not hold {T} tokens")
-        return int(h), int(w)
-    s = int(round(math.sqrt(T)))
-    if s * s != T:
-        raise ValueError(f"{T} tokens are not a square grid; pass grid_hw")
-    return s, s
+    h, w = (math.isqrt(T), math.isqrt(T)) if grid_hw is None else grid_hw
+    if h * w != T:
+        raise ValueError(f"{T} tokens are not a square grid; pass grid_hw" if grid_hw is None else
+                         f"grid {tuple(grid_hw)} does not hold {T} tokens")
+    return int(h), int(w)
 
 
 def resize_token_grid(Z, grid_hw):

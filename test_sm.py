@@ -973,8 +973,8 @@ def test_conv_projector_is_a_conv_on_the_token_grid():
 
 
 def test_cached_dct_survives_inference_mode():
-    sm._DCT_CACHE.clear()
-    sm._BIN_CACHE.clear()
+    sm.dct_matrix.cache_clear()
+    sm._radial_bins.cache_clear()
     x, z = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 8, 8, requires_grad=True)
     with torch.inference_mode():                                           # fills the caches first
         sm.esm_loss(x, z.detach())
