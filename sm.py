@@ -431,7 +431,8 @@ class LPIPS(nn.Module):
         total = 0.0
         for s, lin in zip(self.slices, self.lins):
             hx, hy = s(hx), s(hy)
-            nx, ny = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for h in (hx, hy))   # unit channel vectors
+            nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)            # unit channel vectors
+            ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total = total + lin((nx - ny) ** 2).mean(dim=(2, 3))
         return total[:, 0]
 
@@ -822,7 +823,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # t
 def preprocess_repa_images(images, resolution):
     """REPA preprocessing: pixels / 255, ImageNet mean / std, bicubic resize to 224 * resolution / 256."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     size = 224 * resolution // 256                                         # REPA: 224 at 256 px, 448 at 512 px
     return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic")
 
