@@ -61,41 +61,6 @@ RFID_PROTOCOLS = {  # --vae --rfid-protocol: the reconstructions measured, JPEG 
 # Feature networks: FID Inception (TF-compatible, torchvision layout), DINOv2 ViT-L/14 (FD-DINOv2, Stein et al. 2023)
 # ----------------------------------------------------------------------------------------
 
-def _tf_blocks():
-    """Torchvision Inception blocks with TF pooling (imports torchvision lazily)."""
-    from torchvision.models import inception as tvi
-
-    pool_avg = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF
-    pool_max = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
-
-    class BlockA(tvi.InceptionA):
-        def _forward(self, x):
-            b5 = self.branch5x5_2(self.branch5x5_1(x))
-            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-            return [self.branch1x1(x), b5, b3, self.branch_pool(pool_avg(x))]
-
-    class BlockC(tvi.InceptionC):
-        def _forward(self, x):
-            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
-            d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
-            return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
-
-    class BlockE(tvi.InceptionE):
-        def __init__(self, in_channels, pool):
-            super().__init__(in_channels)
-            self.pool = pool
-
-        def _forward(self, x):
-            a = self.branch3x3_1(x)
-            b3 = torch.cat([self.branch3x3_2a(a), self.branch3x3_2b(a)], 1)
-            d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-            bd = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-            return [self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))]
-
-    return tvi, BlockA, BlockC, BlockE, pool_avg, pool_max
-
-
 def resize_bilinear_tf1(x, size=(299, 299)):
     """TF1 `tf.image.resize_bilinear` (align_corners=False, no half-pixel centres) of float (N, C, H, W)."""
     # src = dst * in / out (the scale rounded to float32 like TF's kernel), then lerp along W and along H in TF's
@@ -123,7 +88,36 @@ class FIDInception(nn.Module):
         if resize not in RESIZE_PROTOCOLS:
             raise ValueError(f"resize must be one of {RESIZE_PROTOCOLS}, got {resize!r}")
         self.resize, self.weights_path = resize, None      # weights_path: for the protocol record
-        tvi, A, C, E, pool_avg, pool_max = _tf_blocks()
+        from torchvision.models import inception as tvi    # torchvision's blocks with TF's pooling
+
+        pool_avg = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        pool_max = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+
+        class A(tvi.InceptionA):
+            def _forward(self, x):
+                b5 = self.branch5x5_2(self.branch5x5_1(x))
+                b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+                return [self.branch1x1(x), b5, b3, self.branch_pool(pool_avg(x))]
+
+        class C(tvi.InceptionC):
+            def _forward(self, x):
+                b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+                d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+                d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
+                return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
+
+        class E(tvi.InceptionE):
+            def __init__(self, in_channels, pool):
+                super().__init__(in_channels)
+                self.pool = pool
+
+            def _forward(self, x):
+                a = self.branch3x3_1(x)
+                b3 = torch.cat([self.branch3x3_2a(a), self.branch3x3_2b(a)], 1)
+                d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+                bd = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+                return [self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))]
+
         net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
         net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
         net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
