@@ -782,16 +782,6 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
     return dict(res, **gaussian_floor(np.concatenate([fA, fB]), m))
 
 
-def scrambled_vae(ckpt, out, d):
-    """The positive control: OUT/vae-scramble.pt, the 'vae' checkpoint with its latent positions shuffled by a fixed
-    permutation (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum."""
-    path = os.path.join(out, "vae-scramble.pt")
-    if d.main and not os.path.exists(path):
-        train.save_checkpoint(dict(ckpt, vae_config=dict(ckpt["vae_config"], scramble=SCRAMBLE_SEED)), path)
-    d.barrier()
-    return path
-
-
 def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     """The diffusability probe of one autoencoder (control "scramble": of its scrambled copy) -> OUT/probe.json
     (metrics at every DiT snapshot + protocol), probe.png, probe-curves.png, probe-spectrum.png."""
@@ -805,7 +795,12 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     if control not in (None, "scramble"):
         raise ValueError(f"unknown probe control {control!r}: scramble or none")
     vae_state = train.load_checkpoint(vae_path, "vae")                     # every rank: a train.py checkpoint
-    source = scrambled_vae(vae_state, out, d) if control else vae_path
+    source = os.path.join(out, "vae-scramble.pt") if control else vae_path
+    # the positive control: the checkpoint with its latent positions shuffled by a fixed permutation
+    # (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum
+    if control and d.main and not os.path.exists(source):
+        train.save_checkpoint(dict(vae_state, vae_config=dict(vae_state["vae_config"], scramble=SCRAMBLE_SEED)), source)
+    d.barrier()
     entries = dict(PROBE_BUDGETS[budget])
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
     if n_eval < 16 or n_eval % 8:
