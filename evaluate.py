@@ -173,10 +173,10 @@ def try_inception(path, resize, device):
     return optional("Inception metrics", load_inception, path, device, resize)
 
 
-def dinov2_preprocess(x):
-    """uint8 (N, 3, H, W) -> EDM2's DINOv2Detector input (resize_mode 'torch'): bicubic antialiased resize of the
-    0..255 values to 224 x 224, / 255, ImageNet mean / std; float32 (N, 3, 224, 224)."""
-    x = F.interpolate(x.to(torch.float32), size=(224, 224), mode="bicubic", antialias=True) / 255
+def dinov2_preprocess(batch):
+    """The DINOv2 passes' collate: uint8 (3, H, W) images -> float32 (N, 3, 224, 224), EDM2's DINOv2Detector input
+    (resize_mode 'torch'): bicubic antialiased resize of the 0..255 values to 224 x 224, / 255, ImageNet mean / std."""
+    x = F.interpolate(collate_images(batch).to(torch.float32), size=(224, 224), mode="bicubic", antialias=True) / 255
     mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (sm.IMAGENET_MEAN, sm.IMAGENET_STD))
     return (x - mean) / std
 
@@ -184,12 +184,6 @@ def dinov2_preprocess(x):
 def try_dinov2(path, device):
     """DINOv2 ViT-L/14 from torch.hub as it is (path: a local clone), or None (said on stderr) when unavailable."""
     return optional("FD-DINOv2", sm.load_dinov2, "dinov2_vitl14", path, device, None)
-
-
-def dinov2_features(model, images, d=None, batch_size=50, num_workers=0):
-    """The model's output (DINOv2: the normalised CLS token) for Images, float32 (N, D), in order on every rank."""
-    collate = lambda b: dinov2_preprocess(collate_images(b))                     # noqa: E731
-    return extract_features(model, images, d, batch_size, num_workers, collate)["features"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -628,8 +622,9 @@ def evaluate_samples(args, d):
         ref_fs = (extract_features(model, ref["images"], **kw) if "images" in ref and not {"mu", "pool"} <= set(r_stats)
                   else None)                                               # a file's own mu, sigma (ADM's) kept
     if dino is not None:                                                   # FD-DINOv2, EDM2's protocol
-        fs_dino = dinov2_features(dino, samples["images"], **kw)
-        ref_dino = dinov2_features(dino, ref["images"], **kw) if "mu_dinov2" not in r_stats else None
+        fs_dino = extract_features(dino, samples["images"], collate=dinov2_preprocess, **kw)["features"]
+        ref_dino = (extract_features(dino, ref["images"], collate=dinov2_preprocess, **kw)["features"]
+                    if "mu_dinov2" not in r_stats else None)
     if not d.main:
         return None
     res, key = {}, functools.partial(metric_key, n=n, n_ref=n_ref)

@@ -3264,8 +3264,8 @@ def test_dinov2_features_match_edm2_preprocessing():
     model, g = _edm2_stand_in()
     for key, (n, size, seed) in (("features_48", (4, 48, 1)), ("features_300", (2, 300, 2))):
         imgs = _rng_images(n, size, seed)
-        ours = evaluate.dinov2_features(model, evaluate.Images(n, lambda i: imgs[i].permute(1, 2, 0).numpy()),
-                                        batch_size=3)                      # batches of 3: per-image preprocessing
+        ours = evaluate.extract_features(model, evaluate.Images(n, lambda i: imgs[i].permute(1, 2, 0).numpy()),
+                                         batch_size=3, collate=evaluate.dinov2_preprocess)["features"]   # batches of 3
         np.testing.assert_allclose(ours, g[key], rtol=1e-5, atol=1e-5 * np.abs(g[key]).max())
 
 
@@ -3298,7 +3298,7 @@ def test_fd_dinov2_of_samples_and_of_saved_statistics(tmp_path, monkeypatch, cap
         res = evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), "--allow-small", "--save-stats",
                              str(tmp_path / "st.npz"), "--json", str(tmp_path / "r.json")])
         with torch.no_grad():
-            fa, fb = (model(evaluate.dinov2_preprocess(x)).double().numpy() for x in (a, b))
+            fa, fb = (model(evaluate.dinov2_preprocess(list(x))).double().numpy() for x in (a, b))
         want = evaluate.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
         assert res["fd_dinov2-6-ref5"] == pytest.approx(want, rel=1e-6)
         assert "EDM2" in res["protocol"]["fd_dinov2"]
