@@ -257,10 +257,10 @@ def collate_images(batch):
 
 
 @torch.no_grad()
-def extract_features(model, images, d=None, batch_size=50, num_workers=0, collate=None):
+def extract_features(model, images, d=None, batch_size=50, num_workers=0, collate=collate_images):
     """The model's outputs {key: float32 (N, dim)} ('features': a tensor) for Images, in order on every rank."""
     loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate or collate_images)
+                                         collate_fn=collate)
     device = next(model.parameters()).device
     feats = {}
     for x in tqdm(loader, desc="features", unit="batch", leave=False, disable=d is not None and not d.main):

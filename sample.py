@@ -168,7 +168,6 @@ def grid(ckpt, path, d, classes=None, per_class=8, seed=0, precision="fp32", pro
     train.save_grid(draw(model, vae, idx, labels, seed, p, precision, d.device), path, per_class)
     settings = dict(protocol=name, **p, seed=seed, precision=precision)
     print("sample.py:", " ".join(f"{k}={v}" for k, v in settings.items()), "->", path)
-    return path
 
 
 def check_output(out, config, nbytes):
