@@ -295,11 +295,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) in float64, without scipy's sqrtm (any scipy version)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"mean vectors have different dimensions: {mu1.shape} vs {mu2.shape}")
-    if s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"covariances have different/mismatched dimensions: {s1.shape} vs "
-                         f"{s2.shape} for means of length {mu1.shape[0]}")
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape} (means), "
+                         f"{s1.shape} vs {s2.shape} (covariances)")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise ValueError("statistics contain NaN or inf")
     diff = mu1 - mu2
