@@ -106,11 +106,7 @@ class FIDInception(nn.Module):
                 d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
                 return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
 
-        class E(tvi.InceptionE):
-            def __init__(self, in_channels, pool):
-                super().__init__(in_channels)
-                self.pool = pool
-
+        class E(tvi.InceptionE):                            # pool: set per block below
             def _forward(self, x):
                 a = self.branch3x3_1(x)
                 b3 = torch.cat([self.branch3x3_2a(a), self.branch3x3_2b(a)], 1)
@@ -121,7 +117,8 @@ class FIDInception(nn.Module):
         net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
         net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
         net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
-        net.Mixed_7b, net.Mixed_7c = E(1280, pool_avg), E(2048, pool_max)
+        net.Mixed_7b, net.Mixed_7c = E(1280), E(2048)
+        net.Mixed_7b.pool, net.Mixed_7c.pool = pool_avg, pool_max   # TF's last block max-pools its pool branch
         self.net = net
 
     @torch.no_grad()
