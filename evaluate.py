@@ -106,7 +106,7 @@ class FIDInception(nn.Module):
                 d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
                 return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
 
-        class E(tvi.InceptionE):                            # pool: set per block below
+        class E(tvi.InceptionE):                            # self.pool: average (7b) or max (7c), set below
             def _forward(self, x):
                 a = self.branch3x3_1(x)
                 b3 = torch.cat([self.branch3x3_2a(a), self.branch3x3_2b(a)], 1)
