@@ -61,41 +61,6 @@ RFID_PROTOCOLS = {  # --vae --rfid-protocol: the reconstructions measured, JPEG 
 # Feature networks: FID Inception (TF-compatible, torchvision layout), DINOv2 ViT-L/14 (FD-DINOv2, Stein et al. 2023)
 # ----------------------------------------------------------------------------------------
 
-def _tf_blocks():
-    """Torchvision Inception blocks with TF pooling (imports torchvision lazily)."""
-    from torchvision.models import inception as tvi
-
-    pool_avg = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF
-    pool_max = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
-
-    class BlockA(tvi.InceptionA):
-        def _forward(self, x):
-            b5 = self.branch5x5_2(self.branch5x5_1(x))
-            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-            return [self.branch1x1(x), b5, b3, self.branch_pool(pool_avg(x))]
-
-    class BlockC(tvi.InceptionC):
-        def _forward(self, x):
-            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
-            d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
-            return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
-
-    class BlockE(tvi.InceptionE):
-        def __init__(self, in_channels, pool):
-            super().__init__(in_channels)
-            self.pool = pool
-
-        def _forward(self, x):
-            a = self.branch3x3_1(x)
-            b3 = torch.cat([self.branch3x3_2a(a), self.branch3x3_2b(a)], 1)
-            d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-            bd = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-            return [self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))]
-
-    return tvi, BlockA, BlockC, BlockE, pool_avg, pool_max
-
-
 def resize_bilinear_tf1(x, size=(299, 299)):
     """TF1 `tf.image.resize_bilinear` (align_corners=False, no half-pixel centres) of float (N, C, H, W)."""
     # src = dst * in / out (the scale rounded to float32 like TF's kernel), then lerp along W and along H in TF's
@@ -123,11 +88,37 @@ class FIDInception(nn.Module):
         if resize not in RESIZE_PROTOCOLS:
             raise ValueError(f"resize must be one of {RESIZE_PROTOCOLS}, got {resize!r}")
         self.resize, self.weights_path = resize, None      # weights_path: for the protocol record
-        tvi, A, C, E, pool_avg, pool_max = _tf_blocks()
+        from torchvision.models import inception as tvi    # torchvision's blocks with TF's pooling
+
+        pool_avg = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        pool_max = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+
+        class A(tvi.InceptionA):
+            def _forward(self, x):
+                b5 = self.branch5x5_2(self.branch5x5_1(x))
+                b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+                return [self.branch1x1(x), b5, b3, self.branch_pool(pool_avg(x))]
+
+        class C(tvi.InceptionC):
+            def _forward(self, x):
+                b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+                d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+                d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
+                return [self.branch1x1(x), b7, d, self.branch_pool(pool_avg(x))]
+
+        class E(tvi.InceptionE):                            # self.pool: average (7b) or max (7c), set below
+            def _forward(self, x):
+                a = self.branch3x3_1(x)
+                b3 = torch.cat([self.branch3x3_2a(a), self.branch3x3_2b(a)], 1)
+                d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+                bd = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+                return [self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))]
+
         net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
         net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
         net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
-        net.Mixed_7b, net.Mixed_7c = E(1280, pool_avg), E(2048, pool_max)
+        net.Mixed_7b, net.Mixed_7c = E(1280), E(2048)
+        net.Mixed_7b.pool, net.Mixed_7c.pool = pool_avg, pool_max   # TF's last block max-pools its pool branch
         self.net = net
 
     @torch.no_grad()
@@ -179,10 +170,10 @@ def try_inception(path, resize, device):
     return optional("Inception metrics", load_inception, path, device, resize)
 
 
-def dinov2_preprocess(x):
-    """uint8 (N, 3, H, W) -> EDM2's DINOv2Detector input (resize_mode 'torch'): bicubic antialiased resize of the
-    0..255 values to 224 x 224, / 255, ImageNet mean / std; float32 (N, 3, 224, 224)."""
-    x = F.interpolate(x.to(torch.float32), size=(224, 224), mode="bicubic", antialias=True) / 255
+def dinov2_preprocess(batch):
+    """The DINOv2 passes' collate: uint8 (3, H, W) images -> float32 (N, 3, 224, 224), EDM2's DINOv2Detector input
+    (resize_mode 'torch'): bicubic antialiased resize of the 0..255 values to 224 x 224, / 255, ImageNet mean / std."""
+    x = F.interpolate(collate_images(batch).to(torch.float32), size=(224, 224), mode="bicubic", antialias=True) / 255
     mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (sm.IMAGENET_MEAN, sm.IMAGENET_STD))
     return (x - mean) / std
 
@@ -190,12 +181,6 @@ def dinov2_preprocess(x):
 def try_dinov2(path, device):
     """DINOv2 ViT-L/14 from torch.hub as it is (path: a local clone), or None (said on stderr) when unavailable."""
     return optional("FD-DINOv2", sm.load_dinov2, "dinov2_vitl14", path, device, None)
-
-
-def dinov2_features(model, images, d=None, batch_size=50, num_workers=0):
-    """The model's output (DINOv2: the normalised CLS token) for Images, float32 (N, D), in order on every rank."""
-    collate = lambda b: dinov2_preprocess(collate_images(b))                     # noqa: E731
-    return extract_features(model, images, d, batch_size, num_workers, collate)["features"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,10 +254,10 @@ def collate_images(batch):
 
 
 @torch.no_grad()
-def extract_features(model, images, d=None, batch_size=50, num_workers=0, collate=None):
+def extract_features(model, images, d=None, batch_size=50, num_workers=0, collate=collate_images):
     """The model's outputs {key: float32 (N, dim)} ('features': a tensor) for Images, in order on every rank."""
     loader = torch.utils.data.DataLoader(shard(images, d), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate or collate_images)
+                                         collate_fn=collate)
     device = next(model.parameters()).device
     feats = {}
     for x in tqdm(loader, desc="features", unit="batch", leave=False, disable=d is not None and not d.main):
@@ -307,11 +292,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) in float64, without scipy's sqrtm (any scipy version)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"mean vectors have different dimensions: {mu1.shape} vs {mu2.shape}")
-    if s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"covariances have different/mismatched dimensions: {s1.shape} vs "
-                         f"{s2.shape} for means of length {mu1.shape[0]}")
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape} (means), "
+                         f"{s1.shape} vs {s2.shape} (covariances)")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise ValueError("statistics contain NaN or inf")
     diff = mu1 - mu2
@@ -634,8 +617,9 @@ def evaluate_samples(args, d):
         ref_fs = (extract_features(model, ref["images"], **kw) if "images" in ref and not {"mu", "pool"} <= set(r_stats)
                   else None)                                               # a file's own mu, sigma (ADM's) kept
     if dino is not None:                                                   # FD-DINOv2, EDM2's protocol
-        fs_dino = dinov2_features(dino, samples["images"], **kw)
-        ref_dino = dinov2_features(dino, ref["images"], **kw) if "mu_dinov2" not in r_stats else None
+        fs_dino = extract_features(dino, samples["images"], collate=dinov2_preprocess, **kw)["features"]
+        ref_dino = (extract_features(dino, ref["images"], collate=dinov2_preprocess, **kw)["features"]
+                    if "mu_dinov2" not in r_stats else None)
     if not d.main:
         return None
     res, key = {}, functools.partial(metric_key, n=n, n_ref=n_ref)
@@ -788,16 +772,6 @@ def generation_gap(sample_latents, real_latents, decode, batch=64, seed=0):
     return dict(res, **gaussian_floor(np.concatenate([fA, fB]), m))
 
 
-def scrambled_vae(ckpt, out, d):
-    """The positive control: OUT/vae-scramble.pt, the 'vae' checkpoint with its latent positions shuffled by a fixed
-    permutation (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum."""
-    path = os.path.join(out, "vae-scramble.pt")
-    if d.main and not os.path.exists(path):
-        train.save_checkpoint(dict(ckpt, vae_config=dict(ckpt["vae_config"], scramble=SCRAMBLE_SEED)), path)
-    d.barrier()
-    return path
-
-
 def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     """The diffusability probe of one autoencoder (control "scramble": of its scrambled copy) -> OUT/probe.json
     (metrics at every DiT snapshot + protocol), probe.png, probe-curves.png, probe-spectrum.png."""
@@ -811,7 +785,12 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     if control not in (None, "scramble"):
         raise ValueError(f"unknown probe control {control!r}: scramble or none")
     vae_state = train.load_checkpoint(vae_path, "vae")                     # every rank: a train.py checkpoint
-    source = scrambled_vae(vae_state, out, d) if control else vae_path
+    source = os.path.join(out, "vae-scramble.pt") if control else vae_path
+    # the positive control: the checkpoint with its latent positions shuffled by a fixed permutation
+    # (sm.VAE.permute_latent, seed SCRAMBLE_SEED): the same reconstructions, a white latent spectrum
+    if control and d.main and not os.path.exists(source):
+        train.save_checkpoint(dict(vae_state, vae_config=dict(vae_state["vae_config"], scramble=SCRAMBLE_SEED)), source)
+    d.barrier()
     entries = dict(PROBE_BUDGETS[budget])
     n_train, n_eval = entries.pop("probe_images"), entries.pop("probe_eval")
     if n_eval < 16 or n_eval % 8:

@@ -42,11 +42,6 @@ def sample_generator(seed, index, stream=0):
     return torch.Generator().manual_seed(int(key))
 
 
-def sample_noise(indices, seed, latent_shape):
-    """Initial noise (N, C, h, w) float32 of the sample indices (stream 0)."""
-    return torch.stack([torch.randn(tuple(latent_shape), generator=sample_generator(seed, i, 0)) for i in indices])
-
-
 def sample_labels(indices, seed, num_classes, mode="random"):
     """Class of each sample: 'random' uniform from its key (as REPA's randint), 'balanced' i % num_classes."""
     if num_classes == 0:
@@ -60,7 +55,8 @@ def sample_labels(indices, seed, num_classes, mode="random"):
 def sample_latents(model, indices, labels, latent_shape, seed, device, steps=50, cfg_scale=1.0, sampler="ode",
                    guidance_interval=(0.0, 1.0), heun=False):
     """Latents (N, C, h, w) float32 of the sample indices; noise and SDE noise keyed per sample."""
-    noise = sample_noise(indices, seed, latent_shape).to(device)                # (N, C, h, w)
+    noise = torch.stack([torch.randn(tuple(latent_shape), generator=sample_generator(seed, i, 0)) for i in indices])
+    noise = noise.to(device)                                                    # (N, C, h, w)
     y = None if labels is None else torch.as_tensor(labels, device=device)
     kw = dict(steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval)
     if sampler == "sde":                                                        # one SDE noise stream per sample
@@ -172,7 +168,6 @@ def grid(ckpt, path, d, classes=None, per_class=8, seed=0, precision="fp32", pro
     train.save_grid(draw(model, vae, idx, labels, seed, p, precision, d.device), path, per_class)
     settings = dict(protocol=name, **p, seed=seed, precision=precision)
     print("sample.py:", " ".join(f"{k}={v}" for k, v in settings.items()), "->", path)
-    return path
 
 
 def check_output(out, config, nbytes):
@@ -190,17 +185,12 @@ def check_output(out, config, nbytes):
     train.check_space(out, nbytes)
 
 
-def default_out(ckpt, protocol, seed, num_samples):
-    """CKPT_DIR/samples-<protocol>-seed<seed>-<N> (check_output refuses it when it holds other settings' samples)."""
-    return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples-{protocol}-seed{seed}-{num_samples}")
-
-
 def generate(ckpt, num_samples, out, d, seed=0, batch_size=64, labels="random", precision="fp32", protocol="ode50",
              repa=None, **overrides):
     """Samples 0..N-1 -> out/images/NNNNNN.png (resumable), out/samples.npz (arr_0, ADM's) and out/samples.json."""
     from PIL import Image
     name, p = resolve_protocol(protocol, **overrides)
-    out = out or default_out(ckpt, name, seed, num_samples)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples-{name}-seed{seed}-{num_samples}")
     model, vae, source = load(ckpt, d.device, repa)
     nc = model.num_classes
     check(p, nc, num_samples, batch_size, seed, labels, precision)
