@@ -18,6 +18,7 @@ noise on any number of processes and a resume needs no RNG state.
 import argparse
 import ast
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -229,9 +230,8 @@ class Dist:
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -270,10 +270,8 @@ class Dist:
         return t[self.rank * n:(self.rank + 1) * n]
 
     def wrap(self, model):
-        if not self.group:
-            return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda"
-                                                   else None)
+        """DDP over the ranks (the module is on this rank's device already), or the model itself."""
+        return nn.parallel.DistributedDataParallel(model) if self.group else model
 
 
 def step_generator(seed, step, stream=0):
@@ -412,9 +410,7 @@ def split_folder(path, split):
 def build_dataset(name, path=None, image_size=256, split="train", seed=0, length=None, jpeg_quality=0):
     """(image in [-1, 1] (3, H, W), label): dead leaves (val: another seed) or the images of ROOT/<split>."""
     if name == "deadleaves":
-        ds = sm.DeadLeaves(length or 4096, image_size, seed=seed if split == "train" else seed + 10_000)
-        ds.num_classes = 10
-        return ds
+        return sm.DeadLeaves(length or 4096, image_size, seed=seed if split == "train" else seed + 10_000)
     return ImageFiles(split_folder(path, split), image_size, jpeg_quality)
 
 
@@ -428,26 +424,17 @@ def open_dataset(cfg, d, split="train"):
     return ds
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This rank's indices for steps start..: the global batch of step s is positions s*B..(s+1)*B-1 of
+def global_batches(n, global_batch, d, seed, start_step=0):
+    """This rank's indices for steps start_step..: the global batch of step s is positions s*B..(s+1)*B-1 of
     a stream of per-epoch permutations seeded by (seed, epoch), whatever the number of ranks."""
-
-    def __init__(self, n, global_batch, d, seed, start_step=0):
-        if global_batch % d.world:
-            raise ValueError(f"global batch {global_batch} is not divisible by the world size {d.world}")
-        self.n, self.B, self.d, self.seed, self.start = n, global_batch, d, seed, start_step
-        self.local = global_batch // d.world
-
-    def __iter__(self):
-        step, perm, epoch = self.start, None, -1
-        while True:
-            lo = step * self.B + self.d.rank * self.local
-            for p in range(lo, lo + self.local):
-                if p // self.n != epoch:
-                    epoch = p // self.n
-                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-                yield int(perm[p % self.n])
-            step += 1
+    local, epoch, perm = global_batch // d.world, -1, None
+    for step in itertools.count(start_step):
+        lo = step * global_batch + d.rank * local
+        for p in range(lo, lo + local):
+            if p // n != epoch:
+                epoch = p // n
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            yield int(perm[p % n])
 
 
 def _worker_init(_):
@@ -456,7 +443,9 @@ def _worker_init(_):
 
 
 def make_loader(ds, global_batch, d, seed, start_step, num_workers):
-    sampler = GlobalBatchSampler(len(ds), global_batch, d, seed, start_step)
+    if global_batch % d.world:
+        raise ValueError(f"global batch {global_batch} is not divisible by the world size {d.world}")
+    sampler = global_batches(len(ds), global_batch, d, seed, start_step)
     return iter(torch.utils.data.DataLoader(ds, batch_size=global_batch // d.world, sampler=sampler,
                                             num_workers=num_workers, pin_memory=d.device.type == "cuda",
                                             persistent_workers=num_workers > 0, worker_init_fn=_worker_init))
@@ -643,13 +632,12 @@ def load_checkpoint(path, kind=None):
 
 
 def resume_point(path, kind, cfg, d, total_steps):
-    """The checkpoint to continue (None: start afresh), after checking that it belongs to this run."""
-    resume = cfg.resume or cfg.stage == "all"
+    """(The checkpoint to continue or None: start afresh, whether it is finished), checked to belong to this run."""
     if not os.path.exists(path):
         if cfg.resume:
             log(d, f"stage {kind}: --resume, but there is no {path} yet: starting a new run")
-        return None
-    if not resume:
+        return None, False
+    if not (cfg.resume or cfg.stage == "all"):
         raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out "
                               "(nothing was overwritten)")
     ckpt = load_checkpoint(path, kind)
@@ -663,9 +651,10 @@ def resume_point(path, kind, cfg, d, total_steps):
     if total_steps < ckpt["step"]:
         raise ValueError(f"{path} is at step {ckpt['step']}, beyond --{kind}-steps {total_steps}: pass "
                          f"--{kind}-steps {ckpt['step']} or more")
-    if ckpt.get("finished") and ckpt["step"] == total_steps:
+    finished = ckpt.get("finished") and ckpt["step"] == total_steps
+    if finished:
         log(d, f"stage {kind}: {path} is finished, skipping")
-    return ckpt
+    return ckpt, finished
 
 
 def finish_update(opt, params, scaler, terms, d, step, path, saved):
@@ -730,27 +719,22 @@ def disc_updates_before(step, disc_start):
     return max(0, (step - first + 1) // 2)
 
 
-def new_vae(cfg, d, ckpt=None):
-    """The autoencoder of a run (a resumed run keeps the architecture it recorded), its sizes checked."""
-    torch.manual_seed(cfg.seed)
-    vae = sm.build_vae(cfg.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
-    vae.check_size(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
-    for name, s in (("image", cfg.image_size), ("latent", cfg.image_size // vae.factor)):
-        if cfg.dsm and s % cfg.dsm_block:
-            raise ValueError(f"DSM: the {name} size {s} is not divisible by --dsm-block {cfg.dsm_block}")
-    return vae.to(d.device)
-
-
 def train_vae(cfg, d):
     """Stage 1 (§3): the autoencoder with the cfg.reg regulariser, the authors' GAN schedule, then the latent
     statistics (a resumable step of their own, after the trained weights are saved)."""
     path = os.path.join(cfg.out, "vae.pt")
     lpips = sm.load_lpips(cfg.lpips_path, cfg.vgg_path).to(d.device) if cfg.lpips_weight > 0 else None
-    ckpt = resume_point(path, "vae", cfg, d, cfg.vae_steps)
-    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == cfg.vae_steps:
+    ckpt, finished = resume_point(path, "vae", cfg, d, cfg.vae_steps)
+    if finished:
         return path
     ds = open_dataset(cfg, d)
-    vae = new_vae(cfg, d, ckpt)
+    torch.manual_seed(cfg.seed)                                # a resumed run keeps the architecture it recorded
+    vae = sm.build_vae(cfg.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
+    vae.check_size(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+    for name, s in (("image", cfg.image_size), ("latent", cfg.image_size // vae.factor)):
+        if cfg.dsm and s % cfg.dsm_block:
+            raise ValueError(f"DSM: the {name} size {s} is not divisible by --dsm-block {cfg.dsm_block}")
+    vae = vae.to(d.device)
     disc = sm.PatchGAN().to(d.device)
     if d.group and d.device.type == "cuda":
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
@@ -769,7 +753,7 @@ def train_vae(cfg, d):
     vis = torch.stack([ds[i][0] for i in range(min(8, len(ds)))]).to(d.device)
     last = min(cfg.vae_steps, step + cfg.max_steps) if cfg.max_steps else cfg.vae_steps
     log(d, f"stage vae: global batch {cfg.vae_batch}, {cfg.vae_batch // d.world} per rank")
-    bar, t0, s0 = progress(d, step, cfg.vae_steps, "stage vae"), time.time(), step
+    bar = progress(d, step, cfg.vae_steps, "stage vae")                # its rate: steps/s
     while step < last:
         flip, eps, ks, eq = vae_batch_randomness(cfg, step, cfg.vae_batch, latent_shape)
         x = next(loader)[0]
@@ -788,7 +772,6 @@ def train_vae(cfg, d):
             terms = finish_update(opt, vae.parameters(), scaler, terms, d, step, path, saved)
         else:                                                  # the discriminator's turn (odd steps)
             opt_d.param_groups[0]["lr"] = lr_at(disc_updates_before(step, cfg.disc_start), cfg.disc_lr, cfg.disc_warmup)
-            disc.train()
             with d.autocast(cfg.precision):
                 loss = sm.discriminator_loss(vae, disc_ddp, x, eps, ks, cfg.dsm_block, eq)
             opt_d.zero_grad(set_to_none=True)
@@ -798,8 +781,7 @@ def train_vae(cfg, d):
         bar.update(1)
         if step % cfg.log_every == 0:
             history.append(dict(step=step, k=float(np.mean(ks)), **terms))
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()},
-                             "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if step % cfg.vis_every == 0 or step == cfg.vae_steps:
             vae_pictures(vae, vis, cfg, d)
         stop = stop_requested(d)
@@ -940,9 +922,9 @@ def encode_latents(cfg, d):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=bs, num_workers=cfg.num_workers,
                                          worker_init_fn=_worker_init)
     common = -(-(N // d.world) // bs)                          # batches every rank has: the stop check is collective
-    bar, pos = progress(d, 0, N, "stage latents"), 0
+    bar = progress(d, 0, N, "stage latents")
     for i, (x, y) in enumerate(loader):
-        rows, pos = idx[pos:pos + len(x)], pos + len(x)
+        rows = idx[i * bs:(i + 1) * bs]
         x = x.to(d.device)
         mean, logvar = vae.encode(x)
         arrays["moments"][rows] = torch.stack([mean, torch.exp(0.5 * logvar)], 1).float().cpu().numpy()
@@ -984,7 +966,8 @@ class LatentData(torch.utils.data.Dataset):
         if with_images and not self.meta["has_images"]:
             raise ValueError(f"{folder} was encoded without images, which REPA needs: rerun --stage latents with "
                              "--repa-encoder set")
-        for name in ["moments", "labels"] + (["images"] if with_images else []):
+        self.names = ["moments", "labels"] + (["images"] if with_images else [])
+        for name in self.names:
             path = os.path.join(folder, name + ".npy")
             try:
                 rows = len(np.load(path, mmap_mode="r"))
@@ -999,18 +982,12 @@ class LatentData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self.arrays is None:                                # opened lazily, once per worker
-            names = ["moments", "labels"] + (["images"] if self.with_images else [])
-            self.arrays = {n: np.load(os.path.join(self.folder, n + ".npy"), mmap_mode="r") for n in names}
+            self.arrays = {n: np.load(os.path.join(self.folder, n + ".npy"), mmap_mode="r") for n in self.names}
         img = torch.from_numpy(np.array(self.arrays["images"][i])) if self.with_images else 0
         return torch.from_numpy(np.array(self.arrays["moments"][i])), int(self.arrays["labels"][i]), img
 
 
 # ----------------------------------------------------------------------------- stage 2: DiT
-
-def load_repa_encoder(name, device, resolution=256):
-    """The frozen REPA target encoder (a torch.hub DINOv2 name), or None for 'none'."""
-    return None if name == "none" else sm.load_dinov2(name, device=device, resolution=resolution)
-
 
 def dit_config(cfg, meta, enc_dim):
     """Constructor arguments of the DiT preset for these latents (the preset's sizes spelt out)."""
@@ -1052,13 +1029,14 @@ def train_dit(cfg, d):
     path = os.path.join(cfg.out, "dit.pt")
     data = LatentData(os.path.join(cfg.out, "latents"), cfg.repa_encoder != "none" and cfg.repa_lambda > 0)
     meta = data.meta
-    ckpt = resume_point(path, "dit", cfg, d, cfg.dit_steps)
+    ckpt, finished = resume_point(path, "dit", cfg, d, cfg.dit_steps)
     if ckpt is not None and ckpt.get("vae") != meta["vae"]:    # a resume must not cross a re-encoding
         raise ValueError(f"{path} was trained on latents of {ckpt.get('vae')}, but {data.folder} now holds latents "
                          f"of {meta['vae']}: continue on the old latents, or start a new run with another --out")
-    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == cfg.dit_steps:
+    if finished:
         return path
-    encoder = load_repa_encoder(cfg.repa_encoder, d.device, meta["image_size"]) if data.with_images else None
+    encoder = (sm.load_dinov2(cfg.repa_encoder, device=d.device, resolution=meta["image_size"])
+               if data.with_images else None)
     vae = vae_from_source(meta["vae"], cfg.out, d.device)     # the one source of the latent statistics
     mcfg = dit_config(cfg, meta, encoder.embed_dim if encoder is not None else 0)
     log(d, f"latents {data.folder}: {len(data)} images, {meta['num_classes']} classes, shape "
@@ -1082,14 +1060,13 @@ def train_dit(cfg, d):
     loader = make_loader(data, cfg.dit_batch, d, cfg.seed, step, cfg.num_workers)
     last = min(cfg.dit_steps, step + cfg.max_steps) if cfg.max_steps else cfg.dit_steps
     log(d, f"stage dit: global batch {cfg.dit_batch}, {cfg.dit_batch // d.world} per rank")
-    bar, t0, s0 = progress(d, step, cfg.dit_steps, "stage dit"), time.time(), step
+    bar = progress(d, step, cfg.dit_steps, "stage dit")                # its rate: steps/s
     while step < last:
-        mom, y, img = (v.to(d.device) if torch.is_tensor(v) else v for v in next(loader))
+        mom, y, img = (v.to(d.device) for v in next(loader))
         eps, t, noise, drop = (d.shard(v).to(d.device) for v in
                                dit_batch_randomness(cfg, step, cfg.dit_batch, meta["latent_shape"]))
         z = vae.normalize(mom[:, 0] + mom[:, 1] * eps)         # posterior sample, normalised for stage 2
         y = y if model.num_classes else None
-        model.train()
         with d.autocast(cfg.precision):
             targets = [repa_targets(encoder, img, cfg, model.grid_size)] if encoder else None
             terms = sm.flow_loss(runner, z, y, t=t, noise=noise, drop_ids=drop, repa_targets=targets,
@@ -1103,8 +1080,7 @@ def train_dit(cfg, d):
         bar.update(1)
         if step % cfg.log_every == 0:
             history.append(dict(step=step, **terms))
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()},
-                             "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if step % cfg.vis_every == 0 or step == cfg.dit_steps:
             dit_pictures(ema, vae, meta, mcfg, cfg, d)
         stop = stop_requested(d)
