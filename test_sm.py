@@ -1234,11 +1234,11 @@ def tiny_repa_encoder(name, device, resolution=256):
 
 def capturing(finish_update, store):
     """train.finish_update that first records step 0's (rank-averaged, unclipped) gradients in store[ckpt name]."""
-    def wrapped(opt, params, scaler, terms, d, step, path, saved):
+    def wrapped(opt, scaler, terms, d, step, path, saved):
         if step == 0:
             store[os.path.basename(path)] = [None if p.grad is None else p.grad.detach().clone()
                                              for p in opt.param_groups[0]["params"]]
-        return finish_update(opt, params, scaler, terms, d, step, path, saved)
+        return finish_update(opt, scaler, terms, d, step, path, saved)
     return wrapped
 
 
@@ -4130,12 +4130,12 @@ sm.flow_loss = observed(sm.flow_loss, "dit")
 finish = train.finish_update
 
 
-def finish_update(opt, params, scaler, terms, d, step, path, saved):
+def finish_update(opt, scaler, terms, d, step, path, saved):
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     if step == 0:
         GRADS[LABEL] = [None if p.grad is None else (p.grad.detach().float() / scale).cpu()
                         for p in opt.param_groups[0]["params"]]
-    terms = finish(opt, params, scaler, terms, d, step, path, saved)
+    terms = finish(opt, scaler, terms, d, step, path, saved)
     FACTS[LABEL].setdefault("steps", []).append(dict(step=step, scale=scale, **terms))
     return terms
 

@@ -553,20 +553,18 @@ def lock_run_folder(out, d):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
-    ok = torch.ones(1, device=d.device)
     if d.main and out not in _LOCKS:
         f = open(os.path.join(out, ".lock"), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.truncate(0)
-            f.write(f"{os.getpid()} {os.uname().nodename}\n")
-            f.flush()
+            print(os.getpid(), os.uname().nodename, file=f, flush=True)
             _LOCKS[out] = f
         except BlockingIOError:
             f.seek(0)
             owner = f.read().strip() or "?"
             f.close()
-            ok.zero_()
+    ok = torch.tensor([float(out in _LOCKS or not d.main)], device=d.device)
     if d.all_reduce(ok).item() < d.world:
         raise FileExistsError(f"{out} is being written by another run (pid, host: {owner if d.main else '?'}): wait "
                               "for it to end, or choose another --out")
@@ -657,11 +655,11 @@ def resume_point(path, kind, cfg, d, total_steps):
     return ckpt, finished
 
 
-def finish_update(opt, params, scaler, terms, d, step, path, saved):
+def finish_update(opt, scaler, terms, d, step, path, saved):
     """After the backward pass: clip at 1.0, average the logged terms over ranks, stop on a non-finite loss
     (naming the step and the kept checkpoint), step the optimiser. Returns the terms as floats."""
     scaler.unscale_(opt)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    gnorm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
     terms = {k: v.detach().float().mean() for k, v in terms.items()}
     vals = d.all_reduce_mean(torch.stack([v.reshape(()) for v in terms.values()] + [gnorm.float()])).tolist()
     terms, gnorm = dict(zip(terms, vals[:-1])), vals[-1]
@@ -677,7 +675,8 @@ def finish_update(opt, params, scaler, terms, d, step, path, saved):
 
 def save_run(d, obj, path, modules, keep_every=0):
     """Write a training checkpoint atomically on rank 0, never with non-finite weights, plus a step-numbered
-    snapshot (e.g. dit-0400000.pt) when the step is a multiple of keep_every."""
+    snapshot (e.g. dit-0400000.pt) when the step is a multiple of keep_every; then, when a stop was requested,
+    stop (stop_now)."""
     flags = [torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point()]
     if not bool(torch.stack(flags).all()):
         raise FloatingPointError(f"the weights became non-finite before step {obj['step']} although the loss was "
@@ -688,6 +687,8 @@ def save_run(d, obj, path, modules, keep_every=0):
             stem, ext = os.path.splitext(path)
             save_checkpoint(obj, f"{stem}-{obj['step']:07d}{ext}")
     d.barrier()
+    if stop_requested(d):
+        stop_now(d, f"stage {obj['kind']}: {path} saved at step {obj['step']}")
 
 
 def settings(cfg):
@@ -769,14 +770,14 @@ def train_vae(cfg, d):
                                        loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
             opt.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
-            terms = finish_update(opt, vae.parameters(), scaler, terms, d, step, path, saved)
+            terms = finish_update(opt, scaler, terms, d, step, path, saved)
         else:                                                  # the discriminator's turn (odd steps)
             opt_d.param_groups[0]["lr"] = lr_at(disc_updates_before(step, cfg.disc_start), cfg.disc_lr, cfg.disc_warmup)
             with d.autocast(cfg.precision):
                 loss = sm.discriminator_loss(vae, disc_ddp, x, eps, ks, cfg.dsm_block, eq)
             opt_d.zero_grad(set_to_none=True)
             scaler_d.scale(loss).backward()
-            terms = finish_update(opt_d, disc.parameters(), scaler_d, {"disc": loss}, d, step, path, saved)
+            terms = finish_update(opt_d, scaler_d, {"disc": loss}, d, step, path, saved)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -784,12 +785,9 @@ def train_vae(cfg, d):
             bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if step % cfg.vis_every == 0 or step == cfg.vae_steps:
             vae_pictures(vae, vis, cfg, d)
-        stop = stop_requested(d)
-        if step % cfg.ckpt_every == 0 or step == last or stop:
+        if step % cfg.ckpt_every == 0 or step == last or stop_requested(d):     # a stop: saved, then stopped
             save_run(d, vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history), path, (vae, disc), cfg.keep_every)
             saved = step
-        if stop:
-            stop_now(d, f"stage vae: {path} saved at step {step}")
     bar.close()
     if step == cfg.vae_steps:                                  # the statistics, then the finished checkpoint
         mean, std = latent_statistics(vae, ds, d, cfg.stats_samples, cfg.seed, cfg.latent_norm)
@@ -1074,7 +1072,7 @@ def train_dit(cfg, d):
         opt.zero_grad(set_to_none=True)
         scaler.scale(terms["loss"]).backward()
         terms.pop("t")                                         # per-sample times: not a logged term
-        terms = finish_update(opt, model.parameters(), scaler, terms, d, step, path, saved)
+        terms = finish_update(opt, scaler, terms, d, step, path, saved)
         sm.update_ema(ema, model, cfg.ema)
         step += 1
         bar.update(1)
@@ -1082,29 +1080,26 @@ def train_dit(cfg, d):
             history.append(dict(step=step, **terms))
             bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if step % cfg.vis_every == 0 or step == cfg.dit_steps:
-            dit_pictures(ema, vae, meta, mcfg, cfg, d)
-        stop = stop_requested(d)
-        if step % cfg.ckpt_every == 0 or step == last or stop:
+            dit_pictures(ema, vae, meta, cfg, d)
+        if step % cfg.ckpt_every == 0 or step == last or stop_requested(d):     # a stop: saved, then stopped
             save_run(d, dict(kind="dit", model_name=cfg.model, dit_config=mcfg, model=model.state_dict(),
                              ema=ema.state_dict(), opt=opt.state_dict(), step=step, finished=step == cfg.dit_steps,
                              args=settings(cfg), history=history, vae=meta["vae"], latent_shape=meta["latent_shape"],
                              image_size=meta["image_size"]), path, (model, ema), cfg.keep_every)
             saved = step
-        if stop:
-            stop_now(d, f"stage dit: {path} saved at step {step}")
     bar.close()
     if ckpt is not None and step == ckpt["step"] == cfg.dit_steps:   # resumed at exactly dit_steps: finish it
-        dit_pictures(ema, vae, meta, mcfg, cfg, d)
+        dit_pictures(ema, vae, meta, cfg, d)
         save_run(d, dict(ckpt, finished=True, args=settings(cfg)), path, (model, ema))
     return path
 
 
 @torch.no_grad()
-def dit_pictures(ema, vae, meta, mcfg, cfg, d):
+def dit_pictures(ema, vae, meta, cfg, d):
     """16 EMA samples (Euler ODE, fixed noise, classes 0, 1, ...) as samples.png, on rank 0."""
     if not d.main:
         return
-    n = mcfg["num_classes"]
+    n = ema.num_classes
     noise = torch.randn((16, *meta["latent_shape"]), generator=torch.Generator().manual_seed(cfg.seed)).to(d.device)
     y = torch.arange(16, device=d.device) % n if n else None
     z = sm.sample_ode(ema, noise, y, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
