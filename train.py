@@ -241,11 +241,10 @@ class Dist:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.group, self.main = dist.is_initialized(), self.rank == 0
 
-    def autocast(self, precision="bf16"):
+    def autocast(self, precision):
         """bf16 / fp16 autocast on CUDA; float32 (TF32 allowed) for fp32 and on CPU."""
-        if self.device.type == "cuda" and precision in ("bf16", "fp16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=self.device.type == "cuda" and precision != "fp32")
 
     def scaler(self, precision):
         """fp16's loss scaling (a pass-through otherwise)."""
@@ -317,29 +316,24 @@ def jpeg_round_trip(arr, quality):
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".jpx")
 
 
-def to_rgb(im):
-    """Any Pillow image -> 8-bit RGB. 16-bit and 32-bit integer greyscale are rescaled (v / 257) instead of
-    clipped at 255; float images in [0, 1] are scaled by 255; alpha is dropped (as torchvision and ADM)."""
-    from PIL import Image
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode == "F":
-            a = a * 255.0 if a.size and a.max() <= 1.0 else a
-        elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
-            a = a / 257.0                                          # 65535 -> 255
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(a[..., None], 3, axis=2))
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im.convert("RGB")
-
-
 def read_rgb(path):
-    """Decode an image file to an RGB PIL image; the error names the file."""
+    """Decode an image file to an 8-bit RGB PIL image; the error names the file. 16-bit and 32-bit integer greyscale
+    are rescaled (v / 257) instead of clipped at 255; float images in [0, 1] are scaled by 255; alpha is dropped
+    (as torchvision and ADM)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return to_rgb(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                if im.mode == "F":
+                    a = a * 255.0 if a.size and a.max() <= 1.0 else a
+                elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+                    a = a / 257.0                                  # 65535 -> 255
+                a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+                return Image.fromarray(np.repeat(a[..., None], 3, axis=2))
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            return im.convert("RGB")
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
@@ -519,9 +513,8 @@ def atomic_write(path, write, binary=True):
     """write(f) into PATH.tmp, fsync, rename it over PATH: a crash at any point leaves the old file or the new one,
     and a killed writer's PATH.tmp is overwritten by the next write (one writer per path: the run folder's lock).
     A full disk is one line that names the path; the old file is kept."""
-    path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
@@ -615,7 +608,6 @@ def read_json(path):
 
 def load_checkpoint(path, kind=None):
     """Load a checkpoint written by train.py and check that it is of the expected kind ('vae', 'dit')."""
-    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -1192,8 +1184,7 @@ def run_all(cfg, d):
     if cfg.dataset != "deadleaves":                            # the metrics' held-out images, before hours of work
         split_folder(cfg.data_path, "val")
     run(cfg, d)
-    npz = os.path.join(cfg.out, "samples", "samples.npz")
-    sample.generate(os.path.join(cfg.out, "dit.pt"), cfg.num_fid_samples, os.path.dirname(npz), d,
+    sample.generate(os.path.join(cfg.out, "dit.pt"), cfg.num_fid_samples, os.path.join(cfg.out, "samples"), d,
                     steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
     if d.main:
         metrics = evaluate.evaluate_run(cfg.out, d)
