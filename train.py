@@ -309,8 +309,7 @@ def jpeg_round_trip(arr, quality):
     from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    with Image.open(buf) as im:
-        return np.array(im.convert("RGB"))
+    return np.array(Image.open(buf).convert("RGB"))
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".jpx")
@@ -408,12 +407,12 @@ def build_dataset(name, path=None, image_size=256, split="train", seed=0, length
     return ImageFiles(split_folder(path, split), image_size, jpeg_quality)
 
 
-def open_dataset(cfg, d, split="train"):
-    """The dataset of a run, described in the log."""
-    ds = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, split, cfg.seed, cfg.dataset_size,
+def open_dataset(cfg, d):
+    """The training set of a run, described in the log."""
+    ds = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, "train", cfg.seed, cfg.dataset_size,
                        cfg.jpeg_quality)
     where = f" at {ds.root}" if isinstance(ds, ImageFiles) else " (procedural)"
-    log(d, f"dataset {cfg.dataset} {split}{where}: {len(ds)} images, {ds.num_classes} classes, {cfg.image_size} px"
+    log(d, f"dataset {cfg.dataset} train{where}: {len(ds)} images, {ds.num_classes} classes, {cfg.image_size} px"
            + (f", re-saved as JPEG {cfg.jpeg_quality}" if cfg.jpeg_quality and cfg.dataset != "deadleaves" else ""))
     return ds
 
@@ -502,11 +501,11 @@ def plot_spectra(rep, path, delta):
 def code_version():
     """git commit of this project ('-dirty' with uncommitted changes to tracked files), else 'unknown'."""
     try:
-        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
-    except (OSError, subprocess.SubprocessError):
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):                  # no git, not a checkout, or too slow
         return "unknown"
-    return git.stdout.strip() if git.returncode == 0 else "unknown"
 
 
 def atomic_write(path, write, binary=True):
@@ -824,7 +823,7 @@ def latent_statistics(vae, ds, d, num_images, seed, norm="scalar"):
     mean, std = sm.latent_stats(d.all_reduce(acc), per_channel=norm == "channel")
     log(d, f"latent statistics ({norm}) over {n} images: mean {[round(v, 4) for v in mean.tolist()]}, "
            f"std {[round(v, 4) for v in std.tolist()]}")
-    return mean.to(d.device), std.to(d.device)
+    return mean, std
 
 
 # ----------------------------------------------------------------------------- the autoencoder of a run
@@ -1044,8 +1043,7 @@ def train_dit(cfg, d):
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
         log(d, f"stage dit: resuming {path} at step {step}")
-    runner = d.wrap(model)
-    runner = torch.compile(runner) if cfg.compile else runner
+    runner = torch.compile(d.wrap(model)) if cfg.compile else d.wrap(model)
     scaler = d.scaler(cfg.precision)
     loader = make_loader(data, cfg.dit_batch, d, cfg.seed, step, cfg.num_workers)
     last = min(cfg.dit_steps, step + cfg.max_steps) if cfg.max_steps else cfg.dit_steps
@@ -1091,9 +1089,8 @@ def dit_pictures(ema, vae, meta, cfg, d):
     """16 EMA samples (Euler ODE, fixed noise, classes 0, 1, ...) as samples.png, on rank 0."""
     if not d.main:
         return
-    n = ema.num_classes
     noise = torch.randn((16, *meta["latent_shape"]), generator=torch.Generator().manual_seed(cfg.seed)).to(d.device)
-    y = torch.arange(16, device=d.device) % n if n else None
+    y = torch.arange(16, device=d.device) % ema.num_classes if ema.num_classes else None
     z = sm.sample_ode(ema, noise, y, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
     save_grid(to_uint8(vae.decode(vae.denormalize(z.float())).clamp(-1, 1)), os.path.join(cfg.out, "samples.png"), 8)
 
@@ -1205,8 +1202,7 @@ def main(argv=None):
                 return run_all(cfg, d)
             return run(cfg, d, (cfg.stage,))
     finally:
-        if sys.exc_info()[1] is not None:                     # free the failed stage's DataLoader now: its workers
-            traceback.clear_frames(sys.exc_info()[2])         # ignore SIGTERM, so exit could not terminate them
+        traceback.clear_frames(sys.exc_info()[2])   # free a failed stage's DataLoader now: its workers ignore SIGTERM
         if dist.is_initialized():
             dist.destroy_process_group()
 
