@@ -641,8 +641,8 @@ def resume_point(path, kind, cfg, d, total_steps):
         raise ValueError(f"{path} is at step {ckpt['step']}, beyond --{kind}-steps {total_steps}: pass "
                          f"--{kind}-steps {ckpt['step']} or more")
     finished = ckpt.get("finished") and ckpt["step"] == total_steps
-    if finished:
-        log(d, f"stage {kind}: {path} is finished, skipping")
+    log(d, f"stage {kind}: {path} is finished, skipping" if finished else
+           f"stage {kind}: resuming {path} at step {ckpt['step']}")
     return ckpt, finished
 
 
@@ -737,7 +737,6 @@ def train_vae(cfg, d):
         vae.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["opt"]), opt_d.load_state_dict(ckpt["opt_d"])
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
-        log(d, f"stage vae: resuming {path} at step {step}")
     vae_ddp, disc_ddp = d.wrap(vae), d.wrap(disc)
     scaler, scaler_d = d.scaler(cfg.precision), d.scaler(cfg.precision)
     loader = make_loader(ds, cfg.vae_batch, d, cfg.seed, step, cfg.num_workers)
@@ -759,14 +758,14 @@ def train_vae(cfg, d):
                 terms = sm.stage1_loss(vae, x, eps, ks, vars(cfg), lpips, disc if gan else None, eq, forward=vae_ddp,
                                        reduce=d.all_reduce_mean,
                                        loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             scaler.scale(terms["loss"]).backward()
             terms = finish_update(opt, scaler, terms, d, step, path, saved)
         else:                                                  # the discriminator's turn (odd steps)
             opt_d.param_groups[0]["lr"] = lr_at(disc_updates_before(step, cfg.disc_start), cfg.disc_lr, cfg.disc_warmup)
             with d.autocast(cfg.precision):
                 loss = sm.discriminator_loss(vae, disc_ddp, x, eps, ks, cfg.dsm_block, eq)
-            opt_d.zero_grad(set_to_none=True)
+            opt_d.zero_grad()
             scaler_d.scale(loss).backward()
             terms = finish_update(opt_d, scaler_d, {"disc": loss}, d, step, path, saved)
         step += 1
@@ -777,20 +776,17 @@ def train_vae(cfg, d):
         if step % cfg.vis_every == 0 or step == cfg.vae_steps:
             vae_pictures(vae, vis, cfg, d)
         if step % cfg.ckpt_every == 0 or step == last or stop_requested(d):     # a stop: saved, then stopped
-            save_run(d, vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history), path, (vae, disc), cfg.keep_every)
+            ckpt = dict(kind="vae", preset=vae.preset, vae_config=vae.config, model=vae.state_dict(),
+                        disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict(), step=step,
+                        finished=False, args=settings(cfg), history=history, latent_norm=cfg.latent_norm)
+            save_run(d, ckpt, path, (vae, disc), cfg.keep_every)
             saved = step
     bar.close()
     if step == cfg.vae_steps:                                  # the statistics, then the finished checkpoint
         mean, std = latent_statistics(vae, ds, d, cfg.stats_samples, cfg.seed, cfg.latent_norm)
         vae.latent_mean.copy_(mean), vae.latent_std.copy_(std)
-        save_run(d, vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history, finished=True), path, (vae, disc))
+        save_run(d, dict(ckpt, model=vae.state_dict(), finished=True, args=settings(cfg)), path, (vae, disc))
     return path
-
-
-def vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history, finished=False):
-    return dict(kind="vae", preset=vae.preset, vae_config=vae.config, model=vae.state_dict(), disc=disc.state_dict(),
-                opt=opt.state_dict(), opt_d=opt_d.state_dict(), step=step, finished=finished, args=settings(cfg),
-                history=history, latent_norm=cfg.latent_norm)
 
 
 @torch.no_grad()
@@ -1042,7 +1038,6 @@ def train_dit(cfg, d):
             raise ValueError(f"{path} holds {ckpt['model_name']} {ckpt['dit_config']}, not {cfg.model} {mcfg}")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
-        log(d, f"stage dit: resuming {path} at step {step}")
     runner = torch.compile(d.wrap(model)) if cfg.compile else d.wrap(model)
     scaler = d.scaler(cfg.precision)
     loader = make_loader(data, cfg.dit_batch, d, cfg.seed, step, cfg.num_workers)
@@ -1059,7 +1054,7 @@ def train_dit(cfg, d):
             targets = [repa_targets(encoder, img, cfg, model.grid_size)] if encoder else None
             terms = sm.flow_loss(runner, z, y, t=t, noise=noise, drop_ids=drop, repa_targets=targets,
                                  repa_lambda=cfg.repa_lambda)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         scaler.scale(terms["loss"]).backward()
         terms.pop("t")                                         # per-sample times: not a logged term
         terms = finish_update(opt, scaler, terms, d, step, path, saved)
@@ -1149,7 +1144,7 @@ def bench(cfg, d):
         with counter, math_sdpa:                               # one context: it restarts its count on entry
             with d.autocast(cfg.precision):
                 loss = loss_fn()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
         opt.step()
         sync()
