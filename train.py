@@ -652,7 +652,7 @@ def finish_update(opt, scaler, terms, d, step, path, saved):
     scaler.unscale_(opt)
     gnorm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
     terms = {k: v.detach().float().mean() for k, v in terms.items()}
-    vals = d.all_reduce_mean(torch.stack([v.reshape(()) for v in terms.values()] + [gnorm.float()])).tolist()
+    vals = d.all_reduce_mean(torch.stack([*terms.values(), gnorm.float()])).tolist()
     terms, gnorm = dict(zip(terms, vals[:-1])), vals[-1]
     if not all(math.isfinite(v) for v in terms.values()) or not (math.isfinite(gnorm) or scaler.is_enabled()):
         kept = (f"the last good checkpoint {path} (step {saved}) is kept; --resume continues from it"
@@ -756,8 +756,7 @@ def train_vae(cfg, d):
             vae.train()
             with d.autocast(cfg.precision):
                 terms = sm.stage1_loss(vae, x, eps, ks, vars(cfg), lpips, disc if gan else None, eq, forward=vae_ddp,
-                                       reduce=d.all_reduce_mean,
-                                       loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
+                                       reduce=d.all_reduce_mean, loss_scale=scaler.get_scale())
             opt.zero_grad()
             scaler.scale(terms["loss"]).backward()
             terms = finish_update(opt, scaler, terms, d, step, path, saved)
