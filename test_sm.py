@@ -1225,7 +1225,7 @@ class TinyEncoder(torch.nn.Module):
 
 
 def tiny_repa_encoder(name, device, resolution=256):
-    """Stand-in for train.load_repa_encoder: the same random encoder on every call, in every process."""
+    """Stand-in for sm.load_dinov2 in train.py: the same random encoder on every call, in every process."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         enc = TinyEncoder()
@@ -1234,11 +1234,11 @@ def tiny_repa_encoder(name, device, resolution=256):
 
 def capturing(finish_update, store):
     """train.finish_update that first records step 0's (rank-averaged, unclipped) gradients in store[ckpt name]."""
-    def wrapped(opt, params, scaler, terms, d, step, path, saved):
+    def wrapped(opt, scaler, terms, d, step, path, saved):
         if step == 0:
             store[os.path.basename(path)] = [None if p.grad is None else p.grad.detach().clone()
                                              for p in opt.param_groups[0]["params"]]
-        return finish_update(opt, params, scaler, terms, d, step, path, saved)
+        return finish_update(opt, scaler, terms, d, step, path, saved)
     return wrapped
 
 
@@ -1246,9 +1246,10 @@ WRAPPER = '''
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
+import sm
 import train
 ''' + "\n\n".join(inspect.getsource(f) for f in (TinyEncoder, tiny_repa_encoder, capturing)) + '''
-train.load_repa_encoder = tiny_repa_encoder
+sm.load_dinov2 = tiny_repa_encoder
 
 
 def die():
@@ -1318,7 +1319,7 @@ def run_script(tmp, args, nproc=1, env=None, check=True):
 @pytest.fixture
 def encoder(monkeypatch):
     """In-process stage-2 runs align with the tiny random encoder (no DINOv2 download)."""
-    monkeypatch.setattr(train, "load_repa_encoder", tiny_repa_encoder)
+    monkeypatch.setattr(sm, "load_dinov2", tiny_repa_encoder)
 
 
 def main(stage, out, *extra):
@@ -1348,7 +1349,7 @@ def ref(tmp_path_factory):
     """The reference: one single-process run of stages vae, latents and dit (in process), with step 0's gradients."""
     out, grads = tmp_path_factory.mktemp("ref"), {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "load_repa_encoder", tiny_repa_encoder)
+        mp.setattr(sm, "load_dinov2", tiny_repa_encoder)
         mp.setattr(train, "finish_update", capturing(train.finish_update, grads))
         for stage in ("vae", "latents", "dit"):
             main(stage, out)
@@ -1833,10 +1834,10 @@ def test_global_batches_are_world_size_invariant():
     assert eps.shape == noise.shape == (64, 4, 8, 8) and t.shape == (64,) and 0 < drop.sum() < 64 and \
         not torch.equal(eps, noise) and not torch.equal(eps, train.vae_batch_randomness(cfg, 0, 64, shape)[1])
     for world in (2, 4):
-        ref = _steps(train.GlobalBatchSampler(50, 8, FakeDist(0, 1), 3), 8, 20)            # 20 steps > 3 epochs
-        parts = [_steps(train.GlobalBatchSampler(50, 8, FakeDist(r, world), 3), 8 // world, 20) for r in range(world)]
+        ref = _steps(train.global_batches(50, 8, FakeDist(0, 1), 3), 8, 20)            # 20 steps > 3 epochs
+        parts = [_steps(train.global_batches(50, 8, FakeDist(r, world), 3), 8 // world, 20) for r in range(world)]
         assert ref == [sum((p[i] for p in parts), []) for i in range(20)]
-        late = [_steps(train.GlobalBatchSampler(50, 8, FakeDist(r, world), 3, start_step=7), 8 // world, 13)
+        late = [_steps(train.global_batches(50, 8, FakeDist(r, world), 3, start_step=7), 8 // world, 13)
                 for r in range(world)]
         assert ref[7:] == [sum((p[i] for p in late), []) for i in range(13)]
     assert sorted(sum(ref[:7], [])[:50]) == list(range(50))                             # an epoch: a permutation
@@ -1846,7 +1847,7 @@ def test_global_batches_are_world_size_invariant():
     assert torch.equal(one[0], torch.cat([b[0] for b in two]))                          # images and labels
     assert one[1].tolist() == sum((b[1].tolist() for b in two), [])
     with pytest.raises(ValueError, match="global batch 7 is not divisible by the world size 2"):
-        train.GlobalBatchSampler(10, 7, FakeDist(0, 2), 0)
+        train.make_loader(ds, 7, FakeDist(0, 2), 0, 0, 0)
 
 
 @scripts
@@ -4083,7 +4084,7 @@ CUDA_TINY = ["--image-size", "32", "--dataset-size", "32", "--vae", "tiny", "--v
              "--dit-lr", "2e-4", "--ema", "0.9", "--repa-encoder", "dinov2_vits14", "--repa-target", "dog",
              "--sample-steps", "2"]
 
-# `python -c` program run by torchrun: a tiny random encoder in DINOv2's format replaces train.load_repa_encoder,
+# `python -c` program run by torchrun: a tiny random encoder in DINOv2's format replaces sm.load_dinov2,
 # observers record what each run did (process group, autocast, SyncBatchNorm, the discriminator's steps, compile,
 # step 0's gradients), and each run is train.cli(train.main, "train.py") with its argv; several runs, one process
 # group. argv[1]: JSON list of {"label", "argv"} or {"copy": [src, dst, names]}; TEST_FACTS: where rank 0 writes.
@@ -4096,7 +4097,7 @@ import sm, train
 
 ''' + "\n\n".join(inspect.getsource(f) for f in (TinyEncoder, tiny_repa_encoder)) + r'''
 
-train.load_repa_encoder = tiny_repa_encoder
+sm.load_dinov2 = tiny_repa_encoder
 FACTS, GRADS, LABEL = {}, {}, None
 
 
@@ -4127,12 +4128,12 @@ sm.flow_loss = observed(sm.flow_loss, "dit")
 finish = train.finish_update
 
 
-def finish_update(opt, params, scaler, terms, d, step, path, saved):
+def finish_update(opt, scaler, terms, d, step, path, saved):
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     if step == 0:
         GRADS[LABEL] = [None if p.grad is None else (p.grad.detach().float() / scale).cpu()
                         for p in opt.param_groups[0]["params"]]
-    terms = finish(opt, params, scaler, terms, d, step, path, saved)
+    terms = finish(opt, scaler, terms, d, step, path, saved)
     FACTS[LABEL].setdefault("steps", []).append(dict(step=step, scale=scale, **terms))
     return terms
 

@@ -18,6 +18,7 @@ noise on any number of processes and a resume needs no RNG state.
 import argparse
 import ast
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -229,9 +230,8 @@ class Dist:
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -241,11 +241,10 @@ class Dist:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.group, self.main = dist.is_initialized(), self.rank == 0
 
-    def autocast(self, precision="bf16"):
+    def autocast(self, precision):
         """bf16 / fp16 autocast on CUDA; float32 (TF32 allowed) for fp32 and on CPU."""
-        if self.device.type == "cuda" and precision in ("bf16", "fp16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=self.device.type == "cuda" and precision != "fp32")
 
     def scaler(self, precision):
         """fp16's loss scaling (a pass-through otherwise)."""
@@ -270,10 +269,8 @@ class Dist:
         return t[self.rank * n:(self.rank + 1) * n]
 
     def wrap(self, model):
-        if not self.group:
-            return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda"
-                                                   else None)
+        """DDP over the ranks (the module is on this rank's device already), or the model itself."""
+        return nn.parallel.DistributedDataParallel(model) if self.group else model
 
 
 def step_generator(seed, step, stream=0):
@@ -312,36 +309,30 @@ def jpeg_round_trip(arr, quality):
     from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    with Image.open(buf) as im:
-        return np.array(im.convert("RGB"))
+    return np.array(Image.open(buf).convert("RGB"))
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".jpx")
 
 
-def to_rgb(im):
-    """Any Pillow image -> 8-bit RGB. 16-bit and 32-bit integer greyscale are rescaled (v / 257) instead of
-    clipped at 255; float images in [0, 1] are scaled by 255; alpha is dropped (as torchvision and ADM)."""
-    from PIL import Image
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode == "F":
-            a = a * 255.0 if a.size and a.max() <= 1.0 else a
-        elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
-            a = a / 257.0                                          # 65535 -> 255
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(a[..., None], 3, axis=2))
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im.convert("RGB")
-
-
 def read_rgb(path):
-    """Decode an image file to an RGB PIL image; the error names the file."""
+    """Decode an image file to an 8-bit RGB PIL image; the error names the file. 16-bit and 32-bit integer greyscale
+    are rescaled (v / 257) instead of clipped at 255; float images in [0, 1] are scaled by 255; alpha is dropped
+    (as torchvision and ADM)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return to_rgb(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                if im.mode == "F":
+                    a = a * 255.0 if a.size and a.max() <= 1.0 else a
+                elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+                    a = a / 257.0                                  # 65535 -> 255
+                a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+                return Image.fromarray(np.repeat(a[..., None], 3, axis=2))
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            return im.convert("RGB")
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
@@ -412,42 +403,31 @@ def split_folder(path, split):
 def build_dataset(name, path=None, image_size=256, split="train", seed=0, length=None, jpeg_quality=0):
     """(image in [-1, 1] (3, H, W), label): dead leaves (val: another seed) or the images of ROOT/<split>."""
     if name == "deadleaves":
-        ds = sm.DeadLeaves(length or 4096, image_size, seed=seed if split == "train" else seed + 10_000)
-        ds.num_classes = 10
-        return ds
+        return sm.DeadLeaves(length or 4096, image_size, seed=seed if split == "train" else seed + 10_000)
     return ImageFiles(split_folder(path, split), image_size, jpeg_quality)
 
 
-def open_dataset(cfg, d, split="train"):
-    """The dataset of a run, described in the log."""
-    ds = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, split, cfg.seed, cfg.dataset_size,
+def open_dataset(cfg, d):
+    """The training set of a run, described in the log."""
+    ds = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, "train", cfg.seed, cfg.dataset_size,
                        cfg.jpeg_quality)
     where = f" at {ds.root}" if isinstance(ds, ImageFiles) else " (procedural)"
-    log(d, f"dataset {cfg.dataset} {split}{where}: {len(ds)} images, {ds.num_classes} classes, {cfg.image_size} px"
+    log(d, f"dataset {cfg.dataset} train{where}: {len(ds)} images, {ds.num_classes} classes, {cfg.image_size} px"
            + (f", re-saved as JPEG {cfg.jpeg_quality}" if cfg.jpeg_quality and cfg.dataset != "deadleaves" else ""))
     return ds
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This rank's indices for steps start..: the global batch of step s is positions s*B..(s+1)*B-1 of
+def global_batches(n, global_batch, d, seed, start_step=0):
+    """This rank's indices for steps start_step..: the global batch of step s is positions s*B..(s+1)*B-1 of
     a stream of per-epoch permutations seeded by (seed, epoch), whatever the number of ranks."""
-
-    def __init__(self, n, global_batch, d, seed, start_step=0):
-        if global_batch % d.world:
-            raise ValueError(f"global batch {global_batch} is not divisible by the world size {d.world}")
-        self.n, self.B, self.d, self.seed, self.start = n, global_batch, d, seed, start_step
-        self.local = global_batch // d.world
-
-    def __iter__(self):
-        step, perm, epoch = self.start, None, -1
-        while True:
-            lo = step * self.B + self.d.rank * self.local
-            for p in range(lo, lo + self.local):
-                if p // self.n != epoch:
-                    epoch = p // self.n
-                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-                yield int(perm[p % self.n])
-            step += 1
+    local, epoch, perm = global_batch // d.world, -1, None
+    for step in itertools.count(start_step):
+        lo = step * global_batch + d.rank * local
+        for p in range(lo, lo + local):
+            if p // n != epoch:
+                epoch = p // n
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            yield int(perm[p % n])
 
 
 def _worker_init(_):
@@ -456,7 +436,9 @@ def _worker_init(_):
 
 
 def make_loader(ds, global_batch, d, seed, start_step, num_workers):
-    sampler = GlobalBatchSampler(len(ds), global_batch, d, seed, start_step)
+    if global_batch % d.world:
+        raise ValueError(f"global batch {global_batch} is not divisible by the world size {d.world}")
+    sampler = global_batches(len(ds), global_batch, d, seed, start_step)
     return iter(torch.utils.data.DataLoader(ds, batch_size=global_batch // d.world, sampler=sampler,
                                             num_workers=num_workers, pin_memory=d.device.type == "cuda",
                                             persistent_workers=num_workers > 0, worker_init_fn=_worker_init))
@@ -519,20 +501,19 @@ def plot_spectra(rep, path, delta):
 def code_version():
     """git commit of this project ('-dirty' with uncommitted changes to tracked files), else 'unknown'."""
     try:
-        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
-    except (OSError, subprocess.SubprocessError):
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):                  # no git, not a checkout, or too slow
         return "unknown"
-    return git.stdout.strip() if git.returncode == 0 else "unknown"
 
 
 def atomic_write(path, write, binary=True):
     """write(f) into PATH.tmp, fsync, rename it over PATH: a crash at any point leaves the old file or the new one,
     and a killed writer's PATH.tmp is overwritten by the next write (one writer per path: the run folder's lock).
     A full disk is one line that names the path; the old file is kept."""
-    path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
@@ -564,20 +545,18 @@ def lock_run_folder(out, d):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
-    ok = torch.ones(1, device=d.device)
     if d.main and out not in _LOCKS:
         f = open(os.path.join(out, ".lock"), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.truncate(0)
-            f.write(f"{os.getpid()} {os.uname().nodename}\n")
-            f.flush()
+            print(os.getpid(), os.uname().nodename, file=f, flush=True)
             _LOCKS[out] = f
         except BlockingIOError:
             f.seek(0)
             owner = f.read().strip() or "?"
             f.close()
-            ok.zero_()
+    ok = torch.tensor([float(out in _LOCKS or not d.main)], device=d.device)
     if d.all_reduce(ok).item() < d.world:
         raise FileExistsError(f"{out} is being written by another run (pid, host: {owner if d.main else '?'}): wait "
                               "for it to end, or choose another --out")
@@ -628,7 +607,6 @@ def read_json(path):
 
 def load_checkpoint(path, kind=None):
     """Load a checkpoint written by train.py and check that it is of the expected kind ('vae', 'dit')."""
-    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -643,13 +621,12 @@ def load_checkpoint(path, kind=None):
 
 
 def resume_point(path, kind, cfg, d, total_steps):
-    """The checkpoint to continue (None: start afresh), after checking that it belongs to this run."""
-    resume = cfg.resume or cfg.stage == "all"
+    """(The checkpoint to continue or None: start afresh, whether it is finished), checked to belong to this run."""
     if not os.path.exists(path):
         if cfg.resume:
             log(d, f"stage {kind}: --resume, but there is no {path} yet: starting a new run")
-        return None
-    if not resume:
+        return None, False
+    if not (cfg.resume or cfg.stage == "all"):
         raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out "
                               "(nothing was overwritten)")
     ckpt = load_checkpoint(path, kind)
@@ -663,18 +640,19 @@ def resume_point(path, kind, cfg, d, total_steps):
     if total_steps < ckpt["step"]:
         raise ValueError(f"{path} is at step {ckpt['step']}, beyond --{kind}-steps {total_steps}: pass "
                          f"--{kind}-steps {ckpt['step']} or more")
-    if ckpt.get("finished") and ckpt["step"] == total_steps:
-        log(d, f"stage {kind}: {path} is finished, skipping")
-    return ckpt
+    finished = ckpt.get("finished") and ckpt["step"] == total_steps
+    log(d, f"stage {kind}: {path} is finished, skipping" if finished else
+           f"stage {kind}: resuming {path} at step {ckpt['step']}")
+    return ckpt, finished
 
 
-def finish_update(opt, params, scaler, terms, d, step, path, saved):
+def finish_update(opt, scaler, terms, d, step, path, saved):
     """After the backward pass: clip at 1.0, average the logged terms over ranks, stop on a non-finite loss
     (naming the step and the kept checkpoint), step the optimiser. Returns the terms as floats."""
     scaler.unscale_(opt)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    gnorm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
     terms = {k: v.detach().float().mean() for k, v in terms.items()}
-    vals = d.all_reduce_mean(torch.stack([v.reshape(()) for v in terms.values()] + [gnorm.float()])).tolist()
+    vals = d.all_reduce_mean(torch.stack([*terms.values(), gnorm.float()])).tolist()
     terms, gnorm = dict(zip(terms, vals[:-1])), vals[-1]
     if not all(math.isfinite(v) for v in terms.values()) or not (math.isfinite(gnorm) or scaler.is_enabled()):
         kept = (f"the last good checkpoint {path} (step {saved}) is kept; --resume continues from it"
@@ -688,7 +666,8 @@ def finish_update(opt, params, scaler, terms, d, step, path, saved):
 
 def save_run(d, obj, path, modules, keep_every=0):
     """Write a training checkpoint atomically on rank 0, never with non-finite weights, plus a step-numbered
-    snapshot (e.g. dit-0400000.pt) when the step is a multiple of keep_every."""
+    snapshot (e.g. dit-0400000.pt) when the step is a multiple of keep_every; then, when a stop was requested,
+    stop (stop_now)."""
     flags = [torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point()]
     if not bool(torch.stack(flags).all()):
         raise FloatingPointError(f"the weights became non-finite before step {obj['step']} although the loss was "
@@ -699,6 +678,8 @@ def save_run(d, obj, path, modules, keep_every=0):
             stem, ext = os.path.splitext(path)
             save_checkpoint(obj, f"{stem}-{obj['step']:07d}{ext}")
     d.barrier()
+    if stop_requested(d):
+        stop_now(d, f"stage {obj['kind']}: {path} saved at step {obj['step']}")
 
 
 def settings(cfg):
@@ -730,27 +711,22 @@ def disc_updates_before(step, disc_start):
     return max(0, (step - first + 1) // 2)
 
 
-def new_vae(cfg, d, ckpt=None):
-    """The autoencoder of a run (a resumed run keeps the architecture it recorded), its sizes checked."""
-    torch.manual_seed(cfg.seed)
-    vae = sm.build_vae(cfg.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
-    vae.check_size(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
-    for name, s in (("image", cfg.image_size), ("latent", cfg.image_size // vae.factor)):
-        if cfg.dsm and s % cfg.dsm_block:
-            raise ValueError(f"DSM: the {name} size {s} is not divisible by --dsm-block {cfg.dsm_block}")
-    return vae.to(d.device)
-
-
 def train_vae(cfg, d):
     """Stage 1 (§3): the autoencoder with the cfg.reg regulariser, the authors' GAN schedule, then the latent
     statistics (a resumable step of their own, after the trained weights are saved)."""
     path = os.path.join(cfg.out, "vae.pt")
     lpips = sm.load_lpips(cfg.lpips_path, cfg.vgg_path).to(d.device) if cfg.lpips_weight > 0 else None
-    ckpt = resume_point(path, "vae", cfg, d, cfg.vae_steps)
-    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == cfg.vae_steps:
+    ckpt, finished = resume_point(path, "vae", cfg, d, cfg.vae_steps)
+    if finished:
         return path
     ds = open_dataset(cfg, d)
-    vae = new_vae(cfg, d, ckpt)
+    torch.manual_seed(cfg.seed)                                # a resumed run keeps the architecture it recorded
+    vae = sm.build_vae(cfg.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
+    vae.check_size(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+    for name, s in (("image", cfg.image_size), ("latent", cfg.image_size // vae.factor)):
+        if cfg.dsm and s % cfg.dsm_block:
+            raise ValueError(f"DSM: the {name} size {s} is not divisible by --dsm-block {cfg.dsm_block}")
+    vae = vae.to(d.device)
     disc = sm.PatchGAN().to(d.device)
     if d.group and d.device.type == "cuda":
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
@@ -761,7 +737,6 @@ def train_vae(cfg, d):
         vae.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["opt"]), opt_d.load_state_dict(ckpt["opt_d"])
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
-        log(d, f"stage vae: resuming {path} at step {step}")
     vae_ddp, disc_ddp = d.wrap(vae), d.wrap(disc)
     scaler, scaler_d = d.scaler(cfg.precision), d.scaler(cfg.precision)
     loader = make_loader(ds, cfg.vae_batch, d, cfg.seed, step, cfg.num_workers)
@@ -769,7 +744,7 @@ def train_vae(cfg, d):
     vis = torch.stack([ds[i][0] for i in range(min(8, len(ds)))]).to(d.device)
     last = min(cfg.vae_steps, step + cfg.max_steps) if cfg.max_steps else cfg.vae_steps
     log(d, f"stage vae: global batch {cfg.vae_batch}, {cfg.vae_batch // d.world} per rank")
-    bar, t0, s0 = progress(d, step, cfg.vae_steps, "stage vae"), time.time(), step
+    bar = progress(d, step, cfg.vae_steps, "stage vae")                # its rate: steps/s
     while step < last:
         flip, eps, ks, eq = vae_batch_randomness(cfg, step, cfg.vae_batch, latent_shape)
         x = next(loader)[0]
@@ -781,45 +756,36 @@ def train_vae(cfg, d):
             vae.train()
             with d.autocast(cfg.precision):
                 terms = sm.stage1_loss(vae, x, eps, ks, vars(cfg), lpips, disc if gan else None, eq, forward=vae_ddp,
-                                       reduce=d.all_reduce_mean,
-                                       loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
-            opt.zero_grad(set_to_none=True)
+                                       reduce=d.all_reduce_mean, loss_scale=scaler.get_scale())
+            opt.zero_grad()
             scaler.scale(terms["loss"]).backward()
-            terms = finish_update(opt, vae.parameters(), scaler, terms, d, step, path, saved)
+            terms = finish_update(opt, scaler, terms, d, step, path, saved)
         else:                                                  # the discriminator's turn (odd steps)
             opt_d.param_groups[0]["lr"] = lr_at(disc_updates_before(step, cfg.disc_start), cfg.disc_lr, cfg.disc_warmup)
-            disc.train()
             with d.autocast(cfg.precision):
                 loss = sm.discriminator_loss(vae, disc_ddp, x, eps, ks, cfg.dsm_block, eq)
-            opt_d.zero_grad(set_to_none=True)
+            opt_d.zero_grad()
             scaler_d.scale(loss).backward()
-            terms = finish_update(opt_d, disc.parameters(), scaler_d, {"disc": loss}, d, step, path, saved)
+            terms = finish_update(opt_d, scaler_d, {"disc": loss}, d, step, path, saved)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
             history.append(dict(step=step, k=float(np.mean(ks)), **terms))
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()},
-                             "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if step % cfg.vis_every == 0 or step == cfg.vae_steps:
             vae_pictures(vae, vis, cfg, d)
-        stop = stop_requested(d)
-        if step % cfg.ckpt_every == 0 or step == last or stop:
-            save_run(d, vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history), path, (vae, disc), cfg.keep_every)
+        if step % cfg.ckpt_every == 0 or step == last or stop_requested(d):     # a stop: saved, then stopped
+            ckpt = dict(kind="vae", preset=vae.preset, vae_config=vae.config, model=vae.state_dict(),
+                        disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict(), step=step,
+                        finished=False, args=settings(cfg), history=history, latent_norm=cfg.latent_norm)
+            save_run(d, ckpt, path, (vae, disc), cfg.keep_every)
             saved = step
-        if stop:
-            stop_now(d, f"stage vae: {path} saved at step {step}")
     bar.close()
     if step == cfg.vae_steps:                                  # the statistics, then the finished checkpoint
         mean, std = latent_statistics(vae, ds, d, cfg.stats_samples, cfg.seed, cfg.latent_norm)
         vae.latent_mean.copy_(mean), vae.latent_std.copy_(std)
-        save_run(d, vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history, finished=True), path, (vae, disc))
+        save_run(d, dict(ckpt, model=vae.state_dict(), finished=True, args=settings(cfg)), path, (vae, disc))
     return path
-
-
-def vae_checkpoint(cfg, vae, disc, opt, opt_d, step, history, finished=False):
-    return dict(kind="vae", preset=vae.preset, vae_config=vae.config, model=vae.state_dict(), disc=disc.state_dict(),
-                opt=opt.state_dict(), opt_d=opt_d.state_dict(), step=step, finished=finished, args=settings(cfg),
-                history=history, latent_norm=cfg.latent_norm)
 
 
 @torch.no_grad()
@@ -852,7 +818,7 @@ def latent_statistics(vae, ds, d, num_images, seed, norm="scalar"):
     mean, std = sm.latent_stats(d.all_reduce(acc), per_channel=norm == "channel")
     log(d, f"latent statistics ({norm}) over {n} images: mean {[round(v, 4) for v in mean.tolist()]}, "
            f"std {[round(v, 4) for v in std.tolist()]}")
-    return mean.to(d.device), std.to(d.device)
+    return mean, std
 
 
 # ----------------------------------------------------------------------------- the autoencoder of a run
@@ -940,9 +906,9 @@ def encode_latents(cfg, d):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=bs, num_workers=cfg.num_workers,
                                          worker_init_fn=_worker_init)
     common = -(-(N // d.world) // bs)                          # batches every rank has: the stop check is collective
-    bar, pos = progress(d, 0, N, "stage latents"), 0
+    bar = progress(d, 0, N, "stage latents")
     for i, (x, y) in enumerate(loader):
-        rows, pos = idx[pos:pos + len(x)], pos + len(x)
+        rows = idx[i * bs:(i + 1) * bs]
         x = x.to(d.device)
         mean, logvar = vae.encode(x)
         arrays["moments"][rows] = torch.stack([mean, torch.exp(0.5 * logvar)], 1).float().cpu().numpy()
@@ -984,7 +950,8 @@ class LatentData(torch.utils.data.Dataset):
         if with_images and not self.meta["has_images"]:
             raise ValueError(f"{folder} was encoded without images, which REPA needs: rerun --stage latents with "
                              "--repa-encoder set")
-        for name in ["moments", "labels"] + (["images"] if with_images else []):
+        self.names = ["moments", "labels"] + (["images"] if with_images else [])
+        for name in self.names:
             path = os.path.join(folder, name + ".npy")
             try:
                 rows = len(np.load(path, mmap_mode="r"))
@@ -999,18 +966,12 @@ class LatentData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self.arrays is None:                                # opened lazily, once per worker
-            names = ["moments", "labels"] + (["images"] if self.with_images else [])
-            self.arrays = {n: np.load(os.path.join(self.folder, n + ".npy"), mmap_mode="r") for n in names}
+            self.arrays = {n: np.load(os.path.join(self.folder, n + ".npy"), mmap_mode="r") for n in self.names}
         img = torch.from_numpy(np.array(self.arrays["images"][i])) if self.with_images else 0
         return torch.from_numpy(np.array(self.arrays["moments"][i])), int(self.arrays["labels"][i]), img
 
 
 # ----------------------------------------------------------------------------- stage 2: DiT
-
-def load_repa_encoder(name, device, resolution=256):
-    """The frozen REPA target encoder (a torch.hub DINOv2 name), or None for 'none'."""
-    return None if name == "none" else sm.load_dinov2(name, device=device, resolution=resolution)
-
 
 def dit_config(cfg, meta, enc_dim):
     """Constructor arguments of the DiT preset for these latents (the preset's sizes spelt out)."""
@@ -1052,13 +1013,14 @@ def train_dit(cfg, d):
     path = os.path.join(cfg.out, "dit.pt")
     data = LatentData(os.path.join(cfg.out, "latents"), cfg.repa_encoder != "none" and cfg.repa_lambda > 0)
     meta = data.meta
-    ckpt = resume_point(path, "dit", cfg, d, cfg.dit_steps)
+    ckpt, finished = resume_point(path, "dit", cfg, d, cfg.dit_steps)
     if ckpt is not None and ckpt.get("vae") != meta["vae"]:    # a resume must not cross a re-encoding
         raise ValueError(f"{path} was trained on latents of {ckpt.get('vae')}, but {data.folder} now holds latents "
                          f"of {meta['vae']}: continue on the old latents, or start a new run with another --out")
-    if ckpt is not None and ckpt.get("finished") and ckpt["step"] == cfg.dit_steps:
+    if finished:
         return path
-    encoder = load_repa_encoder(cfg.repa_encoder, d.device, meta["image_size"]) if data.with_images else None
+    encoder = (sm.load_dinov2(cfg.repa_encoder, device=d.device, resolution=meta["image_size"])
+               if data.with_images else None)
     vae = vae_from_source(meta["vae"], cfg.out, d.device)     # the one source of the latent statistics
     mcfg = dit_config(cfg, meta, encoder.embed_dim if encoder is not None else 0)
     log(d, f"latents {data.folder}: {len(data)} images, {meta['num_classes']} classes, shape "
@@ -1075,62 +1037,54 @@ def train_dit(cfg, d):
             raise ValueError(f"{path} holds {ckpt['model_name']} {ckpt['dit_config']}, not {cfg.model} {mcfg}")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
-        log(d, f"stage dit: resuming {path} at step {step}")
-    runner = d.wrap(model)
-    runner = torch.compile(runner) if cfg.compile else runner
+    runner = torch.compile(d.wrap(model)) if cfg.compile else d.wrap(model)
     scaler = d.scaler(cfg.precision)
     loader = make_loader(data, cfg.dit_batch, d, cfg.seed, step, cfg.num_workers)
     last = min(cfg.dit_steps, step + cfg.max_steps) if cfg.max_steps else cfg.dit_steps
     log(d, f"stage dit: global batch {cfg.dit_batch}, {cfg.dit_batch // d.world} per rank")
-    bar, t0, s0 = progress(d, step, cfg.dit_steps, "stage dit"), time.time(), step
+    bar = progress(d, step, cfg.dit_steps, "stage dit")                # its rate: steps/s
     while step < last:
-        mom, y, img = (v.to(d.device) if torch.is_tensor(v) else v for v in next(loader))
+        mom, y, img = (v.to(d.device) for v in next(loader))
         eps, t, noise, drop = (d.shard(v).to(d.device) for v in
                                dit_batch_randomness(cfg, step, cfg.dit_batch, meta["latent_shape"]))
         z = vae.normalize(mom[:, 0] + mom[:, 1] * eps)         # posterior sample, normalised for stage 2
         y = y if model.num_classes else None
-        model.train()
         with d.autocast(cfg.precision):
             targets = [repa_targets(encoder, img, cfg, model.grid_size)] if encoder else None
             terms = sm.flow_loss(runner, z, y, t=t, noise=noise, drop_ids=drop, repa_targets=targets,
                                  repa_lambda=cfg.repa_lambda)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         scaler.scale(terms["loss"]).backward()
         terms.pop("t")                                         # per-sample times: not a logged term
-        terms = finish_update(opt, model.parameters(), scaler, terms, d, step, path, saved)
+        terms = finish_update(opt, scaler, terms, d, step, path, saved)
         sm.update_ema(ema, model, cfg.ema)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
             history.append(dict(step=step, **terms))
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in terms.items()},
-                             "steps/s": f"{(step - s0) / (time.time() - t0):.2f}"})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if step % cfg.vis_every == 0 or step == cfg.dit_steps:
-            dit_pictures(ema, vae, meta, mcfg, cfg, d)
-        stop = stop_requested(d)
-        if step % cfg.ckpt_every == 0 or step == last or stop:
+            dit_pictures(ema, vae, meta, cfg, d)
+        if step % cfg.ckpt_every == 0 or step == last or stop_requested(d):     # a stop: saved, then stopped
             save_run(d, dict(kind="dit", model_name=cfg.model, dit_config=mcfg, model=model.state_dict(),
                              ema=ema.state_dict(), opt=opt.state_dict(), step=step, finished=step == cfg.dit_steps,
                              args=settings(cfg), history=history, vae=meta["vae"], latent_shape=meta["latent_shape"],
                              image_size=meta["image_size"]), path, (model, ema), cfg.keep_every)
             saved = step
-        if stop:
-            stop_now(d, f"stage dit: {path} saved at step {step}")
     bar.close()
     if ckpt is not None and step == ckpt["step"] == cfg.dit_steps:   # resumed at exactly dit_steps: finish it
-        dit_pictures(ema, vae, meta, mcfg, cfg, d)
+        dit_pictures(ema, vae, meta, cfg, d)
         save_run(d, dict(ckpt, finished=True, args=settings(cfg)), path, (model, ema))
     return path
 
 
 @torch.no_grad()
-def dit_pictures(ema, vae, meta, mcfg, cfg, d):
+def dit_pictures(ema, vae, meta, cfg, d):
     """16 EMA samples (Euler ODE, fixed noise, classes 0, 1, ...) as samples.png, on rank 0."""
     if not d.main:
         return
-    n = mcfg["num_classes"]
     noise = torch.randn((16, *meta["latent_shape"]), generator=torch.Generator().manual_seed(cfg.seed)).to(d.device)
-    y = torch.arange(16, device=d.device) % n if n else None
+    y = torch.arange(16, device=d.device) % ema.num_classes if ema.num_classes else None
     z = sm.sample_ode(ema, noise, y, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
     save_grid(to_uint8(vae.decode(vae.denormalize(z.float())).clamp(-1, 1)), os.path.join(cfg.out, "samples.png"), 8)
 
@@ -1189,7 +1143,7 @@ def bench(cfg, d):
         with counter, math_sdpa:                               # one context: it restarts its count on entry
             with d.autocast(cfg.precision):
                 loss = loss_fn()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
         opt.step()
         sync()
@@ -1221,8 +1175,7 @@ def run_all(cfg, d):
     if cfg.dataset != "deadleaves":                            # the metrics' held-out images, before hours of work
         split_folder(cfg.data_path, "val")
     run(cfg, d)
-    npz = os.path.join(cfg.out, "samples", "samples.npz")
-    sample.generate(os.path.join(cfg.out, "dit.pt"), cfg.num_fid_samples, os.path.dirname(npz), d,
+    sample.generate(os.path.join(cfg.out, "dit.pt"), cfg.num_fid_samples, os.path.join(cfg.out, "samples"), d,
                     steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
     if d.main:
         metrics = evaluate.evaluate_run(cfg.out, d)
@@ -1243,8 +1196,7 @@ def main(argv=None):
                 return run_all(cfg, d)
             return run(cfg, d, (cfg.stage,))
     finally:
-        if sys.exc_info()[1] is not None:                     # free the failed stage's DataLoader now: its workers
-            traceback.clear_frames(sys.exc_info()[2])         # ignore SIGTERM, so exit could not terminate them
+        traceback.clear_frames(sys.exc_info()[2])   # free a failed stage's DataLoader now: its workers ignore SIGTERM
         if dist.is_initialized():
             dist.destroy_process_group()
 
