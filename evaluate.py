@@ -543,7 +543,7 @@ def protocol(model, **entries):
     weights = getattr(model, "weights_path", None)
     return {"features": None if model is None else model.resize, "inception_weights": weights,
             "inception_sha256": None if weights is None else sha256_input(weights), **entries,
-            "code_version": train.code_version()}
+            "code_version": sample.code_version()}
 
 
 def metric_key(name, n, n_ref=None):
@@ -692,7 +692,7 @@ def evaluate_run(out, d):
                                     f"(`--dataset NAME` the run runs/NAME)")
     if not d.main:
         return None
-    model, vae, ckpt = train.load_dit(dit_path, d.device)
+    model, vae, ckpt = sample.load_dit(dit_path, d.device)
     run = ckpt["args"]                                                      # the run's recipe entries
     samples = np.load(npz)["arr_0"]                                         # (N, H, W, 3) uint8
     n = min(len(samples), RUN_EVAL_IMAGES)
@@ -806,7 +806,7 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
         d.barrier()
         return None
     # rank 0 measures every snapshot's EMA samples against the held-out latents, and the autoencoder
-    model, vae, ckpt = train.load_dit(os.path.join(out, "dit.pt"), d.device)
+    model, vae, ckpt = sample.load_dit(os.path.join(out, "dit.pt"), d.device)
     x, _, z = heldout(vae, cfg.dataset, cfg.data_path, cfg.image_size, n_eval, PROBE_DATA_SEED)
     m = n_eval // 2
     decode = lambda v: vae.decode(vae.denormalize(v)).clamp(-1, 1)          # noqa: E731
@@ -815,7 +815,7 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     curve = []
     snapshots = [p for p in sorted(glob.glob(os.path.join(out, "dit-*.pt"))) if int(Path(p).stem[4:]) < ckpt["step"]]
     for path in snapshots + [os.path.join(out, "dit.pt")]:                 # dit-0000400.pt, ... by step; dit.pt last
-        snap, _, snap_ckpt = train.load_dit(path, d.device)
+        snap, _, snap_ckpt = sample.load_dit(path, d.device)
         samples = draw(snap)                                                # (m, C, h, w)
         curve.append(dict(step=snap_ckpt["step"], dit_val_loss=flow_val_loss(snap, z),
                           **generation_gap(samples, z, decode)))
@@ -833,7 +833,7 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
         probe_images=n_train, eval_images=n_eval, snapshots=[c["step"] for c in curve],
         latent_std_heldout=z.transpose(0, 1).flatten(1).std(1).tolist(),      # ~1 when the normalisation fits
         recipe={k: v for k, v in vars(cfg).items() if k not in ("out", "vae_ckpt")},
-        machine=platform.processor() or platform.machine(), code_version=train.code_version(), torch=torch.__version__,
+        machine=platform.processor() or platform.machine(), code_version=sample.code_version(), torch=torch.__version__,
         date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60)
     n = min(8, m)
     train.save_grid(np.concatenate([train.to_uint8(v[:n]) for v in (x, decode(z[:n]), decode(samples[:n]))]),
@@ -957,21 +957,17 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     d = train.Dist()
-    try:
-        if args.probe:
-            return probe(args.probe, d, args.seed, args.budget, control=args.control)
-        if args.compare:
-            return compare(args.compare, d, args.seeds, args.budget)
-        if args.vae:
-            if not args.dataset:
-                raise ValueError("--vae needs --dataset NAME (and --data-path)")
-            return evaluate_vae(args, d)
-        if args.samples:
-            return evaluate_samples(args, d)
-        return evaluate_run(args.run, d)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    if args.probe:
+        return probe(args.probe, d, args.seed, args.budget, control=args.control)
+    if args.compare:
+        return compare(args.compare, d, args.seeds, args.budget)
+    if args.vae:
+        if not args.dataset:
+            raise ValueError("--vae needs --dataset NAME (and --data-path)")
+        return evaluate_vae(args, d)
+    if args.samples:
+        return evaluate_samples(args, d)
+    return evaluate_run(args.run, d)
 
 
 if __name__ == "__main__":

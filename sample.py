@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import torch
@@ -127,11 +128,31 @@ def load_repa(path, device, sd_vae, **given):
     return model.to(device).eval(), sm.load_sd_vae(sd_vae, "f8d4").to(device).eval(), record
 
 
+def code_version():
+    """git commit of this project ('-dirty' with uncommitted changes to tracked files), else 'unknown'."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):                  # no git, not a checkout, or too slow
+        return "unknown"
+
+
+def load_dit(path, device="cpu"):
+    """(EMA DiT in eval mode, its autoencoder with the latents' statistics, the checkpoint) of a 'dit' checkpoint;
+    the autoencoder is found relative to the checkpoint's run folder."""
+    ckpt = train.load_checkpoint(path, "dit")
+    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"])
+    model.load_state_dict(ckpt["ema"])
+    vae = train.vae_from_source(ckpt["vae"], os.path.dirname(os.path.abspath(path)), device)
+    return model.to(device).eval(), vae, ckpt
+
+
 def load(ckpt, device, repa=None):
     """(EMA model, its VAE, record) of a train.py 'dit' checkpoint, or with repa (load_repa's keywords) a REPA one."""
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"no checkpoint at {ckpt}" + ": run 'python train.py' first" * (ckpt == DEFAULT_CKPT))
-    model, vae, c = train.load_dit(ckpt, device) if repa is None else load_repa(ckpt, device, **repa)
+    model, vae, c = load_dit(ckpt, device) if repa is None else load_repa(ckpt, device, **repa)
     record = dict(format="repa" if repa else "sm", step=c.get("step"), vae=c.get("vae"), repa=c.get("repa"))
     sd, h = model.state_dict(), hashlib.sha256()
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -228,7 +249,7 @@ def generate(ckpt, num_samples, out, d, seed=0, batch_size=64, labels="random", 
         train.save_grid(arr[:8 * ncol], os.path.join(out, "samples_grid.png"), ncol)
         tf32 = precision == "fp32" and d.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
         train.write_json(dict(config, tf32=tf32, num_samples=num_samples, num_classes=nc,
-                              image_shape=list(arr.shape[1:]), code_version=train.code_version()),
+                              image_shape=list(arr.shape[1:]), code_version=code_version()),
                          os.path.join(out, "samples.json"))
         print(f"wrote {num_samples} samples to {img}, {npz} (arr_0 {arr.shape} uint8) and samples.json")
     d.barrier()
@@ -264,16 +285,12 @@ def main(argv=None):
               cfg_scale=a.cfg_scale, guidance_interval=a.guidance_interval and tuple(a.guidance_interval),
               repa=dict(sd_vae=a.repa_ckpt[1], **(a.repa_args or {})) if a.repa_ckpt else None)
     d = train.Dist()
-    try:
-        if a.num_samples:
-            with train.stop_signals():
-                generate(ckpt, a.num_samples, a.out, d, batch_size=a.batch_size, labels=a.labels, **kw)
-        elif d.main:
-            out = a.out or os.path.dirname(os.path.abspath(ckpt))
-            grid(ckpt, os.path.join(out, "sample_grid.png"), d, classes=a.classes, **kw)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    if a.num_samples:
+        with train.stop_signals():
+            generate(ckpt, a.num_samples, a.out, d, batch_size=a.batch_size, labels=a.labels, **kw)
+    elif d.main:
+        out = a.out or os.path.dirname(os.path.abspath(ckpt))
+        grid(ckpt, os.path.join(out, "sample_grid.png"), d, classes=a.classes, **kw)
 
 
 if __name__ == "__main__":

@@ -1904,7 +1904,7 @@ def test_tiny_pipeline_outputs(ref):
     dit = ckpt_of(ref.out / "dit.pt", "dit")
     assert dit["finished"] and dit["step"] == 4 and {"mse", "repa", "loss"} <= set(dit["history"][-1])
     assert dit["vae"] == meta["vae"] and dit["dit_config"]["z_dims"] == [32]
-    ema, v, c = train.load_dit(ref.out / "dit.pt")
+    ema, v, c = sample.load_dit(ref.out / "dit.pt")
     assert not ema.training and not v.training and c["step"] == 4
     assert_same_state(ema.state_dict(), c["ema"])
     assert torch.equal(v.latent_std, std) and torch.equal(train.load_vae(ref.out / "vae.pt").latent_std, std)
@@ -2187,7 +2187,7 @@ def test_extended_stage1_makes_later_outputs_stale(ref, tmp_path, encoder):
     with pytest.raises(ValueError, match=stale):
         main("latents", run, "--resume", "--vae-steps", "5")
     with pytest.raises(ValueError, match=stale):
-        train.load_dit(run / "dit.pt")
+        sample.load_dit(run / "dit.pt")
     shutil.rmtree(run / "latents")
     main("latents", run, "--vae-steps", "5")
     with pytest.raises(ValueError, match="was trained on latents of .*'step': 4.* now holds latents of .*'step': 5"):
@@ -2279,7 +2279,7 @@ def test_latents_with_another_autoencoder_checkpoint(ref, tmp_path, encoder):
     meta = json.loads((tmp_path / "run" / "latents" / "meta.json").read_text())
     assert meta["vae"] == {"kind": "ckpt", "path": os.path.relpath(ref.out / "vae.pt", tmp_path / "run"), "step": 4}
     main("dit", tmp_path / "run", "--repa-encoder", "none", "--max-steps", "1")
-    _, vae, ckpt = train.load_dit(tmp_path / "run" / "dit.pt")
+    _, vae, ckpt = sample.load_dit(tmp_path / "run" / "dit.pt")
     assert ckpt["dit_config"]["z_dims"] == []
     assert torch.equal(vae.latent_std, train.load_vae(ref.out / "vae.pt").latent_std)
 
@@ -2589,9 +2589,9 @@ def test_sample_pixels_as_repa_and_dataset_round_trip():
 
 @scripts
 def test_sample_decodes_with_the_vae_of_load_dit(sample_ckpt, tmp_path):
-    """The pixels are vae.decode(vae.denormalize(z)) of the keyed latents, with the VAE train.load_dit returns."""
+    """The pixels are vae.decode(vae.denormalize(z)) of the keyed latents, with the VAE sample.load_dit returns."""
     got = _generate(sample_ckpt, tmp_path / "s", n=3, steps=2)
-    model, vae, _ = train.load_dit(str(sample_ckpt), "cpu")
+    model, vae, _ = sample.load_dit(str(sample_ckpt), "cpu")
     idx = [0, 1, 2]
     z = sample.sample_latents(model, idx, sample.sample_labels(idx, 0, 10), (4, 8, 8), 0, "cpu", steps=2)
     with torch.no_grad():

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -269,8 +268,11 @@ class Dist:
         return t[self.rank * n:(self.rank + 1) * n]
 
     def wrap(self, model):
-        """DDP over the ranks (the module is on this rank's device already), or the model itself."""
-        return nn.parallel.DistributedDataParallel(model) if self.group else model
+        """DDP over the ranks (on CUDA with this rank's GPU as its device, as DiT), or the model itself."""
+        if not self.group:
+            return model
+        gpu = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=gpu)
 
 
 def step_generator(seed, step, stream=0):
@@ -283,10 +285,10 @@ def log(d, *msg):
         print(*msg, flush=True)
 
 
-def progress(d, start, total, desc):
-    """A tqdm bar on rank 0."""
+def progress(d, start, total, desc, unit="it"):
+    """A tqdm bar on rank 0 (its rate in units/s: steps/s with unit "step")."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc=desc, disable=not d.main, dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=desc, unit=unit, disable=not d.main, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -497,16 +499,6 @@ def plot_spectra(rep, path, delta):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def code_version():
-    """git commit of this project ('-dirty' with uncommitted changes to tracked files), else 'unknown'."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):                  # no git, not a checkout, or too slow
-        return "unknown"
-
 
 def atomic_write(path, write, binary=True):
     """write(f) into PATH.tmp, fsync, rename it over PATH: a crash at any point leaves the old file or the new one,
@@ -744,7 +736,7 @@ def train_vae(cfg, d):
     vis = torch.stack([ds[i][0] for i in range(min(8, len(ds)))]).to(d.device)
     last = min(cfg.vae_steps, step + cfg.max_steps) if cfg.max_steps else cfg.vae_steps
     log(d, f"stage vae: global batch {cfg.vae_batch}, {cfg.vae_batch // d.world} per rank")
-    bar = progress(d, step, cfg.vae_steps, "stage vae")                # its rate: steps/s
+    bar = progress(d, step, cfg.vae_steps, "stage vae", "step")
     while step < last:
         flip, eps, ks, eq = vae_batch_randomness(cfg, step, cfg.vae_batch, latent_shape)
         x = next(loader)[0]
@@ -1042,7 +1034,7 @@ def train_dit(cfg, d):
     loader = make_loader(data, cfg.dit_batch, d, cfg.seed, step, cfg.num_workers)
     last = min(cfg.dit_steps, step + cfg.max_steps) if cfg.max_steps else cfg.dit_steps
     log(d, f"stage dit: global batch {cfg.dit_batch}, {cfg.dit_batch // d.world} per rank")
-    bar = progress(d, step, cfg.dit_steps, "stage dit")                # its rate: steps/s
+    bar = progress(d, step, cfg.dit_steps, "stage dit", "step")
     while step < last:
         mom, y, img = (v.to(d.device) for v in next(loader))
         eps, t, noise, drop = (d.shard(v).to(d.device) for v in
@@ -1087,16 +1079,6 @@ def dit_pictures(ema, vae, meta, cfg, d):
     y = torch.arange(16, device=d.device) % ema.num_classes if ema.num_classes else None
     z = sm.sample_ode(ema, noise, y, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale)
     save_grid(to_uint8(vae.decode(vae.denormalize(z.float())).clamp(-1, 1)), os.path.join(cfg.out, "samples.png"), 8)
-
-
-def load_dit(path, device="cpu"):
-    """(EMA DiT in eval mode, its autoencoder with the latents' statistics, the checkpoint) of a 'dit' checkpoint;
-    the autoencoder is found relative to the checkpoint's run folder."""
-    ckpt = load_checkpoint(path, "dit")
-    model = sm.build_dit(ckpt["model_name"], **ckpt["dit_config"])
-    model.load_state_dict(ckpt["ema"])
-    vae = vae_from_source(ckpt["vae"], os.path.dirname(os.path.abspath(path)), device)
-    return model.to(device).eval(), vae, ckpt
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -1197,15 +1179,14 @@ def main(argv=None):
             return run(cfg, d, (cfg.stage,))
     finally:
         traceback.clear_frames(sys.exc_info()[2])   # free a failed stage's DataLoader now: its workers ignore SIGTERM
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)   # bad input, not bugs
 
 
 def cli(main_fn, name):
-    """Run a script's main: user errors print one line `name: error: ...` and exit 2, as argparse does."""
+    """Run a script's main: user errors print one line `name: error: ...` and exit 2, as argparse does; the process
+    group (under torchrun) is destroyed at the end."""
     try:
         main_fn()
     except USER_ERRORS as e:
@@ -1214,6 +1195,9 @@ def cli(main_fn, name):
             msg = msg.splitlines()[-1].split(": ", 1)[-1]
         print(f"{name}: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
