@@ -2672,6 +2672,24 @@ def test_sample_sigterm_finishes_the_batch_exits_resumable_and_resumes(sample_ck
 
 
 @scripts
+def test_sigterm_during_the_pipelines_sampling_stops_it(tmp_path):
+    """`python train.py` runs as __main__: the sampling it calls in sample.py must see the stop flag its signal
+    handler sets (not that of a second copy of train imported by sample.py)."""
+    out = tmp_path / "run"
+    argv = ["--out", out, "--dataset-size", "8", "--vae-batch", "8", "--dsm-group", "8", "--vae-steps", "1",
+            "--stats-samples", "8", "--depth", "1", "--dit-steps", "1", "--repa-encoder", "none", "--sample-steps",
+            "50", "--num-fid-samples", "4096"]
+    p = subprocess.Popen([sys.executable, "train.py"] + [str(a) for a in TINY + argv], cwd=HERE, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    while not list(out.glob("samples/images/*.png")) and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    log = p.communicate(timeout=300)[0]
+    assert p.returncode == train.RESUMABLE and "stopped by signal SIGTERM" in log, log[-2000:]
+    assert len(list(out.glob("samples/images/*.png"))) < 4096
+
+
+@scripts
 def test_sample_failure_before_any_png_does_not_block_a_corrected_rerun(sample_ckpt, tmp_path, monkeypatch):
     """A run that wrote config.json but no PNG (it failed in its first batch) leaves nothing to protect: a rerun
     with other settings goes ahead."""

@@ -18,6 +18,7 @@ noise on any number of processes and a resume needs no RNG state.
 import argparse
 import ast
 import contextlib
+import glob
 import itertools
 import json
 import math
@@ -454,7 +455,8 @@ def to_uint8(x):
 
 
 def save_grid(images, path, ncol=8):
-    """Save uint8 images (N, H, W, 3) as one PNG grid with 2-pixel white gaps (torchvision's make_grid)."""
+    """Save uint8 images (N, H, W, 3) as one PNG grid with 2-pixel white gaps (torchvision's make_grid; one image:
+    itself)."""
     from PIL import Image
     from torchvision.utils import make_grid
     grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=ncol, padding=2, pad_value=255)
@@ -501,11 +503,11 @@ def plot_spectra(rep, path, delta):
 # ----------------------------------------------------------------------------- checkpoints
 
 def atomic_write(path, write, binary=True):
-    """write(f) into PATH.tmp, fsync, rename it over PATH: a crash at any point leaves the old file or the new one,
-    and a killed writer's PATH.tmp is overwritten by the next write (one writer per path: the run folder's lock).
-    A full disk is one line that names the path; the old file is kept."""
+    """write(f) into PATH.<pid>.tmp, fsync, rename it over PATH: a crash at any point leaves the old file or the new
+    one, and concurrent writers never share a temporary. A full disk is one line that names the path; the old file
+    is kept."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
@@ -521,7 +523,10 @@ def atomic_write(path, write, binary=True):
 
 
 def save_checkpoint(obj, path):
-    """torch.save(obj) to path atomically (see atomic_write)."""
+    """torch.save(obj) to path atomically (see atomic_write), removing the temporaries of a killed writer (the run
+    folder's lock says there is no other)."""
+    for old in glob.glob(glob.escape(os.fspath(path)) + ".*.tmp"):
+        os.remove(old)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -1201,4 +1206,5 @@ def cli(main_fn, name):
 
 
 if __name__ == "__main__":
+    sys.modules["train"] = sys.modules["__main__"]            # sample.py and evaluate.py share this module's stop flag
     cli(main, "train.py")
