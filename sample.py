@@ -85,6 +85,8 @@ def check(p, num_classes, num_samples=1, batch_size=1, seed=0, labels="random", 
         (p["sampler"] not in ("ode", "sde"), f"--sampler must be 'ode' or 'sde', got {p['sampler']!r}"),
         (p["steps"] < 1, f"--steps must be >= 1, got {p['steps']}"),
         (not p["cfg_scale"] >= 1.0, f"--cfg-scale must be >= 1 (1 = no guidance), got {p['cfg_scale']}"),
+        (p["cfg_scale"] > 1 and not num_classes, f"--cfg-scale {p['cfg_scale']} (guidance) needs a class-conditional "
+                                                   "model; this one is unconditional"),
         (not 0.0 <= low <= high <= 1.0, f"--guidance-interval needs 0 <= low <= high <= 1, got [{low}, {high}]"),
         (p["heun"] and p["sampler"] != "ode", "--heun applies to the ODE sampler only (--sampler ode)"),
         (num_samples < 1, f"--num-samples must be >= 1 (0: a grid only), got {num_samples}"),

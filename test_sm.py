@@ -1448,8 +1448,10 @@ def test_numeric_looking_paths_stay_strings():
     (["--dataset", "imagenet", "--help"], ["vae = 'f16d16'", "reg = 'dsm'", "model = 'DiT-B/1'",
                                            "jpeg_quality = 75", "precision = 'bf16'", "projector_kernel = 1"]),
     (["--dataset", "imagenet", "--variant", "kl", "-h"], ["reg = 'kl'", "vae_steps = 600000", "recipe imagenet / kl",
-                                                           "out = 'runs/imagenet-kl'"]),
-    (["--dataset", "celebahq", "--help"], ["reg = 'esm'", "vae_batch = 48"]),
+                                                           "out = 'runs/imagenet-kl'", "kl_weight = 1e-06"]),
+    (["--dataset", "celebahq", "--help"], ["reg = 'esm'", "vae_batch = 48", "esm_weight = 0.01", "kl_weight = 0.0",
+                                           "repa_lambda = 0.5"]),        # the values used, not None
+    (["--help", "--repa-target", "zscore", "--kl-weight", "0.5"], ["repa_lambda = 1.0", "kl_weight = 0.5"]),
     (["--dataset=imagenet", "--help"], ["vae = 'f16d16'"]),
 ])
 def test_help_lists_the_recipe(capsys, argv, shown):
@@ -2107,6 +2109,22 @@ def test_latents_resume_after_sigkill(ref, tmp_path):
 
 
 @scripts
+def test_sigterm_while_the_latents_finish_stops_before_stage_2(ref, tmp_path, monkeypatch, encoder):
+    """A stop that arrives as meta.json is written exits RESUMABLE right after it, before any stage-2 step."""
+    run = copy_run(ref.out, tmp_path, "vae.pt")
+    write = train.write_json
+
+    def write_then_signal(obj, path):
+        write(obj, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "write_json", write_then_signal)
+    with pytest.raises(SystemExit) as e:
+        main("all", run)
+    assert e.value.code == train.RESUMABLE
+    assert (run / "latents" / "meta.json").exists() and not (run / "dit.pt").exists()
+
+
+@scripts
 def test_latents_without_images_are_refused_for_repa(ref, tmp_path):
     run = copy_run(ref.out, tmp_path, "vae.pt")
     main("latents", run, "--repa-encoder", "none")
@@ -2176,6 +2194,16 @@ def test_dit_resumed_at_its_step_is_finished(ref, tmp_path, encoder):
     main("dit", run, "--resume", "--dit-steps", "2")
     ckpt = ckpt_of(run / "dit.pt")
     assert ckpt["finished"] and ckpt["step"] == 2 and (run / "samples.png").is_file()
+
+
+@scripts
+def test_an_extended_run_samples_anew_and_keeps_the_earlier_samples(ref, tmp_path, monkeypatch, encoder):
+    run = copy_run(ref.out, tmp_path, "vae.pt", "latents", "dit.pt")
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda out, d: {})          # the metrics: tested elsewhere
+    main("all", run, "--num-fid-samples", "4")
+    main("all", run, "--num-fid-samples", "4", "--dit-steps", "5")
+    assert json.loads((run / "samples-step4" / "samples.json").read_text())["step"] == 4
+    assert json.loads((run / "samples" / "samples.json").read_text())["step"] == 5
 
 
 @scripts
@@ -2443,7 +2471,7 @@ def run_sample(args, nproc=1, cwd=HERE, check=True):
     return p
 
 
-def write_run(folder, ema_edit=None):
+def write_run(folder, ema_edit=None, num_classes=10):
     """A tiny perturbed DiT ('dit' checkpoint, step 7) and its tiny VAE ('vae'), in train.py's format."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -2453,8 +2481,8 @@ def write_run(folder, ema_edit=None):
     vae.latent_std.fill_(1.5)
     train.save_checkpoint(dict(kind="vae", vae_config=vae.config, preset="tiny", model=vae.state_dict(), step=1,
                                finished=True), folder / "vae.pt")
-    cfg = dict(input_size=8, in_channels=4, num_classes=10, depth=2, hidden_size=32, num_heads=4, encoder_depth=1,
-               z_dims=[], class_dropout_prob=0.1)
+    cfg = dict(input_size=8, in_channels=4, num_classes=num_classes, depth=2, hidden_size=32, num_heads=4,
+               encoder_depth=1, z_dims=[], class_dropout_prob=0.1)
     torch.manual_seed(0)
     ema = perturb(sm.build_dit("DiT-S/2", **cfg)).state_dict()
     if ema_edit:
@@ -2757,6 +2785,13 @@ def test_sample_non_finite_weights_and_samples(sample_ckpt, tmp_path, monkeypatc
 def test_sample_bad_arguments_one_line_errors(sample_ckpt, tmp_path, extra, msg):
     assert msg in _cli_error(["--ckpt", sample_ckpt, "--out", tmp_path / "o"] + extra)
     assert not (tmp_path / "o").exists()                                   # refused before anything is written
+
+
+@scripts
+def test_guidance_of_an_unconditional_model_is_refused_before_anything_is_written(tmp_path):
+    ckpt = write_run(tmp_path / "run", num_classes=0)
+    msg = _cli_error(["--ckpt", ckpt, "--num-samples", 2, "--cfg-scale", 2, "--out", tmp_path / "o"])
+    assert "--cfg-scale 2.0 (guidance) needs a class-conditional model" in msg and not (tmp_path / "o").exists()
 
 
 @scripts

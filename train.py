@@ -100,8 +100,9 @@ def base_recipe(dataset, variant=None):
     return r
 
 
-def recipe(dataset="deadleaves", variant=None, **overrides):
-    """The resolved settings of a run: the recipe, its variant, the overrides; validated."""
+def recipe(dataset="deadleaves", variant=None, checked=True, **overrides):
+    """The resolved settings of a run: the recipe, its variant, the overrides, the regulariser's weights; validated
+    unless checked=False (--help shows them before the checks)."""
     r = base_recipe(dataset, variant)
     unknown = sorted(set(overrides) - set(r))
     if unknown:
@@ -115,7 +116,8 @@ def recipe(dataset="deadleaves", variant=None, **overrides):
             setattr(cfg, k, v)
     if cfg.repa_lambda is None:                                # REPA / DoG 0.5; iREPA's latent config 1.0
         cfg.repa_lambda = 1.0 if cfg.repa_target == "zscore" else 0.5
-    validate(cfg)
+    if checked:
+        validate(cfg)
     return cfg
 
 
@@ -158,7 +160,8 @@ def get_args(argv=None):
         vals = [parse_value(flag, v, x) for v, x in zip(vals, r[key] if n > 1 else [r[key]])]
         given[key] = tuple(vals) if n > 1 else vals[0]
     if wants_help:                                             # the values this command line would use
-        entries = "\n".join(f"  {k} = {v!r}" for k, v in {**r, **given}.items())
+        cfg = recipe(**given, checked=False)                   # the regulariser's weights filled in
+        entries = "\n".join(f"  {k} = {getattr(cfg, k)!r}" for k in r)
         print(__doc__ + f"\nrecipe {r['dataset']}{' / ' + r['variant'] if r['variant'] else ''}; every entry is a "
               f"flag (--vae-steps 1000 sets vae_steps):\n{entries}")
         sys.exit(0)
@@ -560,7 +563,7 @@ def lock_run_folder(out, d):
 
 
 STOP = {"signal": None}                                       # set by SIGTERM / SIGINT (see main)
-RESUMABLE = 75                                                # exit status: stopped cleanly, --resume continues
+RESUMABLE = 75                                                # exit status: stopped cleanly, resumable
 
 
 @contextlib.contextmanager
@@ -583,7 +586,8 @@ def stop_requested(d):
 
 
 def stop_now(d, what):
-    log(d, f"{what}; stopped by signal {STOP['signal']} (exit status {RESUMABLE}: --resume continues)")
+    log(d, f"{what}; stopped by signal {STOP['signal']} (exit status {RESUMABLE}: the same command continues, "
+           "with --resume for a single train.py stage)")
     raise SystemExit(RESUMABLE)
 
 
@@ -925,6 +929,8 @@ def encode_latents(cfg, d):
                         jpeg_quality=cfg.jpeg_quality, dataset_size=cfg.dataset_size, seed=cfg.seed,
                         has_images=with_images, num_classes=ds.num_classes), meta_path)
     d.barrier()
+    if stop_requested(d):
+        stop_now(d, f"stage latents: {folder} finished")
     return folder
 
 
@@ -1161,9 +1167,16 @@ def run_all(cfg, d):
     t0 = time.time()
     if cfg.dataset != "deadleaves":                            # the metrics' held-out images, before hours of work
         split_folder(cfg.data_path, "val")
-    run(cfg, d)
-    sample.generate(os.path.join(cfg.out, "dit.pt"), cfg.num_fid_samples, os.path.join(cfg.out, "samples"), d,
-                    steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+    dit = run(cfg, d)["dit"]
+    samples, made = os.path.join(cfg.out, "samples"), os.path.join(cfg.out, "samples", "images", "config.json")
+    if d.main and os.path.exists(made):                        # an extended run: the earlier step's samples kept aside
+        step = read_json(made)["step"]
+        if step != load_checkpoint(dit, "dit")["step"]:
+            log(d, f"{samples} holds samples of step {step}: moved to {samples}-step{step}")
+            os.replace(samples, f"{samples}-step{step}")
+    d.barrier()
+    sample.generate(dit, cfg.num_fid_samples, samples, d, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
+                    seed=cfg.seed)
     if d.main:
         metrics = evaluate.evaluate_run(cfg.out, d)
         log(d, f"done in {(time.time() - t0) / 60:.1f} min: {os.path.join(cfg.out, 'metrics.json')}\n"
