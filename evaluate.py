@@ -156,18 +156,27 @@ def load_inception(path_or_state_dict=None, device="cpu", resize="adm"):
     return model.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
 
 
-def optional(what, load, *args):
+def optional(what, path, load, *args):
     """load(*args), or None (said on stderr) when no path is given and no weights can be fetched."""
     try:
         return load(*args)
-    except RuntimeError as e:                               # the download failed; a given missing path raises
+    except RuntimeError as e:                               # no download, or a given file that does not load
+        if path is not None:
+            raise ValueError(f"cannot load {what} from {path}: {e}") from None
         print(f"[evaluate] no {what}: {e}", file=sys.stderr)
         return None
 
 
 def try_inception(path, resize, device):
     """The Inception network, or None (said on stderr) when unavailable."""
-    return optional("Inception metrics", load_inception, path, device, resize)
+    return optional("Inception metrics", path, load_inception, path, device, resize)
+
+
+def load_lpips(path, vgg_path, device):
+    """sm.load_lpips of --lpips PATH and --vgg PATH, each else from the hub cache / URL (offline: naming its flag)."""
+    heads = sm.fetch_weights(sm.LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth", "--lpips PATH")
+    vgg = sm.fetch_weights(sm.VGG16_URL, vgg_path, "VGG16", flag="--vgg PATH")
+    return sm.load_lpips(heads, vgg).to(device).eval()
 
 
 def dinov2_preprocess(batch):
@@ -180,7 +189,7 @@ def dinov2_preprocess(batch):
 
 def try_dinov2(path, device):
     """DINOv2 ViT-L/14 from torch.hub as it is (path: a local clone), or None (said on stderr) when unavailable."""
-    return optional("FD-DINOv2", sm.load_dinov2, "dinov2_vitl14", path, device, None)
+    return optional("FD-DINOv2", path, sm.load_dinov2, "dinov2_vitl14", path, device, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -212,16 +221,15 @@ def open_input(path):
     if p.suffix.lower() != ".npz" or not p.is_file():
         raise ValueError(f"{p} not found, or not a folder of images or an .npz file")
     try:
-        data = np.load(p)
-        keys = set(data.files)
+        data = dict(np.load(p))                             # every array read here: a damaged one is named
     except Exception as e:
         raise ValueError(f"cannot read {p}: {e}") from None
-    out = {"path": str(p), "n": int(data["num_images"]) if "num_images" in keys else None}
-    if {"mu", "sigma"} <= keys or {"mu_dinov2", "sigma_dinov2"} <= keys:
-        out["stats"] = {k: data[k] for k in data.files if k != "arr_0"}      # in the file's order
-    elif "arr_0" not in keys:
-        raise ValueError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); keys: {sorted(keys)}")
-    if "arr_0" in keys:                                     # images (N, H, W, 3); ADM's reference batches hold both
+    out = {"path": str(p), "n": int(data["num_images"]) if "num_images" in data else None}
+    if {"mu", "sigma"} <= data.keys() or {"mu_dinov2", "sigma_dinov2"} <= data.keys():
+        out["stats"] = {k: v for k, v in data.items() if k != "arr_0"}      # in the file's order
+    elif "arr_0" not in data:
+        raise ValueError(f"{p} has neither 'arr_0' (images) nor 'mu'/'sigma' (statistics); keys: {sorted(data)}")
+    if "arr_0" in data:                                     # images (N, H, W, 3); ADM's reference batches hold both
         arr = data["arr_0"]
         if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or not len(arr):
             raise ValueError(f"{p}: arr_0 must hold uint8 N x H x W x 3 images, got {arr.dtype} {arr.shape}")
@@ -500,21 +508,22 @@ def autoencoder_metrics(vae, batches, d=None, inception=None, lpips=None, poster
 def evaluate_vae(args, d):
     """--vae: reconstruction metrics, DSM check, rFID and spectra on --dataset's held-out images (RFID_PROTOCOLS)."""
     vae, proto = train.load_vae(args.vae, d.device), RFID_PROTOCOLS[args.rfid_protocol]
-    ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val",
+    size = args.image_size or train.load_checkpoint(args.vae, "vae")["args"]["image_size"]   # default: its training's
+    ds = train.build_dataset(args.dataset, args.data_path, size, split="val",
                              jpeg_quality=proto["jpeg_quality"])
     ds = torch.utils.data.Subset(ds, range(min(args.num_images or proto["num_images"], len(ds))))
     inception = try_inception(args.inception, proto["resize"] or args.resize, d.device)
     if inception is not None:
         check_sample_sizes(len(ds), len(ds), args.allow_small, "rFID")
-    lpips = optional("LPIPS", lambda: sm.load_lpips(args.lpips).to(d.device).eval())
+    lpips = optional("LPIPS", args.lpips or args.vgg, load_lpips, args.lpips, args.vgg, d.device)
     loader = torch.utils.data.DataLoader(shard(ds, d), batch_size=args.batch_size, num_workers=args.workers)
     batches = (x.to(d.device) for x, _ in tqdm(loader, desc="vae", unit="batch", leave=False, disable=not d.main))
     res, _ = autoencoder_metrics(vae, batches, d, inception, lpips, proto["posterior"], proto["jpeg_quality"])
     if not d.main:
         return None
     res = {"vae": args.vae, **res}
-    res["protocol"] = protocol(inception, rfid_protocol=dict(proto, name=args.rfid_protocol), dataset=args.dataset,
-                               data_path=args.data_path, split="val", image_size=args.image_size,
+    res["protocol"] = protocol(inception, rfid_protocol=dict(proto, name=args.rfid_protocol, num_images=len(ds)),
+                               dataset=args.dataset, data_path=args.data_path, split="val", image_size=size,
                                checkpoint_sha256=sha256_input(args.vae))
     out = args.json or default_json_path(args.vae)
     report(res, out)
@@ -591,11 +600,14 @@ def evaluate_samples(args, d):
     if args.reference:
         ref = open_input(args.reference)
     elif args.dataset:                                                     # held-out split, cropped as in training
-        ds = train.build_dataset(args.dataset, args.data_path, args.image_size, split="val")
+        size = args.image_size or len(samples["images"].get(0))            # default: the samples' own size
+        ds = train.build_dataset(args.dataset, args.data_path, size, split="val")
         ref = {"images": Images(len(ds), lambda i: train.to_uint8(ds[i][0][None])[0]),
                "path": f"{args.dataset}:{args.data_path}", "n": len(ds)}
     else:
         raise ValueError("give REFERENCE, or --dataset (and --data-path) for held-out dataset images")
+    if args.swd and "images" not in ref:                                 # before any pass
+        raise ValueError(f"{ref['path']}: --swd needs reference images (a folder or an arr_0 .npz), not statistics")
     n, n_ref = samples["n"], ref["n"]
     model, dino = try_inception(args.inception, args.resize, d.device), try_dinov2(args.dinov2, d.device)
     r_stats, kw = dict(ref.get("stats", {})), dict(d=d, batch_size=args.batch_size, num_workers=args.workers)
@@ -686,16 +698,21 @@ def heldout(vae, dataset, data_path, image_size, n, seed):
 def evaluate_run(out, d):
     """A training run's autoencoder, DiT and sample metrics on held-out images -> OUT/metrics.json (rank 0)."""
     dit_path, npz = os.path.join(out, "dit.pt"), os.path.join(out, "samples", "samples.npz")
-    for path in (dit_path, npz):
+    for path in (dit_path, npz, Path(npz).with_suffix(".json")):
         if not os.path.exists(path):
             raise FileNotFoundError(f"no {path}: `python train.py` trains, samples and evaluates the default run "
                                     f"(`--dataset NAME` the run runs/NAME)")
     if not d.main:
         return None
-    model, vae, ckpt = sample.load_dit(dit_path, d.device)
-    run = ckpt["args"]                                                      # the run's recipe entries
-    samples = np.load(npz)["arr_0"]                                         # (N, H, W, 3) uint8
-    n = min(len(samples), RUN_EVAL_IMAGES)
+    model, vae, source = sample.load(dit_path, d.device)                    # source: the DiT's step and sha256
+    drawn = train.read_json(Path(npz).with_suffix(".json"))                # sample.py's record of its DiT
+    if (drawn.get("step"), drawn.get("sha256")) != (source["step"], source["sha256"]):
+        raise ValueError(f"{npz} was sampled from another DiT (step {drawn.get('step')}) than {dit_path} (step "
+                         f"{source['step']}): remove {os.path.dirname(npz)}; rerun `python train.py` (the run's flags)")
+    run = train.load_checkpoint(dit_path, "dit")["args"]                   # the run's recipe entries
+    images = open_input(npz)["images"]
+    n = min(len(images), RUN_EVAL_IMAGES)
+    samples = np.stack([images.get(i) for i in range(n)])                  # (n, H, W, 3) uint8
     x, y, z = heldout(vae, run["dataset"], run.get("data_path"), run["image_size"], n, run["seed"])
     inception = try_inception(None, "adm", d.device)
     res, per = autoencoder_metrics(vae, x.split(64), None, inception)
@@ -705,6 +722,7 @@ def evaluate_run(out, d):
         fs = extract_features(inception, Images(n, samples.__getitem__))["pool"]
         res[metric_key("fid", n, n)] = fid_of(fs, per["pool_x"])
     res["protocol"] = protocol(inception, num_samples=n, samples_file=npz, samples_sha256=sha256_input(npz),
+                               dit_step=source["step"], dit_sha256=source["sha256"],
                                reference=f"{run['dataset']} held-out images (split val, seed {run['seed']})")
     report(res, os.path.join(out, "metrics.json"))
     return res
@@ -779,9 +797,14 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     name = f"probe-seed{seed}" + (f"-{control}" if control else "")
     out = out or os.path.join(os.path.dirname(os.path.abspath(vae_path)), name)
     result_path = os.path.join(out, "probe.json")
-    if os.path.exists(result_path):
+    asked = dict(budget=budget, seed=seed, vae_sha256=sha256_input(vae_path))
+    if os.path.exists(result_path):                                         # finished: with these settings only
+        done = train.read_json(result_path)
+        diff = [f"{k}: {done['protocol'].get(k)} -> {v}" for k, v in asked.items() if done["protocol"].get(k) != v]
+        if diff:
+            raise FileExistsError(f"{result_path}: finished with other settings ({'; '.join(diff)}); remove {out}")
         train.log(d, f"probe: {result_path} is finished, skipping")
-        return json.loads(Path(result_path).read_text())
+        return done
     if control not in (None, "scramble"):
         raise ValueError(f"unknown probe control {control!r}: scramble or none")
     vae_state = train.load_checkpoint(vae_path, "vae")                     # every rank: a train.py checkpoint
@@ -828,7 +851,7 @@ def probe(vae_path, d, seed=0, budget="short", out=None, control=None):
     res["curve"] = curve
     res["train_curve"] = [[h["step"], h["mse"]] for h in ckpt.get("history", [])]
     res["protocol"] = dict(
-        budget=budget, seed=seed, data_seed=PROBE_DATA_SEED, vae=os.path.abspath(vae_path), sampler="ode",
+        **asked, data_seed=PROBE_DATA_SEED, vae=os.path.abspath(vae_path), sampler="ode",
         control=dict(kind="scramble", seed=SCRAMBLE_SEED, vae=os.path.abspath(source)) if control else None,
         probe_images=n_train, eval_images=n_eval, snapshots=[c["step"] for c in curve],
         latent_std_heldout=z.transpose(0, 1).flatten(1).std(1).tolist(),      # ~1 when the normalisation fits
@@ -934,7 +957,7 @@ def build_parser():
     p.add_argument("--compare", metavar="OUT", help="stage 1 and the probe for every regulariser and --seeds")
     p.add_argument("--dataset", help="held-out images of this dataset: --vae's, or the reference without REFERENCE")
     p.add_argument("--data-path", help="dataset root")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, help="held-out images' size (default: --vae's, or the samples')")
     p.add_argument("--num-images", type=int, help="at most this many images for --vae (10,000; authors: 50,000), SWD")
     p.add_argument("--inception", help="path to pt_inception-2015-12-05-6726825d.pth (else the hub cache / URL)")
     p.add_argument("--resize", choices=RESIZE_PROTOCOLS, default="adm", help="Inception input protocol")
@@ -946,7 +969,8 @@ def build_parser():
     p.add_argument("--swd", action="store_true", help="also compute SWD (always without Inception weights)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--lpips", help="LPIPS weights path (sm.load_lpips)")
+    p.add_argument("--lpips", help="LPIPS v0.1 linear-head weights path (else the hub cache / URL)")
+    p.add_argument("--vgg", help="VGG16 weights path for LPIPS (else the hub cache / URL)")
     p.add_argument("--seed", type=int, default=0, help="--probe: the DiT's seed")
     p.add_argument("--control", choices=["scramble"], help="--probe: of the autoencoder's scrambled copy")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare: seeds per preset")
@@ -956,6 +980,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     d = train.Dist()
     if args.probe:
         return probe(args.probe, d, args.seed, args.budget, control=args.control)

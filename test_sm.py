@@ -3409,6 +3409,38 @@ def test_cli_bad_input_names_the_problem(tmp_path, monkeypatch):
 
 
 @scripts
+def test_damaged_npz_inputs_are_named(tmp_path):
+    """A damaged .npz (a member failing its CRC, an object array) is a one-line error naming the file."""
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    raw = bytearray((tmp_path / "s.npz").read_bytes())
+    raw[300] ^= 0xFF                                                      # inside arr_0's data
+    (tmp_path / "crc.npz").write_bytes(bytes(raw))
+    np.savez(tmp_path / "obj.npz", arr_0=np.array([None, 1], dtype=object))
+    for name in ("crc.npz", "obj.npz"):
+        with pytest.raises(ValueError, match=f"cannot read .*{name}: "):
+            evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / name)])
+
+
+@scripts
+def test_swd_against_statistics_is_refused_before_any_pass(tmp_path, monkeypatch):
+    """--swd needs reference images: statistics are refused in one line before any feature pass."""
+    monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate, "extract_features", lambda *a, **k: pytest.fail("a pass ran"))
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "st.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(ValueError, match="st.npz: --swd needs reference images"):
+        evaluate.main([str(tmp_path / "s.npz"), str(tmp_path / "st.npz"), "--swd"])
+
+
+@scripts
+def test_num_images_must_be_at_least_one(tmp_path):
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    for argv in ([str(tmp_path / "s.npz"), str(tmp_path / "s.npz")], ["--vae", str(tmp_path / "vae.pt")]):
+        with pytest.raises(ValueError, match="--num-images must be at least 1, got -1"):
+            evaluate.main(argv + ["--num-images", "-1", "--dataset", "deadleaves"])
+
+
+@scripts
 def test_metric_key_labels():
     assert evaluate.metric_key("fid", 50000, 10000) == "fid"
     assert evaluate.metric_key("fid", 2048, None) == "fid"
@@ -3498,6 +3530,15 @@ def test_swd_without_inception_weights(tmp_path, monkeypatch, capsys):
                           "4", "--json", str(tmp_path / "held.json")])        # reference: held-out dead leaves
     assert held["swd_mean"] > 0 and held["protocol"]["num_reference"] == 4096
     assert held["protocol"]["reference_file"] == "deadleaves:None"
+
+
+@scripts
+def test_held_out_reference_defaults_to_the_samples_size(tmp_path, monkeypatch):
+    """SAMPLES --dataset without --image-size: the held-out images are cropped to the samples' own size."""
+    monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: None)
+    np.savez(tmp_path / "s.npz", arr_0=np.random.RandomState(3).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    held = evaluate.main([str(tmp_path / "s.npz"), "--dataset", "deadleaves", "--num-images", "4"])
+    assert held["swd_mean"] > 0 and set(held) >= {"swd_32px", "swd_16px"}
 
 
 @scripts
@@ -3591,6 +3632,48 @@ def test_vae_mode_train_run(tmp_path, monkeypatch):
         evaluate.main(["--vae", str(tmp_path / "dit.pt"), "--dataset", "deadleaves"])
     with pytest.raises(train.USER_ERRORS, match="--vae needs --dataset"):
         evaluate.main(["--vae", str(tmp_path / "vae.pt")])
+
+
+def _random_vae(path, **args):
+    torch.manual_seed(0)
+    vae = sm.build_vae("tiny")
+    train.save_checkpoint(dict(kind="vae", preset="tiny", vae_config=vae.config, model=vae.state_dict(),
+                               args=dict(esm_delta=1.0, **args), step=0, finished=True), path)
+
+
+@scripts
+def test_vae_mode_records_the_images_used_at_the_training_size(tmp_path, monkeypatch):
+    """--vae without --image-size measures at the checkpoint's training size; the record holds the images used."""
+    monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate, "optional", lambda *a, **k: None)       # no LPIPS
+    _random_vae(tmp_path / "vae.pt", image_size=32)
+    res = evaluate.main(["--vae", str(tmp_path / "vae.pt"), "--dataset", "deadleaves", "--num-images", "4"])
+    p = res["protocol"]
+    assert p["image_size"] == 32 and p["rfid_protocol"]["num_images"] == 4 == res["num_images"]
+    assert res["spectra"] and len(res["spectra"]["image"]) == 16
+
+
+@scripts
+def test_vae_mode_lpips_paths_given_must_load_and_the_offline_hint_names_its_flags(tmp_path, monkeypatch, capsys):
+    """--lpips / --vgg PATH that does not load is a one-line error naming it; with none given and no download,
+    LPIPS is left out with a hint naming evaluate.py's own flags."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    _random_vae(tmp_path / "vae.pt", image_size=32)
+    torch.save({"w": torch.zeros(100)}, tmp_path / "ok.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:200])
+    base = ["--vae", str(tmp_path / "vae.pt"), "--dataset", "deadleaves", "--num-images", "4"]
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        evaluate.main(base + ["--lpips", str(tmp_path / "missing.pth")])
+    with pytest.raises(ValueError, match="cannot load LPIPS from .*cut.pth"):
+        evaluate.main(base + ["--lpips", str(tmp_path / "cut.pth"), "--vgg", str(tmp_path / "ok.pth")])
+    capsys.readouterr()
+    assert "lpips" not in evaluate.main(base)
+    err = capsys.readouterr().err
+    assert "no LPIPS" in err and "--lpips PATH" in err and "--lpips-path" not in err and "--lpips-weight" not in err
 
 
 def _deadleaves_latents(n, seed):
@@ -3687,6 +3770,7 @@ def tiny_run(tmp_path_factory):
     (out / "samples").mkdir()
     np.savez(out / "samples" / "samples.npz",
              arr_0=np.random.RandomState(0).randint(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    train.write_json(sample.load(str(out / "dit.pt"), "cpu")[2], out / "samples" / "samples.json")   # their DiT
     return out
 
 
@@ -3698,6 +3782,7 @@ def test_run_metrics_json_train_run(tiny_run, monkeypatch, capsys):
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert {"psnr", "ssim", "spectrum_kl", "dsm_psnr", "dit_val_loss", "swd", "protocol"} <= set(m)
     assert 0 < m["psnr"] < 60 and 0 <= m["spectrum_kl"] and m["dit_val_loss"] > 0 and m["num_eval_images"] == 8
+    assert m["protocol"]["dit_step"] == 6 and m["protocol"]["dit_sha256"]
     assert m["psnr"] == res["psnr"] and "dit_val_loss" in capsys.readouterr().out
     monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: _net())
     monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
@@ -3707,6 +3792,21 @@ def test_run_metrics_json_train_run(tiny_run, monkeypatch, capsys):
     assert res["fid-8"] == 1.0 and res["rfid-8"] == 1.0 and "fid" not in res
     assert res["protocol"]["features"] == "adm" and res["protocol"]["num_samples"] == 8
     assert res["protocol"]["samples_sha256"] == evaluate.sha256_input(tiny_run / "samples" / "samples.npz")
+
+
+@scripts
+def test_run_metrics_refuse_samples_of_another_dit_train_run(tiny_run, tmp_path):
+    """Samples drawn from another DiT than the run's dit.pt (trained on since) are refused, naming both steps and
+    the way out; a damaged samples.npz is named."""
+    run = copy_run(tiny_run, tmp_path / "run", "vae.pt", "dit.pt", "samples")
+    record = train.read_json(run / "samples" / "samples.json")
+    train.write_json(dict(record, step=3, sha256="0" * 16), run / "samples" / "samples.json")
+    with pytest.raises(ValueError, match=r"another DiT \(step 3\) than .*dit.pt \(step 6\).*rerun `python train.py`"):
+        evaluate.main(["--run", str(run)])
+    train.write_json(record, run / "samples" / "samples.json")
+    (run / "samples" / "samples.npz").write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(ValueError, match="cannot read .*samples.npz"):
+        evaluate.main(["--run", str(run)])
 
 
 @scripts
@@ -3754,6 +3854,18 @@ def test_probe_deterministic_for_a_seed_train_run(tiny_vae, tiny_probes, monkeyp
     assert p["control"] is None and p["snapshots"] == [1, 2, 3]
     again = evaluate.probe(str(tiny_vae), train.Dist(), 0, "tiny", out=str(tmp_path / "a"))   # finished: read back
     assert again["gap_swd"] == r["a"]["gap_swd"]
+
+
+@scripts
+def test_a_probe_finished_with_other_settings_is_refused_train_run(tiny_vae, tiny_probes, tmp_path):
+    """A finished probe.json is returned for its budget, seed and autoencoder only; other settings are refused."""
+    folder = str(tiny_probes[0] / "a")
+    other = tmp_path / "vae.pt"
+    other.write_bytes(tiny_vae.read_bytes() + b"another")
+    for vae, seed, budget, diff in ((tiny_vae, 0, "long", "budget: tiny -> long"),
+                                    (tiny_vae, 1, "tiny", "seed: 0 -> 1"), (other, 0, "tiny", "vae_sha256: ")):
+        with pytest.raises(FileExistsError, match=f"finished with other settings \\({diff}.*; remove "):
+            evaluate.probe(str(vae), train.Dist(), seed, budget, out=folder)
 
 
 PROBE_WRAPPER = """
