@@ -21,7 +21,6 @@ import argparse
 import functools
 import glob
 import hashlib
-import json
 import math
 import os
 import platform
@@ -160,7 +159,7 @@ def optional(what, path, load, *args):
     """load(*args), or None (said on stderr) when no path is given and no weights can be fetched."""
     try:
         return load(*args)
-    except RuntimeError as e:                               # no download, or a given file that does not load
+    except (FileNotFoundError, RuntimeError) as e:         # not here or no download; a given file that won't load
         if path is not None:
             raise ValueError(f"cannot load {what} from {path}: {e}") from None
         print(f"[evaluate] no {what}: {e}", file=sys.stderr)
@@ -509,9 +508,8 @@ def evaluate_vae(args, d):
     """--vae: reconstruction metrics, DSM check, rFID and spectra on --dataset's held-out images (RFID_PROTOCOLS)."""
     vae, proto = train.load_vae(args.vae, d.device), RFID_PROTOCOLS[args.rfid_protocol]
     size = args.image_size or train.load_checkpoint(args.vae, "vae")["args"]["image_size"]   # default: its training's
-    ds = train.build_dataset(args.dataset, args.data_path, size, split="val",
-                             jpeg_quality=proto["jpeg_quality"])
-    ds = torch.utils.data.Subset(ds, range(min(args.num_images or proto["num_images"], len(ds))))
+    ds = train.build_dataset(args.dataset, args.data_path, size, split="val", jpeg_quality=proto["jpeg_quality"])
+    ds = torch.utils.data.Subset(ds, train.uniform_subset(len(ds), args.num_images or proto["num_images"], 0))
     inception = try_inception(args.inception, proto["resize"] or args.resize, d.device)
     if inception is not None:
         check_sample_sizes(len(ds), len(ds), args.allow_small, "rFID")
@@ -685,13 +683,14 @@ def flow_val_loss(model, z, y=None, seed=1234, batch=64):
 
 @torch.no_grad()
 def heldout(vae, dataset, data_path, image_size, n, seed):
-    """The first n held-out images (n, 3, H, W) in [-1, 1], labels (n,), normalised latents (n, C, h, w)."""
+    """n held-out images, a seeded uniform subset: (n, 3, H, W) in [-1, 1], labels (n,) or None (flat val/), latents."""
     val = train.build_dataset(dataset, data_path, image_size, split="val", seed=seed, length=n)
     if len(val) < n:
         raise ValueError(f"{n} held-out images are needed; {dataset} has {len(val)}")
-    x = torch.stack([val[i][0] for i in range(n)]).to(next(vae.parameters()).device)
+    idx = train.uniform_subset(len(val), n, seed)
+    x = torch.stack([val[i][0] for i in idx]).to(next(vae.parameters()).device)
     z = torch.cat([vae.normalize(vae.encode(b)[0]) for b in x.split(64)])
-    return x, torch.tensor([int(val[i][1]) for i in range(n)], device=x.device), z
+    return x, torch.tensor([int(val[i][1]) for i in idx], device=x.device) if val.num_classes else None, z
 
 
 @torch.no_grad()
@@ -708,22 +707,22 @@ def evaluate_run(out, d):
     drawn = train.read_json(Path(npz).with_suffix(".json"))                # sample.py's record of its DiT
     if (drawn.get("step"), drawn.get("sha256")) != (source["step"], source["sha256"]):
         raise ValueError(f"{npz} was sampled from another DiT (step {drawn.get('step')}) than {dit_path} (step "
-                         f"{source['step']}): remove {os.path.dirname(npz)}; rerun `python train.py` (the run's flags)")
+                         f"{source['step']}): `python train.py` with the run's flags samples it anew")
     run = train.load_checkpoint(dit_path, "dit")["args"]                   # the run's recipe entries
-    images = open_input(npz)["images"]
-    n = min(len(images), RUN_EVAL_IMAGES)
-    samples = np.stack([images.get(i) for i in range(n)])                  # (n, H, W, 3) uint8
+    samples = open_input(npz)["images"].get(slice(RUN_EVAL_IMAGES))        # arr_0[:RUN_EVAL_IMAGES] (n, H, W, 3) uint8
+    n = len(samples)
     x, y, z = heldout(vae, run["dataset"], run.get("data_path"), run["image_size"], n, run["seed"])
     inception = try_inception(None, "adm", d.device)
     res, per = autoencoder_metrics(vae, x.split(64), None, inception)
-    res["dit_val_loss"] = flow_val_loss(model, z, y if model.num_classes else None)
+    if y is not None or not model.num_classes:                             # flat val/: no labels for its classes
+        res["dit_val_loss"] = flow_val_loss(model, z, y if model.num_classes else None)
     res["swd"], res["num_eval_images"] = swd(samples[:n], train.to_uint8(x))["mean"], n
     if inception is not None:
         fs = extract_features(inception, Images(n, samples.__getitem__))["pool"]
         res[metric_key("fid", n, n)] = fid_of(fs, per["pool_x"])
     res["protocol"] = protocol(inception, num_samples=n, samples_file=npz, samples_sha256=sha256_input(npz),
-                               dit_step=source["step"], dit_sha256=source["sha256"],
-                               reference=f"{run['dataset']} held-out images (split val, seed {run['seed']})")
+                               dit_step=source["step"], dit_sha256=source["sha256"], heldout_labels=y is not None,
+                               reference=f"{run['dataset']} val, {n} drawn uniformly (seed {run['seed']})")
     report(res, os.path.join(out, "metrics.json"))
     return res
 

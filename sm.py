@@ -1072,7 +1072,7 @@ class DeadLeaves(torch.utils.data.Dataset):
 
 def fetch_weights(url, path, what, filename=None, flag="its path"):
     """A local weights file: an explicit path, else the torch hub cache, else a download into that cache.
-    Offline, the error names the URL, the cache file and the flag that passes a path."""
+    Offline, the FileNotFoundError names the URL, the cache file and the flag that passes a path."""
     if path is not None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{what} weights not found at {path}")
@@ -1083,7 +1083,7 @@ def fetch_weights(url, path, what, filename=None, flag="its path"):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             torch.hub.download_url_to_file(url, cached, progress=False)
         except Exception as e:
-            raise RuntimeError(f"could not download {what} weights from {url} ({type(e).__name__}: {e}). "
+            raise FileNotFoundError(f"could not download {what} weights from {url} ({type(e).__name__}: {e}). "
                                f"Offline: put the file at {cached} or pass {flag}") from None
     return cached
 
@@ -1097,8 +1097,8 @@ def load_lpips(path=None, vgg_path=None):
     try:
         lin = fetch_weights(LPIPS_URL, path, "LPIPS v0.1 linear-head", "lpips_v0.1_vgg.pth", "--lpips-path")
         vgg = fetch_weights(VGG16_URL, vgg_path, "VGG16", flag="--vgg-path")
-    except (RuntimeError, FileNotFoundError) as e:
-        raise RuntimeError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}. Or pass --lpips-weight 0 to train without LPIPS.") from None
     return LPIPS.from_state_dicts(torch.load(lin, map_location="cpu", weights_only=True),
                                   torch.load(vgg, map_location="cpu", weights_only=True))
 
@@ -1258,7 +1258,7 @@ def load_dinov2(name="dinov2_vitb14", path=None, device="cpu", resolution=256):
         else:
             enc = torch.hub.load("facebookresearch/dinov2", name, trust_repo=True, skip_validation=True)
     except Exception as e:                                                 # offline, missing cache, bad name
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"could not load the DINOv2 encoder {name!r} ({type(e).__name__}: {e}). Offline: run torch.hub.load("
             f"'facebookresearch/dinov2', '{name}') on a machine with network and copy $TORCH_HOME/hub (default "
             "~/.cache/torch/hub) here, pass path=<a clone of facebookresearch/dinov2>, or train without alignment "

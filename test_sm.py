@@ -541,9 +541,9 @@ def test_lpips_offline_error(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise OSError("network unreachable")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(RuntimeError, match="--lpips-weight 0"):
+    with pytest.raises(FileNotFoundError, match="--lpips-weight 0"):
         sm.load_lpips()
-    with pytest.raises(RuntimeError, match="not found at"):
+    with pytest.raises(FileNotFoundError, match="not found at"):
         sm.load_lpips(path=str(tmp_path / "missing.pth"))
 
 
@@ -1115,7 +1115,7 @@ def test_load_dinov2_offline_error(monkeypatch):
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "load", offline)
-    with pytest.raises(RuntimeError, match="--repa-encoder none"):
+    with pytest.raises(FileNotFoundError, match="--repa-encoder none"):
         sm.load_dinov2()
 
 
@@ -1326,6 +1326,13 @@ def main(stage, out, *extra):
     return train.main(["--stage", stage, "--out", str(out)] + TINY + [str(a) for a in extra])
 
 
+def main_slice(stage, out, *extra):
+    """A stage cut short by --max-steps: its checkpoint saved, exit status RESUMABLE."""
+    with pytest.raises(SystemExit) as e:
+        main(stage, out, *extra)
+    assert e.value.code == train.RESUMABLE
+
+
 def ckpt_of(path, kind=None):
     return train.load_checkpoint(path, kind)
 
@@ -1473,7 +1480,13 @@ BAD = [
     (["--dit-lr", "-1"], "--dit-lr must be > 0"), (["--ema", "1.5"], "--ema must be in [0, 1]"),
     (["--keep-every", "-2"], "--keep-every must be >= 0"), (["--model", "DiT-Q/3"], "unknown model 'DiT-Q/3'"),
     (["--vae", "f4d99"], "unknown VAE preset 'f4d99'"), (["--reg", "l2"], "unknown --reg 'l2'"),
-    (["--data-path", "/some/images"], "--data-path /some/images is given but the dataset is deadleaves"),
+    (["--data-path", "/some/images"], "--data-path and --jpeg-quality apply to image folders, but the dataset is "
+                                      "deadleaves"),
+    (["--jpeg-quality", "75"], "--data-path and --jpeg-quality apply to image folders"),
+    (["--dataset", "celebahq", "--data-path", "d"], "--dataset-size is the number of dead-leaves images"),
+    (["--seed", "-1"], "--seed must be >= 0"), (["--dog-sigmas", "0", "2"], "--dog-sigmas must be > 0"),
+    (["--official-scale", "0"], "--official-scale must be > 0"),
+    (["--projector", "conv", "--projector-kernel", "2"], "--projector-kernel must be odd"),
     (["--repa-encoder", "clip"], "unknown --repa-encoder 'clip'"),
     (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1"),
     (["--jpeg-quality", "96"], "--jpeg-quality must be in 1..95"),
@@ -1592,6 +1605,10 @@ def test_image_folders_layouts_and_splits(tmp_path):
     shutil.rmtree(root / "val")
     _png_folder(root / "val" / "a", n=1)                                    # ... or in class folders
     assert train.build_dataset("imagenet", str(root), 32, "val").classes == ["a"]
+    shutil.move(root / "train", tmp_path / "train")                         # val/ without train/: never a class
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{root} has no train/ folder")):
+        train.build_dataset("imagenet", str(root), 32)
+    shutil.move(tmp_path / "train", root / "train")
     _png_folder(flat / "thumbnails", n=1)
     with pytest.raises(ValueError, match="mixes 3 images with 1 subfolders"):
         train.build_dataset("imagenet", str(flat), 32)
@@ -1701,7 +1718,7 @@ def test_every_pillow_mode_arrives_as_8bit_rgb(tmp_path):
 def _broken_image_run(tmp_path, workers):
     data = _png_folder(tmp_path / "imgs", n=8, bad=("zz_broken.png",))   # image 8: not among the 8 pictured ones
     return ["--dataset", "imagenet", "--data-path", str(data), "--vae-batch", "9", "--dsm-group", "9", "--vae-steps",
-            "1", "--stats-samples", "4", "--num-workers", str(workers)]
+            "1", "--stats-samples", "4", "--num-workers", str(workers), "--dataset-size", "None"]
 
 
 @scripts
@@ -1971,10 +1988,10 @@ def test_checkpointing_keeps_the_gradient(ref, tmp_path, monkeypatch, encoder, s
     grads = {}
     monkeypatch.setattr(train, "finish_update", capturing(train.finish_update, grads))
     out = copy_run(ref.out, tmp_path, "vae.pt", "latents") if stage == "dit" else tmp_path
-    main(stage, out, "--max-steps", "1", *extra)
+    main_slice(stage, out, "--max-steps", "1", *extra)
     assert_same_grads(ref.grads[f"{stage}.pt"], grads[f"{stage}.pt"])
     if stage == "dit":                                                      # the probe tells another batch apart
-        main(stage, copy_run(ref.out, tmp_path / "s1", "vae.pt", "latents"), "--max-steps", "1", "--seed", "1")
+        main_slice(stage, copy_run(ref.out, tmp_path / "s1", "vae.pt", "latents"), "--max-steps", "1", "--seed", "1")
         with pytest.raises(AssertionError):
             assert_same_grads(ref.grads["dit.pt"], grads["dit.pt"])
 
@@ -2169,7 +2186,7 @@ def test_resume_refuses_changed_settings_and_extends_finished_runs(ref, tmp_path
 
 @scripts
 def test_unfinished_runs_finish_on_resume_at_their_step(tmp_path, encoder):
-    main("vae", tmp_path, "--max-steps", "2")
+    main_slice("vae", tmp_path, "--max-steps", "2")
     assert not ckpt_of(tmp_path / "vae.pt")["finished"]
     with pytest.raises(ValueError, match=r"unfinished stage-1 run \(step 2 of 4\)"):
         main("latents", tmp_path)
@@ -2177,7 +2194,7 @@ def test_unfinished_runs_finish_on_resume_at_their_step(tmp_path, encoder):
     ckpt = ckpt_of(tmp_path / "vae.pt")
     assert ckpt["finished"] and ckpt["step"] == 2 and not torch.all(ckpt["model"]["latent_std"] == 1)
     main("latents", tmp_path, "--vae-steps", "2")
-    main("dit", tmp_path, "--vae-steps", "2", "--max-steps", "2", "--keep-every", "2")
+    main_slice("dit", tmp_path, "--vae-steps", "2", "--max-steps", "2", "--keep-every", "2")
     assert not ckpt_of(tmp_path / "dit.pt")["finished"]
     assert sorted(p.name for p in tmp_path.glob("dit*.pt")) == ["dit-0000002.pt", "dit.pt"]
     assert ckpt_of(tmp_path / "dit-0000002.pt", "dit")["step"] == 2
@@ -2189,7 +2206,7 @@ def test_unfinished_runs_finish_on_resume_at_their_step(tmp_path, encoder):
 @scripts
 def test_dit_resumed_at_its_step_is_finished(ref, tmp_path, encoder):
     run = copy_run(ref.out, tmp_path, "vae.pt", "latents")
-    main("dit", run, "--max-steps", "2")
+    main_slice("dit", run, "--max-steps", "2")
     assert not ckpt_of(run / "dit.pt")["finished"]
     main("dit", run, "--resume", "--dit-steps", "2")
     ckpt = ckpt_of(run / "dit.pt")
@@ -2204,6 +2221,41 @@ def test_an_extended_run_samples_anew_and_keeps_the_earlier_samples(ref, tmp_pat
     main("all", run, "--num-fid-samples", "4", "--dit-steps", "5")
     assert json.loads((run / "samples-step4" / "samples.json").read_text())["step"] == 4
     assert json.loads((run / "samples" / "samples.json").read_text())["step"] == 5
+
+
+@scripts
+def test_stage_all_refuses_up_front_what_would_fail_later(ref, tmp_path, monkeypatch, encoder):
+    """Before any work: guidance without labels, latents of other settings, stage 1 trained on under later outputs;
+    with another autoencoder, --stage all trains no stage 1 of its own."""
+    run = copy_run(ref.out, tmp_path / "r", "vae.pt", "latents", "dit.pt")
+    meta = json.loads((run / "latents" / "meta.json").read_text())
+    with pytest.raises(ValueError, match=r"encoded with other settings \(image_size: 32 -> 64\)"):
+        main("latents", run, "--resume", "--image-size", "64")
+    with pytest.raises(ValueError, match=r"other settings \(autoencoder: .*r/vae.pt' -> .*elsewhere.pt'\)"):
+        main("latents", run, "--resume", "--vae-ckpt", tmp_path / "elsewhere.pt")
+    with pytest.raises(ValueError, match=r"vae.pt is finished at step 4; training it on to 6 would leave latents and "
+                                         r"dit.pt of .* stale"):
+        main("all", run, "--vae-steps", "6")
+    assert ckpt_of(run / "vae.pt")["step"] == 4
+    (run / "latents" / "meta.json").write_text(json.dumps(dict(meta, num_classes=0)))
+    (run / "dit.pt").unlink()
+    with pytest.raises(ValueError, match=r"--cfg-scale 1.5 \(guidance\) needs class labels"):
+        main("dit", run, "--cfg-scale", "1.5")
+    assert not (run / "dit.pt").exists()
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda out, d: {})          # the metrics: tested elsewhere
+    main("all", tmp_path / "other", "--vae-ckpt", run / "vae.pt", "--num-fid-samples", "2", "--repa-encoder", "none")
+    assert not (tmp_path / "other" / "vae.pt").exists() and (tmp_path / "other" / "samples" / "samples.npz").exists()
+
+
+@scripts
+def test_fp16_loss_scale_resumes_as_it_was(ref, tmp_path, monkeypatch, encoder):
+    """The GradScaler's state is in the checkpoint: a resumed run continues its loss scale (here grown x2 a step)."""
+    monkeypatch.setattr(train.Dist, "scaler", lambda self, p: torch.amp.GradScaler("cpu", 2.0 ** 10, growth_interval=1))
+    run = copy_run(ref.out, tmp_path, "vae.pt", "latents")
+    main("dit", run, "--dit-steps", "2")
+    assert ckpt_of(run / "dit.pt")["scaler"]["scale"] == 2.0 ** 12
+    main("dit", run, "--dit-steps", "3", "--resume")
+    assert ckpt_of(run / "dit.pt")["scaler"]["scale"] == 2.0 ** 13
 
 
 @scripts
@@ -2295,7 +2347,7 @@ def test_stage_bad_inputs(ref, tmp_path, monkeypatch):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "load", offline)
     run = copy_run(ref.out, tmp_path / "r", "vae.pt", "latents")
-    with pytest.raises(RuntimeError, match="--repa-encoder none"):
+    with pytest.raises(FileNotFoundError, match="--repa-encoder none"):
         main("dit", run)
     assert not (run / "dit.pt").exists()
 
@@ -2306,7 +2358,7 @@ def test_latents_with_another_autoencoder_checkpoint(ref, tmp_path, encoder):
     main("latents", tmp_path / "run", "--vae-ckpt", ref.out / "vae.pt", "--repa-encoder", "none")
     meta = json.loads((tmp_path / "run" / "latents" / "meta.json").read_text())
     assert meta["vae"] == {"kind": "ckpt", "path": os.path.relpath(ref.out / "vae.pt", tmp_path / "run"), "step": 4}
-    main("dit", tmp_path / "run", "--repa-encoder", "none", "--max-steps", "1")
+    main_slice("dit", tmp_path / "run", "--repa-encoder", "none", "--max-steps", "1")
     _, vae, ckpt = sample.load_dit(tmp_path / "run" / "dit.pt")
     assert ckpt["dit_config"]["z_dims"] == []
     assert torch.equal(vae.latent_std, train.load_vae(ref.out / "vae.pt").latent_std)
@@ -2353,13 +2405,13 @@ def test_missing_lpips_stops_before_any_work(tmp_path, monkeypatch):
     """The quickstart needs no pretrained weights; with --lpips-weight > 0 and no LPIPS weights, a run stops
     before any work with the way out."""
     def offline(*a, **k):
-        raise RuntimeError("no network")
+        raise FileNotFoundError("no network")
     monkeypatch.setattr(sm, "fetch_weights", offline)
     assert train.recipe().lpips_weight == 0.0 and train.recipe("imagenet", data_path="d").lpips_weight == 0.5
     tiny = [a for i, a in enumerate(TINY) if "--lpips-weight" not in (a, TINY[i - 1])]
-    with pytest.raises(RuntimeError, match="--lpips-weight 0"):
+    with pytest.raises(FileNotFoundError, match="--lpips-weight 0"):
         train.main(["--stage", "vae", "--out", str(tmp_path / "x")] + tiny + ["--lpips-weight", "0.5"])
-    with pytest.raises(RuntimeError, match="no network.*--lpips-weight 0"):
+    with pytest.raises(FileNotFoundError, match="no network.*--lpips-weight 0"):
         train.main(["--dataset", "imagenet", "--stage", "vae", "--data-path", str(tmp_path), "--out",
                     str(tmp_path / "in")])
     assert not (tmp_path / "in" / "vae.pt").exists() and not (tmp_path / "x" / "vae.pt").exists()
@@ -2367,8 +2419,8 @@ def test_missing_lpips_stops_before_any_work(tmp_path, monkeypatch):
 
 @scripts
 def test_lpips_way_out_is_said_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(sm, "fetch_weights", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no network")))
-    with pytest.raises(RuntimeError) as e:
+    monkeypatch.setattr(sm, "fetch_weights", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("no network")))
+    with pytest.raises(FileNotFoundError) as e:
         train.main(["--dataset", "imagenet", "--stage", "vae", "--data-path", str(tmp_path), "--out", str(tmp_path)])
     assert str(e.value).count("--lpips-weight 0") == 1, str(e.value)
 
@@ -2379,7 +2431,7 @@ def test_image_dataset_through_the_stages_is_described_and_recorded(tmp_path, ca
     for c in ("cat", "dog"):
         _png_folder(root / "train" / c, n=4, seed=len(c) + ord(c[0]))
     run = ["--dataset", "imagenet", "--data-path", str(root), "--vae-steps", "1", "--vae-batch", "4",
-           "--dsm-group", "4", "--stats-samples", "4"]
+           "--dsm-group", "4", "--stats-samples", "4", "--dataset-size", "None"]    # every image of the folder
     main("vae", tmp_path / "run", *run)
     out = capsys.readouterr().out
     assert f"dataset imagenet train at {root / 'train'}: 8 images, 2 classes, 32 px, re-saved as JPEG 75" in out
@@ -2389,14 +2441,14 @@ def test_image_dataset_through_the_stages_is_described_and_recorded(tmp_path, ca
     assert (meta["dataset"], meta["data_path"], meta["jpeg_quality"], meta["num_images"], meta["num_classes"]) == \
         ("imagenet", str(root), 75, 8, 2)
     assert np.load(tmp_path / "run" / "latents" / "labels.npy").tolist() == [0] * 4 + [1] * 4
-    main("dit", tmp_path / "run", *run, "--max-steps", "1", "--dit-batch", "4")
+    main_slice("dit", tmp_path / "run", *run, "--max-steps", "1", "--dit-batch", "4")
     assert ckpt_of(tmp_path / "run" / "dit.pt")["dit_config"]["num_classes"] == 2
     # the held-out measurements read ROOT/val (flat, as ImageNet is distributed), never the training images
     _png_folder(root / "val", n=2, seed=99)
     vae = train.load_vae(tmp_path / "run" / "vae.pt")
     x, y, _ = evaluate.heldout(vae, "imagenet", str(root), 32, 2, 0)
     val = train.build_dataset("imagenet", str(root), 32, split="val")
-    assert val.root == str(root / "val") and torch.equal(x, torch.stack([val[0][0], val[1][0]])) and y.tolist() == [0, 0]
+    assert val.root == str(root / "val") and torch.equal(x, torch.stack([val[0][0], val[1][0]])) and y is None
     tr = train.build_dataset("imagenet", str(root), 32)
     assert all(not torch.equal(x[0], tr[i][0]) for i in range(len(tr)))
     # the statistics' seeded subset (4 of 8, seed 0) takes both classes; the first 4 files are all cats
@@ -3053,11 +3105,11 @@ def test_load_inception_offline_error_names_locations(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(RuntimeError, match="--inception") as e:
+    with pytest.raises(FileNotFoundError, match="--inception") as e:
         evaluate.load_inception(None)
     assert str(tmp_path / "hub" / "checkpoints") in str(e.value)
     assert evaluate.try_inception(None, "adm", "cpu") is None                     # offline: metrics without FID
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(ValueError, match="missing.pth"):
         evaluate.try_inception(str(tmp_path / "missing.pth"), "adm", "cpu")       # a given path must exist
 
 
@@ -3666,7 +3718,7 @@ def test_vae_mode_lpips_paths_given_must_load_and_the_offline_hint_names_its_fla
     torch.save({"w": torch.zeros(100)}, tmp_path / "ok.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:200])
     base = ["--vae", str(tmp_path / "vae.pt"), "--dataset", "deadleaves", "--num-images", "4"]
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(ValueError, match="cannot load LPIPS from .*missing.pth: .*not found"):
         evaluate.main(base + ["--lpips", str(tmp_path / "missing.pth")])
     with pytest.raises(ValueError, match="cannot load LPIPS from .*cut.pth"):
         evaluate.main(base + ["--lpips", str(tmp_path / "cut.pth"), "--vgg", str(tmp_path / "ok.pth")])
@@ -3782,7 +3834,7 @@ def test_run_metrics_json_train_run(tiny_run, monkeypatch, capsys):
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert {"psnr", "ssim", "spectrum_kl", "dsm_psnr", "dit_val_loss", "swd", "protocol"} <= set(m)
     assert 0 < m["psnr"] < 60 and 0 <= m["spectrum_kl"] and m["dit_val_loss"] > 0 and m["num_eval_images"] == 8
-    assert m["protocol"]["dit_step"] == 6 and m["protocol"]["dit_sha256"]
+    assert m["protocol"]["dit_step"] == 6 and m["protocol"]["dit_sha256"] and m["protocol"]["heldout_labels"] is True
     assert m["psnr"] == res["psnr"] and "dit_val_loss" in capsys.readouterr().out
     monkeypatch.setattr(evaluate, "try_inception", lambda *a, **k: _net())
     monkeypatch.setattr(evaluate, "frechet_distance", lambda *a, **k: 1.0)   # 2048-d eigh: slow, tested above
@@ -3795,13 +3847,44 @@ def test_run_metrics_json_train_run(tiny_run, monkeypatch, capsys):
 
 
 @scripts
+def test_run_metrics_heldout_is_a_seeded_uniform_subset_train_run(tiny_run, tmp_path):
+    """The held-out images are a seeded uniform subset of val/ (not its first n: the first classes only), in split
+    order; a flat val/ (ImageNet as distributed) has no labels."""
+    vae = train.load_vae(tiny_run / "vae.pt")
+    for c in "abc":
+        _png_folder(tmp_path / "val" / c, n=4, seed=ord(c))
+    x, y, _ = evaluate.heldout(vae, "imagenet", str(tmp_path), 32, 4, 0)
+    idx = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:4].sort().values.tolist()
+    val = train.build_dataset("imagenet", str(tmp_path), 32, split="val")
+    assert torch.equal(x, torch.stack([val[i][0] for i in idx])) and y.tolist() == [val[i][1] for i in idx]
+    assert len(set(y.tolist())) > 1                                         # the first 4 are all class a
+    assert not torch.equal(x, evaluate.heldout(vae, "imagenet", str(tmp_path), 32, 4, 1)[0])   # another seed
+    shutil.rmtree(tmp_path / "val")
+    _png_folder(tmp_path / "val", n=4)
+    assert evaluate.heldout(vae, "imagenet", str(tmp_path), 32, 4, 0)[1] is None
+
+
+@scripts
+def test_run_metrics_no_class_conditional_loss_without_labels_train_run(tiny_run, tmp_path, monkeypatch):
+    """A flat val/ carries no labels: a class-conditional DiT's dit_val_loss is left out (not computed with label 0
+    for every image), and the protocol records heldout_labels false."""
+    flat = _png_folder(tmp_path / "val", n=8)
+    monkeypatch.setattr(train, "build_dataset", lambda *a, **k: train.ImageFiles(str(flat), 32))
+    res = evaluate.evaluate_run(str(tiny_run), train.Dist())
+    assert sample.load(str(tiny_run / "dit.pt"), "cpu")[0].num_classes == 10
+    assert "dit_val_loss" not in res and res["protocol"]["heldout_labels"] is False and res["num_eval_images"] == 8
+    assert res["protocol"]["reference"] == "deadleaves val, 8 drawn uniformly (seed 0)" and res["psnr"] > 0
+
+
+@scripts
 def test_run_metrics_refuse_samples_of_another_dit_train_run(tiny_run, tmp_path):
     """Samples drawn from another DiT than the run's dit.pt (trained on since) are refused, naming both steps and
     the way out; a damaged samples.npz is named."""
     run = copy_run(tiny_run, tmp_path / "run", "vae.pt", "dit.pt", "samples")
     record = train.read_json(run / "samples" / "samples.json")
     train.write_json(dict(record, step=3, sha256="0" * 16), run / "samples" / "samples.json")
-    with pytest.raises(ValueError, match=r"another DiT \(step 3\) than .*dit.pt \(step 6\).*rerun `python train.py`"):
+    with pytest.raises(ValueError, match=r"another DiT \(step 3\) than .*dit.pt \(step 6\): `python train.py` with "
+                                         "the run's flags samples it anew"):
         evaluate.main(["--run", str(run)])
     train.write_json(record, run / "samples" / "samples.json")
     (run / "samples" / "samples.npz").write_bytes(b"PK\x03\x04 damaged")

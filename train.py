@@ -175,7 +175,7 @@ POSITIVE = ("image_size", "vae_batch", "vae_steps", "dit_batch", "dit_steps", "l
 CHOICES = dict(stage=("all", "vae", "latents", "dit"), latent_norm=("scalar", "channel"),
                weighting=("uniform", "lognormal"), repa_target=("raw", "zscore", "dog"), projector=("mlp", "conv"),
                precision=("bf16", "fp16", "fp32"))
-NON_NEGATIVE = ("warmup", "disc_start", "disc_warmup", "keep_every", "num_workers",
+NON_NEGATIVE = ("seed", "warmup", "disc_start", "disc_warmup", "keep_every", "num_workers",
                 "lpips_weight", "disc_weight", "kl_weight", "esm_weight", "repa_lambda", "jpeg_quality")
 
 
@@ -185,8 +185,9 @@ def validate(cfg):
         v, lo = getattr(cfg, k), 1 if k in POSITIVE else 0
         if v is not None and v < lo:
             raise ValueError(f"--{k.replace('_', '-')} must be {'at least 1' if lo else '>= 0'}, got {v}")
-    for k in ("vae_lr", "dit_lr", "disc_lr"):
-        if not getattr(cfg, k) > 0:
+    for k, v in dict(vae_lr=cfg.vae_lr, dit_lr=cfg.dit_lr, disc_lr=cfg.disc_lr, dog_sigmas=min(cfg.dog_sigmas),
+                     official_scale=cfg.official_scale).items():
+        if v is not None and not v > 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(cfg, k)}")
     for k in ("ema", "class_dropout", "eq_prob"):
         if not 0 <= getattr(cfg, k) <= 1:
@@ -201,16 +202,21 @@ def validate(cfg):
         if getattr(cfg, k) not in choices:
             raise ValueError(f"--{k.replace('_', '-')} must be one of {', '.join(map(str, choices))}; got "
                              f"{getattr(cfg, k)!r}")
+    if cfg.projector_kernel % 2 == 0:
+        raise ValueError(f"--projector-kernel must be odd (a token grid of the same size), got {cfg.projector_kernel}")
     if cfg.jpeg_quality > 95:
         raise ValueError(f"--jpeg-quality must be in 1..95 (0: the original pixels), got {cfg.jpeg_quality}")
-    if cfg.dataset == "deadleaves" and cfg.data_path:
-        raise ValueError(f"--data-path {cfg.data_path} is given but the dataset is deadleaves (procedural, no files):"
-                         " pass --dataset imagenet or --dataset celebahq")
+    if cfg.dataset == "deadleaves" and (cfg.data_path or cfg.jpeg_quality):
+        raise ValueError("--data-path and --jpeg-quality apply to image folders, but the dataset is deadleaves "
+                         "(procedural, no files): pass --dataset imagenet or --dataset celebahq")
     sources = [k for k in ("vae_ckpt", "sd_vae", "official_vae") if getattr(cfg, k)]
     if len(sources) > 1:
         raise ValueError(f"--{' and --'.join(s.replace('_', '-') for s in sources)}: choose one autoencoder")
     if cfg.dataset != "deadleaves" and not cfg.data_path and cfg.stage in ("all", "vae", "latents") and not cfg.bench:
         raise ValueError(f"--dataset {cfg.dataset} needs --data-path")
+    if cfg.dataset != "deadleaves" and cfg.dataset_size is not None:
+        raise ValueError(f"--dataset-size is the number of dead-leaves images; --dataset {cfg.dataset} uses every "
+                         "image of its folder")
     if cfg.cfg_scale < 1 or (cfg.unconditional and cfg.cfg_scale != 1):
         raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), and 1 for an unconditional model; got "
                          f"{cfg.cfg_scale}")
@@ -396,14 +402,14 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def split_folder(path, split):
-    """ROOT/train or ROOT/val when they exist; a folder without them is the training split only."""
+    """ROOT/train or ROOT/val when they exist; a folder without either is the training split only."""
     sub = os.path.join(path, split)
     if os.path.isdir(sub):
         return sub
-    if split == "train":
+    if split == "train" and not os.path.isdir(os.path.join(path, "val")):
         return path
-    raise FileNotFoundError(f"{path} has no {split}/ folder: held-out measurements need ROOT/{split}/ beside "
-                            f"ROOT/train/ (pass the root, not ROOT/train)")
+    raise FileNotFoundError(f"{path} has no {split}/ folder: expected ROOT/train/ and ROOT/val/ side by side, or a "
+                            "folder of training images only (pass the root, not ROOT/train)")
 
 
 def build_dataset(name, path=None, image_size=256, split="train", seed=0, length=None, jpeg_quality=0):
@@ -421,6 +427,11 @@ def open_dataset(cfg, d):
     log(d, f"dataset {cfg.dataset} train{where}: {len(ds)} images, {ds.num_classes} classes, {cfg.image_size} px"
            + (f", re-saved as JPEG {cfg.jpeg_quality}" if cfg.jpeg_quality and cfg.dataset != "deadleaves" else ""))
     return ds
+
+
+def uniform_subset(size, n, seed):
+    """n of the indices 0..size-1, drawn uniformly without replacement by a generator seeded with seed, in order."""
+    return sorted(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].tolist())
 
 
 def global_batches(n, global_batch, d, seed, start_step=0):
@@ -585,9 +596,9 @@ def stop_requested(d):
     return d.all_reduce(flag).item() > 0
 
 
-def stop_now(d, what):
-    log(d, f"{what}; stopped by signal {STOP['signal']} (exit status {RESUMABLE}: the same command continues, "
-           "with --resume for a single train.py stage)")
+def stop_now(d, what, by=None):
+    log(d, f"{what}; stopped by {by or 'signal ' + str(STOP['signal'])} (exit status {RESUMABLE}: the same command "
+           "continues, with --resume for a single train.py stage)")
     raise SystemExit(RESUMABLE)
 
 
@@ -720,6 +731,11 @@ def train_vae(cfg, d):
     ckpt, finished = resume_point(path, "vae", cfg, d, cfg.vae_steps)
     if finished:
         return path
+    later = [f for f in ("latents", "dit.pt") if os.path.exists(os.path.join(cfg.out, f))]
+    if cfg.stage == "all" and ckpt is not None and ckpt.get("finished") and later:   # before training on, not after
+        raise ValueError(f"{path} is finished at step {ckpt['step']}; training it on to {cfg.vae_steps} would leave "
+                         f"{' and '.join(later)} of {cfg.out} stale: remove them (they are made again), or train it "
+                         "on in another --out (a copy of vae.pt)")
     ds = open_dataset(cfg, d)
     torch.manual_seed(cfg.seed)                                # a resumed run keeps the architecture it recorded
     vae = sm.build_vae(cfg.vae) if ckpt is None else sm.VAE(**ckpt["vae_config"], preset=ckpt["preset"])
@@ -740,6 +756,8 @@ def train_vae(cfg, d):
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
     vae_ddp, disc_ddp = d.wrap(vae), d.wrap(disc)
     scaler, scaler_d = d.scaler(cfg.precision), d.scaler(cfg.precision)
+    if ckpt is not None and ckpt.get("scaler"):                # fp16's loss scale, as it was
+        scaler.load_state_dict(ckpt["scaler"]), scaler_d.load_state_dict(ckpt["scaler_d"])
     loader = make_loader(ds, cfg.vae_batch, d, cfg.seed, step, cfg.num_workers)
     latent_shape = (vae.latent_channels, cfg.image_size // vae.factor, cfg.image_size // vae.factor)
     vis = torch.stack([ds[i][0] for i in range(min(8, len(ds)))]).to(d.device)
@@ -750,6 +768,7 @@ def train_vae(cfg, d):
         flip, eps, ks, eq = vae_batch_randomness(cfg, step, cfg.vae_batch, latent_shape)
         x = next(loader)[0]
         x = torch.where(d.shard(flip).view(-1, 1, 1, 1), x.flip(-1), x).to(d.device)
+        mean_k = float(np.mean(ks))                            # of the global batch, logged
         eps, ks = d.shard(eps).to(d.device), d.shard(ks)
         gan = step >= cfg.disc_start
         if not gan or step % 2 == 0:                           # the autoencoder's turn
@@ -771,21 +790,24 @@ def train_vae(cfg, d):
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
-            history.append(dict(step=step, k=float(np.mean(ks)), **terms))
+            history.append(dict(step=step, k=mean_k, **terms))
             bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if step % cfg.vis_every == 0 or step == cfg.vae_steps:
             vae_pictures(vae, vis, cfg, d)
         if step % cfg.ckpt_every == 0 or step == last or stop_requested(d):     # a stop: saved, then stopped
             ckpt = dict(kind="vae", preset=vae.preset, vae_config=vae.config, model=vae.state_dict(),
                         disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict(), step=step,
-                        finished=False, args=settings(cfg), history=history, latent_norm=cfg.latent_norm)
+                        scaler=scaler.state_dict(), scaler_d=scaler_d.state_dict(), finished=False,
+                        args=settings(cfg), history=history, latent_norm=cfg.latent_norm)
             save_run(d, ckpt, path, (vae, disc), cfg.keep_every)
             saved = step
     bar.close()
-    if step == cfg.vae_steps:                                  # the statistics, then the finished checkpoint
-        mean, std = latent_statistics(vae, ds, d, cfg.stats_samples, cfg.seed, cfg.latent_norm)
-        vae.latent_mean.copy_(mean), vae.latent_std.copy_(std)
-        save_run(d, dict(ckpt, model=vae.state_dict(), finished=True, args=settings(cfg)), path, (vae, disc))
+    if step < cfg.vae_steps:                                   # a --max-steps slice ends resumable
+        stop_now(d, f"stage vae: {path} saved at step {step} of {cfg.vae_steps}", "--max-steps")
+    # trained: the latent statistics, then the finished checkpoint
+    mean, std = latent_statistics(vae, ds, d, cfg.stats_samples, cfg.seed, cfg.latent_norm)
+    vae.latent_mean.copy_(mean), vae.latent_std.copy_(std)
+    save_run(d, dict(ckpt, model=vae.state_dict(), finished=True, args=settings(cfg)), path, (vae, disc))
     return path
 
 
@@ -808,7 +830,7 @@ def latent_statistics(vae, ds, d, num_images, seed, norm="scalar"):
     summed over ranks: one std for all channels (norm "scalar", the authors) or per channel ("channel")."""
     vae.eval()
     n = min(num_images, len(ds))
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()[d.rank::d.world]
+    idx = uniform_subset(len(ds), n, seed)[d.rank::d.world]
     acc = torch.zeros(3, vae.latent_channels, dtype=torch.float64, device=d.device)
     bar = progress(d, 0, len(idx), "latent statistics")
     for i in range(0, len(idx), 64):
@@ -880,10 +902,21 @@ def encode_latents(cfg, d):
     interrupted encoding starts again (it costs minutes on GPUs, a fraction of one DiT epoch)."""
     folder = os.path.join(cfg.out, "latents")
     meta_path = os.path.join(folder, "meta.json")
+    data_settings = dict(dataset=cfg.dataset, data_path=cfg.data_path and os.path.abspath(cfg.data_path),
+                         image_size=cfg.image_size, dataset_size=cfg.dataset_size, jpeg_quality=cfg.jpeg_quality)
     if os.path.exists(meta_path):
         if not (cfg.resume or cfg.stage == "all"):
             raise FileExistsError(f"{meta_path} exists: pass --resume to reuse it or choose another --out")
-        vae_from_source(read_json(meta_path)["vae"], cfg.out)          # still the autoencoder it was made with
+        meta = read_json(meta_path)
+        made = os.path.abspath(os.path.join(cfg.out, meta["vae"]["path"]))
+        wanted = os.path.abspath(cfg.sd_vae or cfg.official_vae or cfg.vae_ckpt or os.path.join(cfg.out, "vae.pt"))
+        recorded = dict({k: meta.get(k) for k in data_settings}, autoencoder=made)
+        diff = [f"{k}: {recorded[k]!r} -> {v!r}" for k, v in dict(data_settings, autoencoder=wanted).items()
+                if recorded[k] != v]
+        if diff:
+            raise ValueError(f"{folder} was encoded with other settings ({'; '.join(diff)}): remove it to encode "
+                             "again, or choose another --out")
+        vae_from_source(meta["vae"], cfg.out)                  # still the autoencoder it was made with
         log(d, f"stage latents: {folder} is finished, skipping")
         return folder
     ds = open_dataset(cfg, d)
@@ -924,9 +957,7 @@ def encode_latents(cfg, d):
         a.flush()
     d.barrier()
     if d.main:                                                 # meta.json marks the stage finished
-        write_json(dict(num_images=N, latent_shape=[C, h, h], image_size=cfg.image_size, vae=src,
-                        dataset=cfg.dataset, data_path=cfg.data_path and os.path.abspath(cfg.data_path),
-                        jpeg_quality=cfg.jpeg_quality, dataset_size=cfg.dataset_size, seed=cfg.seed,
+        write_json(dict(num_images=N, latent_shape=[C, h, h], vae=src, **data_settings, seed=cfg.seed,
                         has_images=with_images, num_classes=ds.num_classes), meta_path)
     d.barrier()
     if stop_requested(d):
@@ -1016,6 +1047,9 @@ def train_dit(cfg, d):
     path = os.path.join(cfg.out, "dit.pt")
     data = LatentData(os.path.join(cfg.out, "latents"), cfg.repa_encoder != "none" and cfg.repa_lambda > 0)
     meta = data.meta
+    if cfg.cfg_scale > 1 and not meta["num_classes"]:
+        raise ValueError(f"--cfg-scale {cfg.cfg_scale} (guidance) needs class labels; {data.folder} has none (a flat "
+                         "image folder): pass --cfg-scale 1")
     ckpt, finished = resume_point(path, "dit", cfg, d, cfg.dit_steps)
     if ckpt is not None and ckpt.get("vae") != meta["vae"]:    # a resume must not cross a re-encoding
         raise ValueError(f"{path} was trained on latents of {ckpt.get('vae')}, but {data.folder} now holds latents "
@@ -1042,6 +1076,8 @@ def train_dit(cfg, d):
         step, history, saved = ckpt["step"], ckpt["history"], ckpt["step"]
     runner = torch.compile(d.wrap(model)) if cfg.compile else d.wrap(model)
     scaler = d.scaler(cfg.precision)
+    if ckpt is not None and ckpt.get("scaler"):                # fp16's loss scale, as it was
+        scaler.load_state_dict(ckpt["scaler"])
     loader = make_loader(data, cfg.dit_batch, d, cfg.seed, step, cfg.num_workers)
     last = min(cfg.dit_steps, step + cfg.max_steps) if cfg.max_steps else cfg.dit_steps
     log(d, f"stage dit: global batch {cfg.dit_batch}, {cfg.dit_batch // d.world} per rank")
@@ -1070,11 +1106,14 @@ def train_dit(cfg, d):
             dit_pictures(ema, vae, meta, cfg, d)
         if step % cfg.ckpt_every == 0 or step == last or stop_requested(d):     # a stop: saved, then stopped
             save_run(d, dict(kind="dit", model_name=cfg.model, dit_config=mcfg, model=model.state_dict(),
-                             ema=ema.state_dict(), opt=opt.state_dict(), step=step, finished=step == cfg.dit_steps,
-                             args=settings(cfg), history=history, vae=meta["vae"], latent_shape=meta["latent_shape"],
-                             image_size=meta["image_size"]), path, (model, ema), cfg.keep_every)
+                             ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(), step=step,
+                             finished=step == cfg.dit_steps, args=settings(cfg), history=history, vae=meta["vae"],
+                             latent_shape=meta["latent_shape"], image_size=meta["image_size"]), path, (model, ema),
+                     cfg.keep_every)
             saved = step
     bar.close()
+    if step < cfg.dit_steps:                                   # a --max-steps slice ends resumable
+        stop_now(d, f"stage dit: {path} saved at step {step} of {cfg.dit_steps}", "--max-steps")
     if ckpt is not None and step == ckpt["step"] == cfg.dit_steps:   # resumed at exactly dit_steps: finish it
         dit_pictures(ema, vae, meta, cfg, d)
         save_run(d, dict(ckpt, finished=True, args=settings(cfg)), path, (model, ema))
@@ -1167,7 +1206,8 @@ def run_all(cfg, d):
     t0 = time.time()
     if cfg.dataset != "deadleaves":                            # the metrics' held-out images, before hours of work
         split_folder(cfg.data_path, "val")
-    dit = run(cfg, d)["dit"]
+    external = cfg.sd_vae or cfg.official_vae or cfg.vae_ckpt                # stage 1 is not this run's
+    dit = run(cfg, d, ("latents", "dit") if external else ("vae", "latents", "dit"))["dit"]
     samples, made = os.path.join(cfg.out, "samples"), os.path.join(cfg.out, "samples", "images", "config.json")
     if d.main and os.path.exists(made):                        # an extended run: the earlier step's samples kept aside
         step = read_json(made)["step"]
