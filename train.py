@@ -902,8 +902,8 @@ def encode_latents(cfg, d):
     interrupted encoding starts again (it costs minutes on GPUs, a fraction of one DiT epoch)."""
     folder = os.path.join(cfg.out, "latents")
     meta_path = os.path.join(folder, "meta.json")
-    data_settings = dict(dataset=cfg.dataset, data_path=cfg.data_path and os.path.abspath(cfg.data_path),
-                         image_size=cfg.image_size, dataset_size=cfg.dataset_size, jpeg_quality=cfg.jpeg_quality)
+    data_settings = dict(dataset=cfg.dataset, image_size=cfg.image_size, dataset_size=cfg.dataset_size,
+                         jpeg_quality=cfg.jpeg_quality)      # what defines the rows (a data path may move)
     if os.path.exists(meta_path):
         if not (cfg.resume or cfg.stage == "all"):
             raise FileExistsError(f"{meta_path} exists: pass --resume to reuse it or choose another --out")
@@ -958,7 +958,8 @@ def encode_latents(cfg, d):
     d.barrier()
     if d.main:                                                 # meta.json marks the stage finished
         write_json(dict(num_images=N, latent_shape=[C, h, h], vae=src, **data_settings, seed=cfg.seed,
-                        has_images=with_images, num_classes=ds.num_classes), meta_path)
+                        data_path=cfg.data_path and os.path.abspath(cfg.data_path), has_images=with_images,
+                        num_classes=ds.num_classes), meta_path)
     d.barrier()
     if stop_requested(d):
         stop_now(d, f"stage latents: {folder} finished")
