@@ -694,8 +694,8 @@ def heldout(vae, dataset, data_path, image_size, n, seed):
 
 
 @torch.no_grad()
-def evaluate_run(out, d):
-    """A training run's autoencoder, DiT and sample metrics on held-out images -> OUT/metrics.json (rank 0)."""
+def evaluate_run(out, d, data_path=None):
+    """A run's autoencoder, DiT and sample metrics on held-out images (of data_path, else the run's) -> metrics.json."""
     dit_path, npz = os.path.join(out, "dit.pt"), os.path.join(out, "samples", "samples.npz")
     for path in (dit_path, npz, Path(npz).with_suffix(".json")):
         if not os.path.exists(path):
@@ -711,7 +711,7 @@ def evaluate_run(out, d):
     run = train.load_checkpoint(dit_path, "dit")["args"]                   # the run's recipe entries
     samples = open_input(npz)["images"].get(slice(RUN_EVAL_IMAGES))        # arr_0[:RUN_EVAL_IMAGES] (n, H, W, 3) uint8
     n = len(samples)
-    x, y, z = heldout(vae, run["dataset"], run.get("data_path"), run["image_size"], n, run["seed"])
+    x, y, z = heldout(vae, run["dataset"], data_path or run.get("data_path"), run["image_size"], n, run["seed"])
     inception = try_inception(None, "adm", d.device)
     res, per = autoencoder_metrics(vae, x.split(64), None, inception)
     if y is not None or not model.num_classes:                             # flat val/: no labels for its classes
@@ -992,7 +992,7 @@ def main(argv=None):
         return evaluate_vae(args, d)
     if args.samples:
         return evaluate_samples(args, d)
-    return evaluate_run(args.run, d)
+    return evaluate_run(args.run, d, args.data_path)
 
 
 if __name__ == "__main__":

@@ -2216,11 +2216,15 @@ def test_dit_resumed_at_its_step_is_finished(ref, tmp_path, encoder):
 @scripts
 def test_an_extended_run_samples_anew_and_keeps_the_earlier_samples(ref, tmp_path, monkeypatch, encoder):
     run = copy_run(ref.out, tmp_path, "vae.pt", "latents", "dit.pt")
-    monkeypatch.setattr(evaluate, "evaluate_run", lambda out, d: {})          # the metrics: tested elsewhere
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a: {})              # the metrics: tested elsewhere
     main("all", run, "--num-fid-samples", "4")
+    first = json.loads((run / "samples" / "samples.json").read_text())
     main("all", run, "--num-fid-samples", "4", "--dit-steps", "5")
-    assert json.loads((run / "samples-step4" / "samples.json").read_text())["step"] == 4
+    assert json.loads((run / f"samples-step4-{first['sha256'][:8]}" / "samples.json").read_text()) == first
     assert json.loads((run / "samples" / "samples.json").read_text())["step"] == 5
+    (run / "dit.pt").unlink()                                               # a new DiT of the same step
+    main("all", run, "--num-fid-samples", "4", "--dit-steps", "5", "--dit-lr", "1e-3")
+    assert len(list(run.glob("samples-step5-*"))) == 1 and len(list(run.glob("samples-step*"))) == 2
 
 
 @scripts
@@ -2242,9 +2246,15 @@ def test_stage_all_refuses_up_front_what_would_fail_later(ref, tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"--cfg-scale 1.5 \(guidance\) needs class labels"):
         main("dit", run, "--cfg-scale", "1.5")
     assert not (run / "dit.pt").exists()
-    monkeypatch.setattr(evaluate, "evaluate_run", lambda out, d: {})          # the metrics: tested elsewhere
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a: {})              # the metrics: tested elsewhere
     main("all", tmp_path / "other", "--vae-ckpt", run / "vae.pt", "--num-fid-samples", "2", "--repa-encoder", "none")
     assert not (tmp_path / "other" / "vae.pt").exists() and (tmp_path / "other" / "samples" / "samples.npz").exists()
+    data = _png_folder(tmp_path / "flat" / "train", n=4).parent
+    _png_folder(data / "val", n=2)
+    with pytest.raises(ValueError, match=r"--cfg-scale 1.5 \(guidance\) needs class folders; .*flat is flat"):
+        main("all", tmp_path / "f", "--dataset", "celebahq", "--data-path", data, "--dataset-size", "None",
+             "--cfg-scale", "1.5")
+    assert not (tmp_path / "f" / "vae.pt").exists()
 
 
 @scripts

@@ -1205,21 +1205,24 @@ def run_all(cfg, d):
     import evaluate                                            # the only import of later scripts, here
     import sample
     t0 = time.time()
-    if cfg.dataset != "deadleaves":                            # the metrics' held-out images, before hours of work
-        split_folder(cfg.data_path, "val")
+    if cfg.dataset != "deadleaves":                            # before hours of work: the metrics' held-out images,
+        split_folder(cfg.data_path, "val")                     # and the class folders guidance needs
+        if cfg.cfg_scale > 1 and not any(e.is_dir() for e in os.scandir(split_folder(cfg.data_path, "train"))):
+            raise ValueError(f"--cfg-scale {cfg.cfg_scale} (guidance) needs class folders; {cfg.data_path} is flat")
     external = cfg.sd_vae or cfg.official_vae or cfg.vae_ckpt                # stage 1 is not this run's
     dit = run(cfg, d, ("latents", "dit") if external else ("vae", "latents", "dit"))["dit"]
     samples, made = os.path.join(cfg.out, "samples"), os.path.join(cfg.out, "samples", "images", "config.json")
-    if d.main and os.path.exists(made):                        # an extended run: the earlier step's samples kept aside
-        step = read_json(made)["step"]
-        if step != load_checkpoint(dit, "dit")["step"]:
-            log(d, f"{samples} holds samples of step {step}: moved to {samples}-step{step}")
-            os.replace(samples, f"{samples}-step{step}")
+    if d.main and os.path.exists(made):                        # samples of an earlier DiT of this run: kept aside
+        old = read_json(made)
+        if old.get("sha256") != sample.load(dit, "cpu")[2]["sha256"]:
+            aside = f"{samples}-step{old.get('step')}-{str(old.get('sha256'))[:8]}"
+            log(d, f"{samples} holds samples of another DiT (step {old.get('step')}): moved to {aside}")
+            os.replace(samples, aside)
     d.barrier()
     sample.generate(dit, cfg.num_fid_samples, samples, d, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                     seed=cfg.seed)
     if d.main:
-        metrics = evaluate.evaluate_run(cfg.out, d)
+        metrics = evaluate.evaluate_run(cfg.out, d, cfg.data_path)
         log(d, f"done in {(time.time() - t0) / 60:.1f} min: {os.path.join(cfg.out, 'metrics.json')}\n"
                + json.dumps(metrics, indent=1))
     d.barrier()
