@@ -204,7 +204,8 @@ def check_output(out, config, nbytes):
         diff = [f"{k}: {old.get(k, '-')} -> {new.get(k, '-')}" for k in sorted(set(old) | set(new))
                 if k not in ("checkpoint", "protocol") and old.get(k) != new.get(k)]     # fields, not names
         if diff:
-            raise FileExistsError(f"{img} holds samples of other settings ({'; '.join(diff)}); use a fresh --out")
+            raise FileExistsError(f"{img} holds samples of other settings ({'; '.join(diff)}); use a fresh --out "
+                                  f"(train.py: move {out} aside)")
     train.check_space(out, nbytes)
 
 
