@@ -2225,6 +2225,10 @@ def test_an_extended_run_samples_anew_and_keeps_the_earlier_samples(ref, tmp_pat
     (run / "dit.pt").unlink()                                               # a new DiT of the same step
     main("all", run, "--num-fid-samples", "4", "--dit-steps", "5", "--dit-lr", "1e-3")
     assert len(list(run.glob("samples-step5-*"))) == 1 and len(list(run.glob("samples-step*"))) == 2
+    (run / "dit.pt").unlink()                                               # the first DiT made again, then extended:
+    main("all", run, "--num-fid-samples", "4")                              # its samples are kept aside a second time
+    main("all", run, "--num-fid-samples", "4", "--dit-steps", "5")
+    assert (run / f"samples-step4-{first['sha256'][:8]}-2" / "samples.json").exists()
 
 
 @scripts
@@ -2251,6 +2255,7 @@ def test_stage_all_refuses_up_front_what_would_fail_later(ref, tmp_path, monkeyp
     assert not (tmp_path / "other" / "vae.pt").exists() and (tmp_path / "other" / "samples" / "samples.npz").exists()
     data = _png_folder(tmp_path / "flat" / "train", n=4).parent
     _png_folder(data / "val", n=2)
+    (data / "train" / ".ipynb_checkpoints").mkdir()                         # hidden: not a class folder
     with pytest.raises(ValueError, match=r"--cfg-scale 1.5 \(guidance\) needs class folders; .*flat is flat"):
         main("all", tmp_path / "f", "--dataset", "celebahq", "--data-path", data, "--dataset-size", "None",
              "--cfg-scale", "1.5")

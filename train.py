@@ -1207,7 +1207,8 @@ def run_all(cfg, d):
     t0 = time.time()
     if cfg.dataset != "deadleaves":                            # before hours of work: the metrics' held-out images,
         split_folder(cfg.data_path, "val")                     # and the class folders guidance needs
-        if cfg.cfg_scale > 1 and not any(e.is_dir() for e in os.scandir(split_folder(cfg.data_path, "train"))):
+        classes = [e for e in os.scandir(split_folder(cfg.data_path, "train")) if e.is_dir() and e.name[0] != "."]
+        if cfg.cfg_scale > 1 and not classes:
             raise ValueError(f"--cfg-scale {cfg.cfg_scale} (guidance) needs class folders; {cfg.data_path} is flat")
     external = cfg.sd_vae or cfg.official_vae or cfg.vae_ckpt                # stage 1 is not this run's
     dit = run(cfg, d, ("latents", "dit") if external else ("vae", "latents", "dit"))["dit"]
@@ -1215,9 +1216,13 @@ def run_all(cfg, d):
     if d.main and os.path.exists(made):                        # samples of an earlier DiT of this run: kept aside
         old = read_json(made)
         if old.get("sha256") != sample.load(dit, "cpu")[2]["sha256"]:
-            aside = f"{samples}-step{old.get('step')}-{str(old.get('sha256'))[:8]}"
-            log(d, f"{samples} holds samples of another DiT (step {old.get('step')}): moved to {aside}")
+            stem, i = f"{samples}-step{old.get('step')}-{str(old.get('sha256'))[:8]}", 1
+            aside = stem
+            while os.path.exists(aside):                       # kept aside before (the same DiT made again)
+                i += 1
+                aside = f"{stem}-{i}"
             os.replace(samples, aside)
+            log(d, f"{samples} held samples of another DiT (step {old.get('step')}): moved to {aside}")
     d.barrier()
     sample.generate(dit, cfg.num_fid_samples, samples, d, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                     seed=cfg.seed)
