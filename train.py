@@ -353,6 +353,13 @@ def _is_image(name):
     return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
 
 
+def class_folders(root):
+    """The class subfolders of an image folder, sorted: hidden ones and links back up the tree left out."""
+    real = os.path.join(os.path.realpath(root), "")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                  and not real.startswith(os.path.join(os.path.realpath(e.path), "")))
+
+
 def image_files(folder):
     """Every image in folder and its subfolders, hidden ones and links that loop skipped, in sorted path order."""
     found, seen = [], set()
@@ -375,9 +382,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if root is None or not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root} (pass --data-path)")
         self.root, self.image_size, self.jpeg_quality = root, image_size, jpeg_quality
-        real = os.path.join(os.path.realpath(root), "")
-        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
-                         and not real.startswith(os.path.join(os.path.realpath(e.path), "")))   # no link up the tree
+        subdirs = class_folders(root)
         top = sorted(n for n in os.listdir(root) if _is_image(n))
         if subdirs and top:
             raise ValueError(f"{root} mixes {len(top)} images with {len(subdirs)} subfolders: expected class folders "
@@ -1207,8 +1212,7 @@ def run_all(cfg, d):
     t0 = time.time()
     if cfg.dataset != "deadleaves":                            # before hours of work: the metrics' held-out images,
         split_folder(cfg.data_path, "val")                     # and the class folders guidance needs
-        classes = [e for e in os.scandir(split_folder(cfg.data_path, "train")) if e.is_dir() and e.name[0] != "."]
-        if cfg.cfg_scale > 1 and not classes:
+        if cfg.cfg_scale > 1 and not class_folders(split_folder(cfg.data_path, "train")):
             raise ValueError(f"--cfg-scale {cfg.cfg_scale} (guidance) needs class folders; {cfg.data_path} is flat")
     external = cfg.sd_vae or cfg.official_vae or cfg.vae_ckpt                # stage 1 is not this run's
     dit = run(cfg, d, ("latents", "dit") if external else ("vae", "latents", "dit"))["dit"]
